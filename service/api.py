@@ -1,0 +1,162 @@
+"""Routes only: each one reads the request, calls ``service.jobs`` and shapes the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.responses import FileResponse, JSONResponse
+from redis import Redis
+
+from service import health, jobs
+from service.config import Settings
+from service.errors import PROBLEM_JSON
+from service.schemas import Health, JobList, JobPublic, Problem, Readiness
+from worker.spec import DatasetSpec
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_redis(request: Request) -> Redis:
+    redis: Redis = request.app.state.redis
+    return redis
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": text}
+        for code, text in {
+            404: "Unknown job id",
+            409: "The job is not in a state that allows this",
+            410: "The archive was removed",
+            413: "Request body too large",
+            415: "Body is not application/json",
+            422: "Invalid request; `errors` names each offending field",
+            503: "Redis unreachable or queue full; see Retry-After",
+        }.items()
+        if code in codes
+    }
+
+
+def _archive_url(request: Request, job_id: str) -> str:
+    return str(request.url_for("download_archive", job_id=job_id))
+
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="createJob",
+    summary="Request a distilled dataset",
+    response_model=JobPublic,
+    responses=_problems(413, 415, 422, 503),
+)
+def create_job(
+    spec: DatasetSpec, request: Request, response: Response, redis: RedisDep, settings: SettingsDep
+) -> JobPublic:
+    job = jobs.submit(redis, settings, spec, archive_url_for=lambda i: _archive_url(request, i))
+    response.headers["Location"] = request.url_for("get_job", job_id=job.id).path
+    return job
+
+
+@router.get(
+    "/jobs",
+    operation_id="listJobs",
+    summary="Recent jobs, newest first",
+    response_model=JobList,
+    responses=_problems(422, 503),
+)
+def list_jobs(
+    request: Request,
+    redis: RedisDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobList:
+    found = []
+    for job_id in jobs.recent_ids(redis, limit=limit):
+        try:
+            found.append(
+                jobs.fetch(redis, settings, job_id, archive_url=_archive_url(request, job_id))
+            )
+        except jobs.JobNotFound:
+            continue  # expired between listing and reading
+    return JobList(jobs=found)
+
+
+@router.get(
+    "/jobs/{job_id}",
+    operation_id="getJob",
+    summary="A job's state, progress and result",
+    response_model=JobPublic,
+    responses=_problems(404, 503),
+)
+def get_job(job_id: str, request: Request, redis: RedisDep, settings: SettingsDep) -> JobPublic:
+    return jobs.fetch(redis, settings, job_id, archive_url=_archive_url(request, job_id))
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    operation_id="cancelJob",
+    summary="Cancel a queued or running job",
+    response_model=JobPublic,
+    responses=_problems(404, 409, 503),
+)
+def cancel_job(job_id: str, request: Request, redis: RedisDep, settings: SettingsDep) -> JobPublic:
+    return jobs.cancel(redis, settings, job_id, archive_url=_archive_url(request, job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/archive",
+    operation_id="downloadArchive",
+    summary="Download the finished dataset (zip; Range and ETag supported)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "The archive"},
+        206: {"content": {"application/zip": {}}, "description": "Part of the archive"},
+        304: {"description": "Not modified (If-None-Match matched the ETag)"},
+        **_problems(404, 409, 410, 503),
+    },
+)
+def download_archive(
+    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep
+) -> Response:
+    found = jobs.archive_file(redis, settings, job_id)
+    etag = f'"{found.sha256}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(
+        found.path,
+        media_type="application/zip",
+        filename=f"distill-{job_id}.zip",
+        headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"},
+    )
+
+
+health_router = APIRouter()
+
+
+@health_router.get("/healthz", operation_id="health", summary="The API process is alive")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@health_router.get(
+    "/readyz",
+    operation_id="readiness",
+    summary="Redis reachable and a worker with its model loaded",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready; `detail` says why"}},
+)
+def readyz(redis: RedisDep, settings: SettingsDep) -> Response:
+    state = health.readiness(redis, settings)
+    code = 200 if state.status == "ready" else 503
+    return JSONResponse(state.model_dump(mode="json"), status_code=code)

@@ -1,0 +1,51 @@
+"""``create_app()``: the FastAPI application, its Redis pool, routes and error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis import Redis
+
+from service import errors
+from service.api import health_router, router
+from service.config import Settings, get_settings
+from service.guards import BodyGuard
+
+DESCRIPTION = """\
+Generates distilled image datasets on demand: class names in, a zipped ImageFolder out.
+Each class name becomes a text prompt, SDXL-Turbo samples images in one step, they are shrunk
+to the requested size and multiplied with post-generation augmentation.
+
+Jobs are asynchronous: `POST /v1/jobs` answers 202 with a `Location`; poll it until `state`
+is terminal, then download `archive.url`. Errors are `application/problem+json`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API; ``settings`` defaults to the environment's."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+        )
+        try:
+            yield
+        finally:
+            app.state.redis.close()
+
+    app = FastAPI(
+        title="distill-service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+    app.include_router(health_router)
+    errors.install(app)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    return app

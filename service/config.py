@@ -1,0 +1,59 @@
+"""Settings for every process (API, worker, launcher), read from ``DISTILL_*`` variables.
+
+One ``Settings`` class so the API and the workers cannot disagree about a key name, a queue
+or a directory. Nothing is read at import time: call ``get_settings()``; tests override it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Typed configuration; each field is ``DISTILL_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+
+    # Where things live.
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding queue and jobs.")
+    data_dir: Path = Field(Path("data"), description="Archives; shared by API and workers.")
+    queue_name: str = Field("distill", description="RQ queue the API fills and workers drain.")
+
+    # API.
+    host: str = Field("127.0.0.1", description="API bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="API port.")
+    public_url: str = Field("", description="Absolute base for archive URLs; empty: relative.")
+    max_queued_jobs: int = Field(1000, ge=1, description="Above this, POST answers 503.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Larger request bodies: 413.")
+
+    # Model and generation.
+    model: str = Field("stabilityai/sdxl-turbo", description="Hub id or local pipeline dir.")
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
+    model_variant: str | None = Field(None, description="Weight variant, e.g. fp16.")
+    device: str | None = Field(None, description="torch device; default cuda when present.")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+        None, description="Default float16 on CUDA, float32 on CPU."
+    )
+    resolution: int | None = Field(
+        None, ge=64, le=2048, description="Sampling side in px; default the model's own."
+    )
+    batch_size: int = Field(8, ge=1, le=256, description="Images per pipeline call.")
+
+    # Job lifetimes.
+    job_timeout: int = Field(6 * 3600, ge=10, description="Seconds one job may run.")
+    result_ttl: int = Field(7 * 24 * 3600, ge=60, description="Seconds finished jobs are kept.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between worker beats.")
+    heartbeat_ttl: int = Field(
+        60, ge=5, description="A worker silent this long is dead; its job fails."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

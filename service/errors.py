@@ -1,0 +1,179 @@
+"""One error tree for the API, mapped to problem+json responses in one place.
+
+    ServiceError                 500  anything we raise on purpose
+    ├── JobNotFound              404  unknown (or expired) job id
+    ├── JobConflict              409  the job is not in a state that allows this
+    ├── ArchiveGone              410  the job succeeded but its archive is no longer on disk
+    ├── PayloadTooLarge          413  request body over DISTILL_MAX_BODY_BYTES
+    ├── UnsupportedMediaType     415  body is not application/json
+    └── Unavailable              503  try again later (with Retry-After)
+        └── QueueFull            503  too many jobs waiting
+
+Validation errors (422) and Redis being unreachable (503) come from outside the tree and are
+mapped here too, so no traceback ever reaches a caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.schemas import FieldError, Problem
+from worker.spec import POLICY_TAGS
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ServiceError(Exception):
+    status = 500
+    title = "Internal error"
+    headers: dict[str, str] | None = None
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class JobNotFound(ServiceError):
+    status = 404
+    title = "Job not found"
+
+
+class JobConflict(ServiceError):
+    status = 409
+    title = "Job not in the right state"
+
+
+class ArchiveGone(ServiceError):
+    status = 410
+    title = "Archive no longer available"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    title = "Unsupported media type"
+
+
+class Unavailable(ServiceError):
+    status = 503
+    title = "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 5) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class QueueFull(Unavailable):
+    title = "Queue full"
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    request: Request | None = None,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = Problem(
+        title=title,
+        status=status,
+        detail=detail,
+        instance=request.url.path if request is not None else None,
+        errors=errors,
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def field_path(loc: tuple[int | str, ...] | list[Any]) -> str:
+    """``('body', 'augment', 'policy', 'steps', 0, 'name')`` -> ``augment.policy[0].name``."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in POLICY_TAGS:
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def _message(err: dict[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        FieldError(field=field_path(err["loc"]), message=_message(err), type=str(err["type"]))
+        for err in exc.errors()
+    ]
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
+    return problem_response(422, "Invalid request", detail, request=request, errors=errors)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return problem_response(
+        exc.status, exc.title, exc.detail, request=request, headers=exc.headers
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+    return problem_response(
+        exc.status_code, title, str(exc.detail), request=request, headers=exc.headers
+    )
+
+
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unreachable: %s", exc)
+    return problem_response(
+        503,
+        "Service unavailable",
+        "the job store (Redis) is unreachable; retry shortly",
+        request=request,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        500, "Internal error", "an unexpected error occurred; it has been logged", request=request
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register every handler on ``app``."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(Exception, _unexpected)

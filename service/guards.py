@@ -1,0 +1,73 @@
+"""ASGI guard for request bodies: JSON only (415), and no larger than the limit (413).
+
+It runs before FastAPI reads the body, so an oversized upload is refused without buffering it.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge, UnsupportedMediaType, problem_response
+
+_WITH_BODY = {"POST", "PUT", "PATCH"}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyGuard:
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length")
+        has_body = (length is not None and length != "0") or "transfer-encoding" in headers
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if has_body and media != "application/json" and not media.endswith("+json"):
+            shown = media or "none"
+            error = UnsupportedMediaType(f"send the body as application/json (got {shown})")
+            await self._refuse(scope, receive, send, error)
+            return
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            error = PayloadTooLarge(f"body of {length} bytes exceeds {self.max_bytes} bytes")
+            await self._refuse(scope, receive, send, error)
+            return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if started:
+                raise
+            error = PayloadTooLarge(f"body exceeds {self.max_bytes} bytes")
+            await self._refuse(scope, receive, send, error)
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, receive: Receive, send: Send, error: PayloadTooLarge | UnsupportedMediaType
+    ) -> None:
+        response = problem_response(error.status, error.title, error.detail)
+        await response(scope, receive, send)

@@ -1,0 +1,58 @@
+"""Liveness and readiness: is Redis there, and has a worker with its model loaded beaten lately."""
+
+from __future__ import annotations
+
+import time
+
+from redis import Redis
+
+from service.config import Settings
+from service.schemas import Readiness, WorkerStatus
+from worker import records
+
+
+def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
+    """Workers that sent a heartbeat within ``DISTILL_HEARTBEAT_TTL`` seconds."""
+    now = time.time()
+    found: list[WorkerStatus] = []
+    for key in redis.scan_iter(match=records.WORKER_PATTERN, count=100):
+        raw: dict[bytes, bytes] = redis.hgetall(key)  # type: ignore[assignment]
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if "last_heartbeat" not in fields:
+            continue
+        age = now - float(fields["last_heartbeat"])
+        if age > settings.heartbeat_ttl:
+            continue
+        found.append(
+            WorkerStatus(
+                name=fields.get("name", key.decode().rsplit(":", 1)[-1]),
+                state=fields.get("state", "unknown"),
+                model=fields.get("model", ""),
+                device=fields.get("device"),
+                seconds_since_heartbeat=round(max(age, 0.0), 2),
+            )
+        )
+    return sorted(found, key=lambda w: w.name)
+
+
+def readiness(redis: Redis, settings: Settings) -> Readiness:
+    """Ready when Redis answers and at least one worker has its model loaded."""
+    try:
+        redis.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said plainly
+        return Readiness(status="unavailable", redis=f"unreachable: {exc}", workers=[], detail=(
+            "Redis is unreachable"
+        ))
+    seen = workers(redis, settings)
+    loaded = [w for w in seen if w.state == "ready"]
+    if loaded:
+        return Readiness(
+            status="ready", redis="ok", workers=seen, detail=f"{len(loaded)} worker(s) ready"
+        )
+    loading = len(seen)
+    detail = (
+        f"no worker has its model loaded yet ({loading} loading)"
+        if loading
+        else "no worker has sent a heartbeat recently"
+    )
+    return Readiness(status="unavailable", redis="ok", workers=seen, detail=detail)

@@ -1,0 +1,102 @@
+"""HTTP models: what the API accepts and answers. The request body is ``worker.spec.DatasetSpec``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from worker.spec import DatasetSpec
+
+
+class JobState(StrEnum):
+    """Public job states; RQ's internal states never appear in the API."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.canceled)
+
+
+class Progress(BaseModel):
+    generated: int = Field(description="Images sampled from the model so far.")
+    written: int = Field(description="Images (generated + augmented) written to the archive.")
+    total: int = Field(description="Images the archive will hold.")
+    images_per_second: float | None = Field(
+        description="Written images per second since the job started."
+    )
+    eta_seconds: float | None = Field(description="Estimated seconds until the archive is done.")
+
+
+class JobError(BaseModel):
+    type: str = Field(description="worker_lost, timeout, disk_full, invalid_request or internal.")
+    detail: str
+
+
+class Archive(BaseModel):
+    url: str
+    size_bytes: int
+    sha256: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    state: JobState
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    request: DatasetSpec = Field(description="The request as accepted, defaults filled in.")
+    progress: Progress
+    queue_position: int | None = Field(
+        None, description="Jobs ahead of this one (0 = next), while queued."
+    )
+    cancel_requested: bool = False
+    worker: str | None = Field(None, description="Worker that ran or is running the job.")
+    error: JobError | None = None
+    archive: Archive | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobPublic]
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Dotted path of the offending field, e.g. augment.copies.")
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, served as application/problem+json."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class WorkerStatus(BaseModel):
+    name: str
+    state: str
+    model: str
+    device: str | None = None
+    seconds_since_heartbeat: float
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready or unavailable")
+    redis: str
+    workers: list[WorkerStatus]
+    detail: str

@@ -1,0 +1,147 @@
+"""Streaming archive writer: an ImageFolder tree, ``metadata.jsonl`` and ``manifest.json`` in a zip.
+
+Layout::
+
+    train/000_cat/000_00000.png          class index, slug, image number within the class
+    train/metadata.jsonl                 one line per image (Hugging Face imagefolder format)
+    manifest.json                        request, classes, model, versions, counts, timings
+
+Images go straight into a temporary ``.part`` file as they are made; the archive appears
+under its final name only after it is complete, flushed to disk and hashed. Members carry a
+fixed timestamp so the same images give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import unicodedata
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+_SLUG_CHARS = 40
+#: Names Windows refuses as file names whatever the extension.
+_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
+
+
+def slugify(label: str) -> str:
+    """A safe, short, lowercase ASCII folder name for a label (never empty, never a path)."""
+    ascii_text = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")[:_SLUG_CHARS].strip("_")
+    if not slug or slug in _RESERVED:
+        slug = f"class_{slug}" if slug else "class"
+    return slug
+
+
+def class_dir(index: int, label: str) -> str:
+    """``train/`` folder of a class; the index prefix keeps folders distinct and ordered."""
+    return f"{index:03d}_{slugify(label)}"
+
+
+def image_name(index: int, label: str, number: int) -> str:
+    """Path of one image relative to ``train/``."""
+    return f"{class_dir(index, label)}/{index:03d}_{number:05d}.png"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an HxWx3 uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: a crash right after it must not bring the old name back."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ArchiveInfo:
+    path: Path
+    size_bytes: int
+    sha256: str
+
+
+class ArchiveWriter:
+    """Write one job's archive to ``partial`` and publish it as ``final`` on ``commit()``.
+
+    Use as a context manager: leaving the block without ``commit()`` (an error, a cancel)
+    removes the partial file.
+    """
+
+    def __init__(self, *, final: Path, partial: Path) -> None:
+        self.final = Path(final)
+        self.partial = Path(partial)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._zip = zipfile.ZipFile(self.partial, mode="w", compression=zipfile.ZIP_STORED)
+        self._metadata: list[dict[str, Any]] = []
+        self._committed = False
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._committed:
+            self.abort()
+
+    def _write(self, name: str, data: bytes, *, compress: bool = False) -> None:
+        info = zipfile.ZipInfo(name, date_time=_EPOCH)
+        info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        info.external_attr = 0o644 << 16
+        self._zip.writestr(info, data)
+
+    def add_image(self, file_name: str, image: np.ndarray, **metadata: Any) -> None:
+        """Add ``train/<file_name>`` and its metadata line."""
+        self._write(f"train/{file_name}", encode_png(image))
+        self._metadata.append({"file_name": file_name, **metadata})
+
+    def commit(self, manifest: dict[str, Any]) -> ArchiveInfo:
+        """Finish the zip, make it durable, hash it and move it to its final name."""
+        lines = "".join(
+            json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+            for row in self._metadata
+        )
+        self._write("train/metadata.jsonl", lines.encode("utf-8"), compress=True)
+        manifest_bytes = json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")
+        self._write("manifest.json", manifest_bytes + b"\n", compress=True)
+        self._zip.close()
+        digest = hashlib.sha256()
+        with open(self.partial, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+            os.fsync(handle.fileno())
+        size = self.partial.stat().st_size
+        os.replace(self.partial, self.final)
+        _fsync_dir(self.final.parent)
+        self._committed = True
+        return ArchiveInfo(path=self.final, size_bytes=size, sha256=digest.hexdigest())
+
+    def abort(self) -> None:
+        """Drop the partial archive."""
+        try:
+            self._zip.close()
+        finally:
+            self.partial.unlink(missing_ok=True)
+
+    @property
+    def count(self) -> int:
+        return len(self._metadata)

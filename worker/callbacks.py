@@ -1,0 +1,53 @@
+"""RQ failure callback: record why a job failed and remove its partial archive. No torch here.
+
+RQ calls it in the worker when the job raises or times out, and in whichever process cleans
+up the started-job registry when a worker died mid-job (the API does so on every read), so a
+lost job ends ``failed`` with a reason instead of staying ``running``.
+"""
+
+from __future__ import annotations
+
+import errno
+from types import TracebackType
+from typing import Any
+
+from rq.exceptions import AbandonedJobError
+from rq.timeouts import JobTimeoutException
+
+from service.config import get_settings
+from worker import records
+
+
+def describe_failure(exc_type: type[BaseException] | None, exc: BaseException | None) -> tuple[str, str]:
+    """A public ``(type, detail)`` pair for a job failure."""
+    if exc_type is not None and issubclass(exc_type, AbandonedJobError):
+        return "worker_lost", "the worker running this job stopped sending heartbeats (it died)"
+    if exc_type is not None and issubclass(exc_type, JobTimeoutException):
+        return "timeout", f"the job ran longer than its time limit: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "disk_full", "no space left on the data volume while writing the archive"
+    if exc_type is not None and exc_type.__name__ == "ValidationError":
+        return "invalid_request", str(exc).strip()
+    name = exc_type.__name__ if exc_type is not None else "Error"
+    text = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else name
+    return "internal", f"{name}: {text}"
+
+
+def on_failure(
+    job: Any,
+    connection: Any,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """Record the failure once and drop any partial archive."""
+    settings = get_settings()
+    error_type, detail = describe_failure(exc_type, exc)
+    records.finish(
+        connection,
+        job.id,
+        outcome=records.FAILED,
+        ttl=settings.result_ttl,
+        fields={"error_type": error_type, "error_detail": detail[:2000]},
+    )
+    records.partial_path(settings.data_dir, job.id).unlink(missing_ok=True)

@@ -1,0 +1,161 @@
+"""The worker process: load the model once, advertise it, then run jobs one at a time.
+
+``python -m worker`` (or ``distill-worker``). One process per GPU.
+
+It is an ``rq.SimpleWorker``: jobs run in this process, next to the warm pipeline (a forking
+worker would reload the model per job and cannot use CUDA after fork). SimpleWorker does not
+heartbeat while a job runs, so a thread here does: it refreshes the worker's RQ key, the
+running job's entry in RQ's started-job registry (with a short TTL, so a killed worker's job
+is seen as abandoned within ``DISTILL_HEARTBEAT_TTL`` seconds), and our status hash that
+``/readyz`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from redis import Redis
+from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+
+from service.config import Settings, get_settings
+from worker import records, runtime
+
+log = logging.getLogger("worker")
+
+LOAD_HINT = (
+    "set DISTILL_MODEL to a local directory holding a diffusers StableDiffusionXLPipeline "
+    "(a copy of stabilityai/sdxl-turbo, or `python -m worker.tiny_model DIR` for a smoke test)"
+)
+
+
+class DistillWorker(SimpleWorker):
+    """A SimpleWorker whose running jobs expire from RQ's registry unless it keeps beating."""
+
+    heartbeat_ttl: int = 60
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.heartbeat_ttl
+
+    def beat_running_jobs(self) -> None:
+        """Extend this worker's key and its running executions by one heartbeat TTL."""
+        ttl = self.heartbeat_ttl
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(ttl, pipeline=pipe)
+            for execution in list(self.executions.values()):
+                registry = StartedJobRegistry(name=self.queues[0].name, connection=self.connection)
+                execution.heartbeat(registry, ttl, pipe)
+            pipe.execute()
+
+
+class StatusBeacon:
+    """Publishes ``distill:worker:<name>`` every few seconds until stopped."""
+
+    def __init__(self, redis: Redis, name: str, settings: Settings) -> None:
+        self.redis = redis
+        self.name = name
+        self.settings = settings
+        self.fields: dict[str, Any] = {
+            "name": name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "state": "loading",
+            "model": settings.model,
+            "started_at": time.time(),
+        }
+        self.worker: DistillWorker | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.publish()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.redis.delete(records.WORKER_KEY.format(self.name))
+        except Exception:  # noqa: BLE001 - shutting down; Redis may already be gone
+            log.debug("could not remove worker status", exc_info=True)
+
+    def update(self, **fields: Any) -> None:
+        self.fields.update(fields)
+        self.publish()
+
+    def publish(self) -> None:
+        key = records.WORKER_KEY.format(self.name)
+        mapping = {
+            k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in self.fields.items()
+        }
+        mapping["last_heartbeat"] = repr(time.time())
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self.settings.heartbeat_ttl)
+            pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                self.publish()
+                if self.worker is not None:
+                    self.worker.beat_running_jobs()
+            except Exception:  # noqa: BLE001 - a missed beat must not kill the thread
+                log.warning("heartbeat failed; retrying", exc_info=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one worker until SIGINT/SIGTERM; exit 2 when the model cannot be loaded."""
+    logging.basicConfig(
+        level=os.environ.get("DISTILL_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = get_settings()
+    name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    redis = Redis.from_url(settings.redis_url)
+    beacon = StatusBeacon(redis, name, settings)
+    beacon.start()
+    try:
+        from worker.generator import Generator, ModelLoadError
+
+        started = time.perf_counter()
+        try:
+            generator = Generator.load(
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                revision=settings.model_revision,
+                variant=settings.model_variant,
+                resolution=settings.resolution,
+            )
+        except ModelLoadError as exc:
+            print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)
+            return 2
+        log.info(
+            "loaded %s on %s in %.1f s", settings.model, generator.device, time.perf_counter() - started
+        )
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        runtime.install(runtime.Runtime(generator=generator, settings=settings, worker_name=name))
+
+        queue = Queue(settings.queue_name, connection=redis)
+        worker = DistillWorker([queue], connection=redis, name=name)
+        worker.heartbeat_ttl = settings.heartbeat_ttl
+        beacon.worker = worker
+        beacon.update(state="ready", **generator.describe())
+        worker.work(with_scheduler=False, logging_level=os.environ.get("DISTILL_LOG_LEVEL", "INFO"))
+        return 0
+    finally:
+        beacon.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

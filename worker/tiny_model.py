@@ -1,0 +1,184 @@
+"""Build a tiny random-weight SDXL pipeline offline, for tests and smoke runs.
+
+The result is a real ``StableDiffusionXLPipeline`` directory (two CLIP text encoders, two
+CLIP tokenizers, a ``text_time`` UNet, an 8x VAE, an Euler ancestral scheduler with trailing
+timestep spacing, as SDXL-Turbo ships) that ``from_pretrained(DIR)`` loads with
+``HF_HUB_OFFLINE=1``. The worker loads it exactly like the real model.
+
+Usage: ``python -m worker.tiny_model DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# Byte-level BPE vocabulary: every byte as a token, alone and as a word end. No merges, so
+# every character is one token: small, fully offline, and accepted by CLIPTokenizer.
+_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+_TOKENIZER_CONFIG = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": 77,
+    "do_lower_case": True,
+    "bos_token": _SPECIAL[0],
+    "eos_token": _SPECIAL[1],
+    "unk_token": _SPECIAL[1],
+    "pad_token": _SPECIAL[1],
+    "errors": "replace",
+}
+
+
+def _byte_alphabet() -> list[str]:
+    """The printable stand-ins CLIP's byte-level BPE uses for the 256 byte values."""
+    visible = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = visible[:]
+    extra = 0
+    for b in range(256):
+        if b not in visible:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_tokenizer(directory: Path) -> int:
+    """Write a CLIP tokenizer (vocab.json, merges.txt, config) and return its vocabulary size."""
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [ch + "</w>" for ch in alphabet] + list(_SPECIAL)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(_TOKENIZER_CONFIG, indent=2), encoding="utf-8"
+    )
+    special = {k: _TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    return len(vocab)
+
+
+def build(directory: Path, *, seed: int = 0) -> Path:
+    """Write a tiny SDXL pipeline to ``directory`` and return it.
+
+    Architecture as ``StableDiffusionXLPipeline`` expects: the UNet's cross-attention width is
+    the two text encoders' hidden sizes together, and its ``text_time`` input is six time ids
+    of ``addition_time_embed_dim`` plus the second encoder's pooled projection.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    scratch = directory / ".tokenizer-src"
+    vocab_size = write_tokenizer(scratch)
+    tokenizer = CLIPTokenizer.from_pretrained(str(scratch))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(scratch))
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_act="gelu",
+        )
+
+    text_encoder = CLIPTextModel(text_config(16))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(16))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,  # latent side: 8 latents x 8 (VAE) = 64 px images by default
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        cross_attention_dim=16 + 16,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 16,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        # Four blocks give the real 2**3 = 8x spatial scale factor.
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipeline.save_pretrained(str(directory), safe_serialization=True)
+    for path in sorted(scratch.iterdir()):
+        path.unlink()
+    scratch.rmdir()
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.tiny_model",
+        description="Write a tiny random-weight StableDiffusionXLPipeline to DIR.",
+    )
+    parser.add_argument("directory", type=Path, help="output directory (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    build(args.directory, seed=args.seed)
+    elapsed = time.perf_counter() - started
+    print(f"wrote a tiny SDXL pipeline to {args.directory} in {elapsed:.2f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
