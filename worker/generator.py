@@ -77,7 +77,8 @@ class Generator:
                 model, dtype=torch_dtype, revision=revision, variant=variant
             )
         except Exception as exc:  # noqa: BLE001 - any loader failure means the same to the caller
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            reason = text.split(" Please check out the root cause")[0].rstrip(".")
             raise ModelLoadError(f"cannot load model {model!r}: {reason}") from exc
         pipeline = pipeline.to(target)
         pipeline.set_progress_bar_config(disable=True)

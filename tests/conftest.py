@@ -1,0 +1,175 @@
+"""Shared fixtures: a private Redis, a tiny real SDXL pipeline, a real worker process, the API.
+
+Everything is real: redis-server on a free port, ``python -m worker`` loading the tiny model
+through ``from_pretrained``, the FastAPI app with its real Redis pool.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service.app import create_app
+from service.config import Settings
+from service.redis_server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CIFAR10_TEST = SHARED / "data" / "cifar10-test"
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def make_settings(redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "data_dir": data_dir,
+        "batch_size": 4,
+        "heartbeat_interval": 0.5,
+        "heartbeat_ttl": 5,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def settings_env(settings: Settings, model: Path) -> dict[str, str]:
+    """The environment a worker process needs to match ``settings``."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "DISTILL_REDIS_URL": settings.redis_url,
+            "DISTILL_DATA_DIR": str(settings.data_dir),
+            "DISTILL_QUEUE_NAME": settings.queue_name,
+            "DISTILL_MODEL": str(model),
+            "DISTILL_BATCH_SIZE": str(settings.batch_size),
+            "DISTILL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+            "DISTILL_HEARTBEAT_TTL": str(settings.heartbeat_ttl),
+            "DISTILL_DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+def start_worker(settings: Settings, model: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m worker`` and wait until it advertises a loaded model."""
+    handle = open(log, "wb")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        env=settings_env(settings, model),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    handle.close()
+    redis = Redis.from_url(settings.redis_url)
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{log.read_text()}")
+            for key in redis.scan_iter(match="distill:worker:*"):
+                fields = redis.hgetall(key)
+                if (
+                    fields.get(b"state") == b"ready"
+                    and fields.get(b"pid") == str(proc.pid).encode()
+                ):
+                    return proc
+            time.sleep(0.1)
+    finally:
+        redis.close()
+    proc.kill()
+    raise TimeoutError(f"worker did not load its model:\n{log.read_text()}")
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stack_settings(
+    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    return make_settings(redis_server.url, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def worker(
+    stack_settings: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start_worker(stack_settings, tiny_model, tmp_path_factory.mktemp("logs") / "worker.log")
+    yield proc
+    stop_worker(proc)
+
+
+@pytest.fixture
+def client(stack_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(stack_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def idle_client(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[TestClient]:
+    """An API on a queue no worker listens to: jobs stay queued as long as a test needs."""
+    settings = make_settings(redis_server.url, tmp_path, queue_name=f"idle-{tmp_path.name}")
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def redis(stack_settings: Settings) -> Iterator[Redis]:
+    client = Redis.from_url(stack_settings.redis_url)
+    yield client
+    client.close()
+
+
+def wait_for(
+    get: Callable[[str], Any],
+    job_id: str,
+    *,
+    until: Callable[[dict[str, Any]], bool] = lambda job: job["state"] in TERMINAL,
+    timeout: float = 120.0,
+) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{id}`` until ``until(job)``; fails the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
+        if until(job):
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} still {job['state']} after {timeout} s: {job}")
+        time.sleep(0.05)
