@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     result_ttl: int = Field(7 * 24 * 3600, ge=60, description="Seconds finished jobs are kept.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between worker beats.")
     heartbeat_ttl: int = Field(
-        60, ge=5, description="A worker silent this long is dead; its job fails."
+        60, ge=2, description="A worker silent this long is dead; its job fails."
     )
 
 

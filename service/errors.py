@@ -145,7 +145,8 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+    titles = {404: "Not found", 405: "Method not allowed", 413: PayloadTooLarge.title}
+    title = titles.get(exc.status_code, "HTTP error")
     return problem_response(
         exc.status_code, title, str(exc.detail), request=request, headers=exc.headers
     )

@@ -5,15 +5,12 @@ It runs before FastAPI reads the body, so an oversized upload is refused without
 
 from __future__ import annotations
 
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, UnsupportedMediaType, problem_response
 
 _WITH_BODY = {"POST", "PUT", "PATCH"}
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class BodyGuard:
@@ -40,7 +37,6 @@ class BodyGuard:
             return
 
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -48,22 +44,12 @@ class BodyGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    # Raised inside FastAPI's body reading, which passes HTTPException through
+                    # to the problem+json handlers.
+                    raise HTTPException(413, detail=f"body exceeds {self.max_bytes} bytes")
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if started:
-                raise
-            error = PayloadTooLarge(f"body exceeds {self.max_bytes} bytes")
-            await self._refuse(scope, receive, send, error)
+        await self.app(scope, limited_receive, send)
 
     @staticmethod
     async def _refuse(

@@ -76,8 +76,9 @@ def submit(
         )
     job_id = uuid.uuid4().hex
     payload = spec.model_dump(mode="json")
-    records.create(redis, job_id, request=payload, total=spec.total_images)
-    redis.zremrangebyscore(records.JOBS_INDEX, 0, time.time() - settings.result_ttl)
+    records.create(
+        redis, job_id, request=payload, total=spec.total_images, ttl=settings.result_ttl
+    )
     try:
         queue.enqueue(
             TASK,
@@ -213,7 +214,7 @@ def cancel(redis: Redis, settings: Settings, job_id: str, *, archive_url: str) -
         except InvalidJobOperation:
             pass  # it started or ended meanwhile; the flag stops it between batches
         else:
-            records.finish(redis, job_id, outcome=records.CANCELED, ttl=settings.result_ttl)
+            records.finish(redis, job_id, outcome=records.CANCELED)
     return fetch(redis, settings, job_id, archive_url=archive_url)
 
 

@@ -8,13 +8,13 @@ lost job ends ``failed`` with a reason instead of staying ``running``.
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from service.config import get_settings
 from worker import records
 
 
@@ -40,14 +40,18 @@ def on_failure(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Record the failure once and drop any partial archive."""
-    settings = get_settings()
+    """Record the failure once and drop any partial archive.
+
+    The partial file's path comes from the job's record, not from this process's settings:
+    the process running the callback may not be the one that ran the job.
+    """
     error_type, detail = describe_failure(exc_type, exc)
     records.finish(
         connection,
         job.id,
         outcome=records.FAILED,
-        ttl=settings.result_ttl,
         fields={"error_type": error_type, "error_detail": detail[:2000]},
     )
-    records.partial_path(settings.data_dir, job.id).unlink(missing_ok=True)
+    partial = records.read(connection, job.id).get("partial")
+    if partial:
+        Path(partial).unlink(missing_ok=True)

@@ -77,7 +77,7 @@ class StatusBeacon:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.publish()
+        self._beat()
         self._thread.start()
 
     def stop(self) -> None:
@@ -103,14 +103,17 @@ class StatusBeacon:
             pipe.expire(key, self.settings.heartbeat_ttl)
             pipe.execute()
 
+    def _beat(self) -> None:
+        try:
+            self.publish()
+            if self.worker is not None:
+                self.worker.beat_running_jobs()
+        except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the thread
+            log.warning("heartbeat failed (%s); retrying", exc)
+
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval):
-            try:
-                self.publish()
-                if self.worker is not None:
-                    self.worker.beat_running_jobs()
-            except Exception:  # noqa: BLE001 - a missed beat must not kill the thread
-                log.warning("heartbeat failed; retrying", exc_info=True)
+            self._beat()
 
 
 def main(argv: list[str] | None = None) -> int:

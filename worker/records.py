@@ -29,6 +29,7 @@ WORKER_PATTERN = "distill:worker:*"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELED = "canceled"
+DEFAULT_TTL = 7 * 24 * 3600
 
 
 def job_key(job_id: str) -> str:
@@ -45,8 +46,10 @@ def partial_path(data_dir: Path, job_id: str) -> Path:
     return Path(data_dir) / f".{job_id}.zip.part"
 
 
-def create(redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int) -> float:
-    """Record a newly accepted job; returns its creation time."""
+def create(
+    redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int, ttl: int
+) -> float:
+    """Record a newly accepted job; ``ttl`` is how long it is kept once finished."""
     now = time.time()
     with redis.pipeline() as pipe:
         pipe.hset(
@@ -57,9 +60,11 @@ def create(redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int)
                 "total": total,
                 "generated": 0,
                 "written": 0,
+                "ttl": ttl,
             },
         )
         pipe.zadd(JOBS_INDEX, {job_id: now})
+        pipe.zremrangebyscore(JOBS_INDEX, 0, now - ttl)
         pipe.execute()
     return now
 
@@ -70,10 +75,17 @@ def read(redis: Redis, job_id: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-def mark_started(redis: Redis, job_id: str, *, worker: str) -> None:
+def mark_started(redis: Redis, job_id: str, *, worker: str, partial: Path) -> None:
+    """The job runs on ``worker``, writing to ``partial`` (removed by whoever fails the job)."""
     redis.hset(
         job_key(job_id),
-        mapping={"started_at": repr(time.time()), "worker": worker, "generated": 0, "written": 0},
+        mapping={
+            "started_at": repr(time.time()),
+            "worker": worker,
+            "partial": str(partial),
+            "generated": 0,
+            "written": 0,
+        },
     )
 
 
@@ -97,13 +109,16 @@ def finish(
     job_id: str,
     *,
     outcome: str,
-    ttl: int,
     fields: Mapping[str, str | int | float] | None = None,
 ) -> bool:
-    """Record a terminal outcome once; returns False when one was already recorded."""
+    """Record a terminal outcome once; returns False when one was already recorded.
+
+    The record then expires after the ttl it was created with.
+    """
     key = job_key(job_id)
     if not redis.hsetnx(key, "outcome", outcome):
         return False
+    ttl = int(redis.hget(key, "ttl") or DEFAULT_TTL)
     with redis.pipeline() as pipe:
         pipe.hset(key, mapping={"finished_at": repr(time.time()), **(fields or {})})
         pipe.expire(key, ttl)

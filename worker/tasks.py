@@ -84,7 +84,9 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
     redis: Redis = job.connection
     spec = DatasetSpec.model_validate(payload)
     generator = rt.generator
-    records.mark_started(redis, job.id, worker=rt.worker_name)
+    final = records.archive_path(settings.data_dir, job.id)
+    partial = records.partial_path(settings.data_dir, job.id)
+    records.mark_started(redis, job.id, worker=rt.worker_name, partial=partial)
 
     copies = spec.augment.n_copies
     transform = build_transform(spec.augment, image_size=spec.image_size)
@@ -94,13 +96,10 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
     sampling_s = 0.0
     generated = written = 0
 
-    with ArchiveWriter(
-        final=records.archive_path(settings.data_dir, job.id),
-        partial=records.partial_path(settings.data_dir, job.id),
-    ) as writer:
+    with ArchiveWriter(final=final, partial=partial) as writer:
         for batch in batches(items, settings.batch_size):
             if records.cancel_requested(redis, job.id):
-                return _canceled(redis, job.id, ttl=settings.result_ttl, written=written)
+                return _canceled(redis, job.id, written=written)
             seeds = [derive_seed(spec.seed, it.label, it.sample) for it in batch]
             t0 = time.perf_counter()
             images = generator.render(
@@ -139,7 +138,7 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
             records.save_progress(redis, job.id, generated=generated, written=written)
 
         if records.cancel_requested(redis, job.id):
-            return _canceled(redis, job.id, ttl=settings.result_ttl, written=written)
+            return _canceled(redis, job.id, written=written)
         finished = time.time()
         manifest = _manifest(
             spec,
@@ -161,7 +160,6 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
         redis,
         job.id,
         outcome=records.SUCCEEDED,
-        ttl=settings.result_ttl,
         fields={
             "archive_path": str(info.path),
             "archive_size": info.size_bytes,
@@ -174,8 +172,8 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
     return {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}
 
 
-def _canceled(redis: Redis, job_id: str, *, ttl: int, written: int) -> dict[str, Any]:
-    records.finish(redis, job_id, outcome=records.CANCELED, ttl=ttl, fields={"written": written})
+def _canceled(redis: Redis, job_id: str, *, written: int) -> dict[str, Any]:
+    records.finish(redis, job_id, outcome=records.CANCELED, fields={"written": written})
     log.info("job %s: canceled after %d images", job_id, written)
     return {"canceled": True}
 

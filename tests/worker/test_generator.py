@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.redis_server import EmbeddedRedis
+from tests.conftest import ROOT
+from worker.generator import Generator, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model: Path) -> Generator:
+    return Generator.load(str(tiny_model), device="cpu")
+
+
+def test_tiny_model_is_a_real_sdxl_pipeline(tiny_model: Path, generator: Generator) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = generator.pipeline
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert pipe.vae_scale_factor == 8
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert (tiny_model / "tokenizer" / "tokenizer_config.json").is_file()
+    index = json.loads((tiny_model / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert generator.resolution == 64 and generator.dtype.is_floating_point
+
+
+def test_render_gives_uint8_images_at_each_size(generator: Generator) -> None:
+    out = generator.render(["a photo of a cat"] * 3, [1, 2, 3], sizes=(32, 40))
+    assert out[32].shape == (3, 32, 32, 3) and out[32].dtype == np.uint8
+    assert out[40].shape == (3, 40, 40, 3)
+    assert out[32].std() > 0
+
+
+def test_same_seed_same_image_whatever_the_batch(generator: Generator) -> None:
+    alone = generator.render(["a photo of a dog"], [42], sizes=(16,))[16][0]
+    again = generator.render(["a photo of a dog"], [42], sizes=(16,))[16][0]
+    in_batch = generator.render(["a photo of a cat", "a photo of a dog"], [7, 42], sizes=(16,))
+    assert np.array_equal(alone, again)
+    assert np.abs(alone.astype(int) - in_batch[16][1].astype(int)).max() <= 1
+    assert not np.array_equal(in_batch[16][0], in_batch[16][1])
+
+
+def test_check_inputs_names_the_problem(generator: Generator) -> None:
+    with pytest.raises(ValueError, match="same length"):
+        generator.render(["a"], [1, 2], sizes=(8,))
+    with pytest.raises(ValueError, match="must not be empty"):
+        generator.render([], [], sizes=(8,))
+
+
+def test_missing_model_is_a_model_load_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        Generator.load(str(tmp_path / "nothing-here"), device="cpu")
+
+
+def test_worker_without_a_model_exits_with_one_clear_line(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    env = {
+        **os.environ,
+        "DISTILL_MODEL": str(tmp_path / "no-such-model"),
+        "DISTILL_REDIS_URL": redis_server.url,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distill worker:")]
+    assert len(lines) == 1
+    assert "cannot load model" in lines[0] and "DISTILL_MODEL" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_tiny_model_cli_writes_a_loadable_pipeline(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.tiny_model", str(tmp_path / "m")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote a tiny SDXL pipeline" in proc.stderr
+    assert Generator.load(str(tmp_path / "m"), device="cpu").resolution == 64
