@@ -10,7 +10,7 @@ from redis import Redis
 
 from service import health, jobs
 from service.config import Settings
-from service.errors import PROBLEM_JSON
+from service.errors import PROBLEM_JSON, JobNotFound
 from service.schemas import Health, JobList, JobPublic, Problem, Readiness
 from worker.spec import DatasetSpec
 
@@ -87,7 +87,7 @@ def list_jobs(
             found.append(
                 jobs.fetch(redis, settings, job_id, archive_url=_archive_url(request, job_id))
             )
-        except jobs.JobNotFound:
+        except JobNotFound:
             continue  # expired between listing and reading
     return JobList(jobs=found)
 

@@ -138,17 +138,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return problem_response(
-        exc.status, exc.title, exc.detail, request=request, headers=exc.headers
-    )
+    return problem_response(exc.status, exc.title, exc.detail, request=request, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     titles = {404: "Not found", 405: "Method not allowed", 413: PayloadTooLarge.title}
     title = titles.get(exc.status_code, "HTTP error")
+    headers = dict(exc.headers) if exc.headers else None
     return problem_response(
-        exc.status_code, title, str(exc.detail), request=request, headers=exc.headers
+        exc.status_code, title, str(exc.detail), request=request, headers=headers
     )
 
 

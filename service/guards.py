@@ -28,12 +28,12 @@ class BodyGuard:
         media = headers.get("content-type", "").split(";")[0].strip().lower()
         if has_body and media != "application/json" and not media.endswith("+json"):
             shown = media or "none"
-            error = UnsupportedMediaType(f"send the body as application/json (got {shown})")
-            await self._refuse(scope, receive, send, error)
+            media_error = UnsupportedMediaType(f"send the body as application/json (got {shown})")
+            await self._refuse(scope, receive, send, media_error)
             return
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            error = PayloadTooLarge(f"body of {length} bytes exceeds {self.max_bytes} bytes")
-            await self._refuse(scope, receive, send, error)
+            size_error = PayloadTooLarge(f"body of {length} bytes exceeds {self.max_bytes} bytes")
+            await self._refuse(scope, receive, send, size_error)
             return
 
         received = 0

@@ -40,9 +40,12 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
     try:
         redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said plainly
-        return Readiness(status="unavailable", redis=f"unreachable: {exc}", workers=[], detail=(
-            "Redis is unreachable"
-        ))
+        return Readiness(
+            status="unavailable",
+            redis=f"unreachable: {exc}",
+            workers=[],
+            detail=("Redis is unreachable"),
+        )
     seen = workers(redis, settings)
     loaded = [w for w in seen if w.state == "ready"]
     if loaded:

@@ -76,9 +76,7 @@ def submit(
         )
     job_id = uuid.uuid4().hex
     payload = spec.model_dump(mode="json")
-    records.create(
-        redis, job_id, request=payload, total=spec.total_images, ttl=settings.result_ttl
-    )
+    records.create(redis, job_id, request=payload, total=spec.total_images, ttl=settings.result_ttl)
     try:
         queue.enqueue(
             TASK,
@@ -228,7 +226,9 @@ def archive_file(redis: Redis, settings: Settings, job_id: str) -> ArchiveFile:
     """The finished archive on disk; 409 until the job succeeded, 410 if it was removed."""
     job = fetch(redis, settings, job_id, archive_url="")
     if job.state is not JobState.succeeded or job.archive is None:
-        raise JobConflict(f"job {job_id} is {job.state.value}; the archive exists once it succeeded")
+        raise JobConflict(
+            f"job {job_id} is {job.state.value}; the archive exists once it succeeded"
+        )
     path = records.archive_path(settings.data_dir, job_id)
     if not path.is_file():
         raise ArchiveGone(f"the archive of job {job_id} is no longer on disk")

@@ -62,7 +62,9 @@ def main() -> int:
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the children
     # in order (API and worker first, Redis last).
     children: dict[str, subprocess.Popen[bytes]] = {
-        "worker": subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True),
+        "worker": subprocess.Popen(
+            [sys.executable, "-m", "worker"], env=env, start_new_session=True
+        ),
         "api": subprocess.Popen(
             [
                 sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",

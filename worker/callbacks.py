@@ -18,7 +18,9 @@ from rq.timeouts import JobTimeoutException
 from worker import records
 
 
-def describe_failure(exc_type: type[BaseException] | None, exc: BaseException | None) -> tuple[str, str]:
+def describe_failure(
+    exc_type: type[BaseException] | None, exc: BaseException | None
+) -> tuple[str, str]:
     """A public ``(type, detail)`` pair for a job failure."""
     if exc_type is not None and issubclass(exc_type, AbandonedJobError):
         return "worker_lost", "the worker running this job stopped sending heartbeats (it died)"

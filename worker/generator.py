@@ -76,7 +76,7 @@ class Generator:
             pipeline = StableDiffusionXLPipeline.from_pretrained(
                 model, dtype=torch_dtype, revision=revision, variant=variant
             )
-        except Exception as exc:  # noqa: BLE001 - any loader failure means the same to the caller
+        except Exception as exc:
             text = " ".join(str(exc).split()) or type(exc).__name__
             reason = text.split(" Please check out the root cause")[0].rstrip(".")
             raise ModelLoadError(f"cannot load model {model!r}: {reason}") from exc

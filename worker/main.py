@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from redis import Redis
+from redis.typing import EncodableT, FieldT
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
@@ -85,7 +86,7 @@ class StatusBeacon:
         self._thread.join(timeout=5)
         try:
             self.redis.delete(records.WORKER_KEY.format(self.name))
-        except Exception:  # noqa: BLE001 - shutting down; Redis may already be gone
+        except Exception:
             log.debug("could not remove worker status", exc_info=True)
 
     def update(self, **fields: Any) -> None:
@@ -94,7 +95,7 @@ class StatusBeacon:
 
     def publish(self) -> None:
         key = records.WORKER_KEY.format(self.name)
-        mapping = {
+        mapping: dict[FieldT, EncodableT] = {
             k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in self.fields.items()
         }
         mapping["last_heartbeat"] = repr(time.time())
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)
             return 2
         log.info(
-            "loaded %s on %s in %.1f s", settings.model, generator.device, time.perf_counter() - started
+            "loaded %s on %s in %.1f s",
+            settings.model,
+            generator.device,
+            time.perf_counter() - started,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         runtime.install(runtime.Runtime(generator=generator, settings=settings, worker_name=name))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis.typing import EncodableT, FieldT
 
 JOB_KEY = "distill:job:{}"
 JOBS_INDEX = "distill:jobs"
@@ -46,9 +47,7 @@ def partial_path(data_dir: Path, job_id: str) -> Path:
     return Path(data_dir) / f".{job_id}.zip.part"
 
 
-def create(
-    redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int, ttl: int
-) -> float:
+def create(redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int, ttl: int) -> float:
     """Record a newly accepted job; ``ttl`` is how long it is kept once finished."""
     now = time.time()
     with redis.pipeline() as pipe:
@@ -120,7 +119,9 @@ def finish(
         return False
     ttl = int(redis.hget(key, "ttl") or DEFAULT_TTL)
     with redis.pipeline() as pipe:
-        pipe.hset(key, mapping={"finished_at": repr(time.time()), **(fields or {})})
+        mapping: dict[FieldT, EncodableT] = {"finished_at": repr(time.time())}
+        mapping.update(fields or {})
+        pipe.hset(key, mapping=mapping)
         pipe.expire(key, ttl)
         pipe.execute()
     return True

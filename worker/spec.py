@@ -97,7 +97,9 @@ class RotateParams(_Params):
 
 
 class GammaParams(_Params):
-    gamma_limit: tuple[Annotated[float, Field(gt=0, le=500)], Annotated[float, Field(gt=0, le=500)]] = (
+    gamma_limit: tuple[
+        Annotated[float, Field(gt=0, le=500)], Annotated[float, Field(gt=0, le=500)]
+    ] = (
         80,
         120,
     )
@@ -139,7 +141,9 @@ class ColorJitterParams(_Params):
 
 
 class BlurParams(_Params):
-    sigma_limit: tuple[Annotated[float, Field(gt=0, le=10)], Annotated[float, Field(gt=0, le=10)]] = (
+    sigma_limit: tuple[
+        Annotated[float, Field(gt=0, le=10)], Annotated[float, Field(gt=0, le=10)]
+    ] = (
         0.5,
         1.5,
     )

@@ -58,7 +58,9 @@ def write_tokenizer(directory: Path) -> int:
     (directory / "tokenizer_config.json").write_text(
         json.dumps(_TOKENIZER_CONFIG, indent=2), encoding="utf-8"
     )
-    special = {k: _TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    special = {
+        k: _TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
     (directory / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
     return len(vocab)
 

@@ -96,7 +96,7 @@ def test_uneven_ipc_keeps_exactly_ipc_per_class(
     client: TestClient, worker: subprocess.Popen[bytes]
 ) -> None:
     body = {"labels": ["apple", "aquarium_fish"], "ipc": 7, "augment": {"copies": 4}}
-    job, data = run_job(client, body)
+    _, data = run_job(client, body)
     zf = zipfile.ZipFile(io.BytesIO(data))
     rows = [json.loads(x) for x in zf.read("train/metadata.jsonl").decode().splitlines()]
     for index in (0, 1):

@@ -38,7 +38,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("copies too many", _with(augment={"copies": 21}), "augment.copies"),
     ("copies with none", _with(augment={"policy": "none", "copies": 2}), "augment"),
     ("crop scale", _with(augment={"crop_scale": 0.5}), "augment.crop_scale"),
-    ("unknown transform", _with(augment={"policy": [{"name": "Solarize"}]}), "augment.policy[0].name"),
+    (
+        "unknown transform",
+        _with(augment={"policy": [{"name": "Solarize"}]}),
+        "augment.policy[0].name",
+    ),
     (
         "unknown param",
         _with(augment={"policy": [{"name": "Rotate", "params": {"angle": 3}}]}),
@@ -84,7 +88,7 @@ def test_param_errors_name_the_parameter(idle_client: TestClient) -> None:
 
 def test_nan_and_infinity_are_rejected(idle_client: TestClient) -> None:
     for raw in ("NaN", "Infinity", "-Infinity"):
-        body = '{"labels": ["cat"], "ipc": 1, "augment": {"crop_scale": %s}}' % raw
+        body = '{"labels": ["cat"], "ipc": 1, "augment": {"crop_scale": ' + raw + "}}"
         response = idle_client.post(
             "/v1/jobs", content=body, headers={"content-type": "application/json"}
         )

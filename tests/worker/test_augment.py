@@ -55,7 +55,9 @@ def test_rotation_mirrors_borders_unless_asked_for_constant() -> None:
     white = np.full((32, 32, 3), 255, np.uint8)
     mirrored = AugmentSpec(policy=[{"name": "Rotate", "params": {"limit": [45, 45], "p": 1}}])  # type: ignore[list-item]
     black = AugmentSpec(
-        policy=[{"name": "Rotate", "params": {"limit": [45, 45], "p": 1, "border_mode": "constant"}}]  # type: ignore[list-item]
+        policy=[
+            {"name": "Rotate", "params": {"limit": [45, 45], "p": 1, "border_mode": "constant"}}
+        ]  # type: ignore[list-item]
     )
     t_mirror = build_transform(mirrored, image_size=32)
     t_black = build_transform(black, image_size=32)

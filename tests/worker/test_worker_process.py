@@ -24,7 +24,11 @@ def test_sigkilled_worker_fails_its_job_with_a_reason_and_no_files(
     proc = start_worker(settings, tiny_model, tmp_path / "worker.log")
     try:
         with TestClient(create_app(settings)) as client:
-            body = {"labels": [f"c{i}" for i in range(100)], "ipc": 100, "augment": {"policy": "none"}}
+            body = {
+                "labels": [f"c{i}" for i in range(100)],
+                "ipc": 100,
+                "augment": {"policy": "none"},
+            }
             job = client.post("/v1/jobs", json=body).json()
             wait_for(client.get, job["id"], until=lambda j: j["progress"]["written"] > 0)
             partial = records.partial_path(settings.data_dir, job["id"])

@@ -1,0 +1,88 @@
+"""The newcomer's path: `make run` (the launcher) serves a job from POST to download over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.redis_server import free_port
+from tests.conftest import ROOT, TERMINAL
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"launcher exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"stack never became ready:\n{log.read_text()}")
+
+
+def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
+    env.update(
+        {
+            "DISTILL_MODEL": str(tiny_model),
+            "DISTILL_PORT": str(port),
+            "DISTILL_DATA_DIR": str(tmp_path / "data"),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.launcher"],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, proc, log)
+        body = {"labels": ["cat", "dog", "ship"], "ipc": 10, "image_size": 32, "seed": 0}
+        started = time.perf_counter()
+        created = httpx.post(f"{base}/v1/jobs", json=body, timeout=10)
+        assert created.status_code == 202
+        location = created.headers["location"]
+        while (job := httpx.get(base + location, timeout=10).json())["state"] not in TERMINAL:
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job
+        archive = httpx.get(job["archive"]["url"], timeout=30)
+        elapsed = time.perf_counter() - started
+        assert archive.status_code == 200
+        assert hashlib.sha256(archive.content).hexdigest() == job["archive"]["sha256"]
+        assert archive.headers["etag"] == f'"{job["archive"]["sha256"]}"'
+        print(f"3 classes x ipc 10 on the tiny model: POST to downloaded archive {elapsed:.2f} s")
+        assert (tmp_path / "data" / f"{job['id']}.zip").is_file()
+        assert (tmp_path / "data" / "redis" / "redis.log").is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/healthz", timeout=2)
+    # The embedded Redis it announced is gone too.
+    announced = re.search(r"embedded Redis on (redis://\S+)", log.read_text())
+    assert announced, log.read_text()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis.from_url(announced.group(1), socket_connect_timeout=1).ping()
