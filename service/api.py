@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 
 from service import health, jobs
@@ -142,6 +143,17 @@ def download_archive(
 
 
 health_router = APIRouter()
+
+
+@health_router.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics for the whole service (all workers)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 @health_router.get("/healthz", operation_id="health", summary="The API process is alive")

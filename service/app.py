@@ -12,6 +12,7 @@ from service import errors
 from service.api import health_router, router
 from service.config import Settings, get_settings
 from service.guards import BodyGuard
+from service.metrics import registry_for
 
 DESCRIPTION = """\
 Generates distilled image datasets on demand: class names in, a zipped ImageFolder out.
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = Redis.from_url(
             settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
         )
+        app.state.metrics = registry_for(app.state.redis, settings)
         try:
             yield
         finally:

@@ -6,18 +6,20 @@ or a directory. Nothing is read at import time: call ``get_settings()``; tests o
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Typed configuration; each field is ``DISTILL_<NAME>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+    # Empty variables mean "use the default" (compose passes unset ones as empty strings).
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore", env_ignore_empty=True)
 
     # Where things live.
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding queue and jobs.")
@@ -27,7 +29,6 @@ class Settings(BaseSettings):
     # API.
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, ge=1, le=65535, description="API port.")
-    public_url: str = Field("", description="Absolute base for archive URLs; empty: relative.")
     max_queued_jobs: int = Field(1000, ge=1, description="Above this, POST answers 503.")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="Larger request bodies: 413.")
 
@@ -48,12 +49,43 @@ class Settings(BaseSettings):
     job_timeout: int = Field(6 * 3600, ge=10, description="Seconds one job may run.")
     result_ttl: int = Field(7 * 24 * 3600, ge=60, description="Seconds finished jobs are kept.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between worker beats.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level; logs are one JSON object per line."
+    )
     heartbeat_ttl: int = Field(
         60, ge=2, description="A worker silent this long is dead; its job fails."
     )
 
 
+class ConfigError(ValueError):
+    """A ``DISTILL_*`` variable has a value the service cannot use."""
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line naming each bad variable, what it holds and what it accepts."""
+    parts = []
+    for err in exc.errors():
+        name = "DISTILL_" + "_".join(str(p) for p in err["loc"]).upper()
+        parts.append(f"{name}={err.get('input')!r}: {err['msg']}")
+    return "; ".join(parts)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return Settings()
+    """The process's settings, read once from the environment.
+
+    Raises ``ConfigError`` with one line naming the bad variable(s).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {describe_errors(exc)}") from None
+
+
+def settings_or_exit(program: str) -> Settings:
+    """For entry points: the settings, or exit 2 with one line naming the bad variable."""
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        print(f"{program}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

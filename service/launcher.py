@@ -15,7 +15,7 @@ import sys
 import time
 from types import FrameType
 
-from service.config import get_settings
+from service.config import settings_or_exit
 from service.redis_server import EmbeddedRedis
 
 GRACE_SECONDS = 30.0
@@ -40,7 +40,7 @@ def _stop(children: dict[str, subprocess.Popen[bytes]]) -> None:
 
 
 def main() -> int:
-    settings = get_settings()
+    settings = settings_or_exit("distill")
     env = dict(os.environ)
     redis: EmbeddedRedis | None = None
     if "DISTILL_REDIS_URL" not in os.environ:
@@ -65,15 +65,8 @@ def main() -> int:
         "worker": subprocess.Popen(
             [sys.executable, "-m", "worker"], env=env, start_new_session=True
         ),
-        "api": subprocess.Popen(
-            [
-                sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                "--host", settings.host, "--port", str(settings.port),
-            ],
-            env=env,
-            start_new_session=True,
-        ),
-    }  # fmt: skip
+        "api": subprocess.Popen([sys.executable, "-m", "service"], env=env, start_new_session=True),
+    }
     _say(f"API on http://{settings.host}:{settings.port}  model: {settings.model}  (Ctrl-C stops)")
     code = 0
     try:

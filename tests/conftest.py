@@ -126,10 +126,16 @@ def stack_settings(
 
 
 @pytest.fixture(scope="session")
+def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's worker writes its (JSON) log."""
+    return tmp_path_factory.mktemp("logs") / "worker.log"
+
+
+@pytest.fixture(scope="session")
 def worker(
-    stack_settings: Settings, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+    stack_settings: Settings, tiny_model: Path, worker_log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = start_worker(stack_settings, tiny_model, tmp_path_factory.mktemp("logs") / "worker.log")
+    proc = start_worker(stack_settings, tiny_model, worker_log)
     yield proc
     stop_worker(proc)
 

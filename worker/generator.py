@@ -141,6 +141,12 @@ class Generator:
             result[size] = as_bytes.permute(0, 2, 3, 1).contiguous().cpu().numpy()
         return result
 
+    def gpu_memory_bytes(self) -> int | None:
+        """Bytes of GPU memory held by tensors on this generator's device; None off-GPU."""
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.memory_allocated(self.device))
+
     def describe(self) -> dict[str, str | int]:
         """Facts about the loaded model for manifests and worker status."""
         return {

@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.typing import EncodableT, FieldT
@@ -28,8 +29,12 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from service.config import Settings, get_settings
+from service import logs
+from service.config import Settings, settings_or_exit
 from worker import records, runtime
+
+if TYPE_CHECKING:
+    from worker.gpus import GpuClaim
 
 log = logging.getLogger("worker")
 
@@ -74,6 +79,9 @@ class StatusBeacon:
             "started_at": time.time(),
         }
         self.worker: DistillWorker | None = None
+        #: Extra live fields (GPU memory, say), read at every beat.
+        self.probe: Callable[[], dict[str, Any]] = dict
+        self.claim: GpuClaim | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -95,8 +103,13 @@ class StatusBeacon:
 
     def publish(self) -> None:
         key = records.WORKER_KEY.format(self.name)
+        live = {**self.fields, **self.probe()}
+        if self.worker is not None:
+            live["current_job"] = self.worker.get_current_job_id() or ""
         mapping: dict[FieldT, EncodableT] = {
-            k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in self.fields.items()
+            k: json.dumps(v) if isinstance(v, dict) else str(v)
+            for k, v in live.items()
+            if v is not None
         }
         mapping["last_heartbeat"] = repr(time.time())
         with self.redis.pipeline() as pipe:
@@ -107,6 +120,8 @@ class StatusBeacon:
     def _beat(self) -> None:
         try:
             self.publish()
+            if self.claim is not None:
+                self.claim.refresh()
             if self.worker is not None:
                 self.worker.beat_running_jobs()
         except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the thread
@@ -119,23 +134,27 @@ class StatusBeacon:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until SIGINT/SIGTERM; exit 2 when the model cannot be loaded."""
-    logging.basicConfig(
-        level=os.environ.get("DISTILL_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    settings = get_settings()
+    settings = settings_or_exit("distill worker")
+    logs.configure(settings.log_level)
     name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     redis = Redis.from_url(settings.redis_url)
     beacon = StatusBeacon(redis, name, settings)
     beacon.start()
+    claim = None
     try:
         from worker.generator import Generator, ModelLoadError
+        from worker.gpus import claim_free_gpu
 
+        device = settings.device
+        if device is None:
+            claim = claim_free_gpu(redis, owner=name, ttl=settings.heartbeat_ttl)
+            device = claim.device if claim else None
+            beacon.claim = claim
         started = time.perf_counter()
         try:
             generator = Generator.load(
                 settings.model,
-                device=settings.device,
+                device=device,
                 dtype=settings.dtype,
                 revision=settings.model_revision,
                 variant=settings.model_variant,
@@ -154,14 +173,24 @@ def main(argv: list[str] | None = None) -> int:
         runtime.install(runtime.Runtime(generator=generator, settings=settings, worker_name=name))
 
         queue = Queue(settings.queue_name, connection=redis)
-        worker = DistillWorker([queue], connection=redis, name=name)
+        # Maintenance also reaps jobs of dead workers; run it about once per heartbeat TTL.
+        worker = DistillWorker(
+            [queue],
+            connection=redis,
+            name=name,
+            maintenance_interval=max(settings.heartbeat_ttl, 10),
+            default_result_ttl=settings.result_ttl,
+        )
         worker.heartbeat_ttl = settings.heartbeat_ttl
         beacon.worker = worker
+        beacon.probe = lambda: {"gpu_memory_bytes": generator.gpu_memory_bytes()}
         beacon.update(state="ready", **generator.describe())
-        worker.work(with_scheduler=False, logging_level=os.environ.get("DISTILL_LOG_LEVEL", "INFO"))
+        worker.work(with_scheduler=False, logging_level=settings.log_level)
         return 0
     finally:
         beacon.stop()
+        if claim is not None:
+            claim.release()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Keys::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 from redis import Redis
 from redis.typing import EncodableT, FieldT
+
+from worker import stats
 
 JOB_KEY = "distill:job:{}"
 JOBS_INDEX = "distill:jobs"
@@ -30,6 +33,7 @@ WORKER_PATTERN = "distill:worker:*"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELED = "canceled"
+log = logging.getLogger("distill.jobs")
 DEFAULT_TTL = 7 * 24 * 3600
 
 
@@ -64,7 +68,9 @@ def create(redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int,
         )
         pipe.zadd(JOBS_INDEX, {job_id: now})
         pipe.zremrangebyscore(JOBS_INDEX, 0, now - ttl)
+        stats.incr(pipe, "jobs_submitted")
         pipe.execute()
+    log.info("job queued", extra={"job_id": job_id, "state": "queued", "images": total})
     return now
 
 
@@ -76,23 +82,41 @@ def read(redis: Redis, job_id: str) -> dict[str, str]:
 
 def mark_started(redis: Redis, job_id: str, *, worker: str, partial: Path) -> None:
     """The job runs on ``worker``, writing to ``partial`` (removed by whoever fails the job)."""
-    redis.hset(
-        job_key(job_id),
-        mapping={
-            "started_at": repr(time.time()),
-            "worker": worker,
-            "partial": str(partial),
-            "generated": 0,
-            "written": 0,
-        },
+    now = time.time()
+    created = redis.hget(job_key(job_id), "created_at")
+    with redis.pipeline() as pipe:
+        pipe.hset(
+            job_key(job_id),
+            mapping={
+                "started_at": repr(now),
+                "worker": worker,
+                "partial": str(partial),
+                "generated": 0,
+                "written": 0,
+            },
+        )
+        wait = max(now - float(created), 0.0) if created is not None else None
+        if wait is not None:
+            stats.observe(pipe, "queue_wait", wait)
+        pipe.execute()
+    log.info(
+        "job running",
+        extra={"job_id": job_id, "state": "running", "worker": worker, "queue_wait_s": wait},
     )
 
 
-def save_progress(redis: Redis, job_id: str, *, generated: int, written: int) -> None:
-    redis.hset(
-        job_key(job_id),
-        mapping={"generated": generated, "written": written, "updated_at": repr(time.time())},
-    )
+def save_progress(
+    redis: Redis, job_id: str, *, generated: int, written: int, added: tuple[int, int]
+) -> None:
+    """Totals so far; ``added`` = (generated, written) since the last call, for the counters."""
+    with redis.pipeline() as pipe:
+        pipe.hset(
+            job_key(job_id),
+            mapping={"generated": generated, "written": written, "updated_at": repr(time.time())},
+        )
+        stats.incr(pipe, "images_generated", added[0])
+        stats.incr(pipe, "images_written", added[1])
+        pipe.execute()
 
 
 def request_cancel(redis: Redis, job_id: str) -> None:
@@ -117,11 +141,33 @@ def finish(
     key = job_key(job_id)
     if not redis.hsetnx(key, "outcome", outcome):
         return False
-    ttl = int(redis.hget(key, "ttl") or DEFAULT_TTL)
+    now = time.time()
+    ttl_raw, started_raw, written_raw = redis.hmget(key, ["ttl", "started_at", "written"])
+    seconds = max(now - float(started_raw), 1e-6) if started_raw is not None else None
     with redis.pipeline() as pipe:
-        mapping: dict[FieldT, EncodableT] = {"finished_at": repr(time.time())}
+        mapping: dict[FieldT, EncodableT] = {"finished_at": repr(now)}
         mapping.update(fields or {})
         pipe.hset(key, mapping=mapping)
-        pipe.expire(key, ttl)
+        pipe.expire(key, int(ttl_raw or DEFAULT_TTL))
+        stats.incr(pipe, f"jobs_{outcome}")
+        if seconds is not None:
+            stats.observe(pipe, "job_duration", seconds)
+            written = int((fields or {}).get("written", written_raw or 0))
+            if outcome == SUCCEEDED:
+                pipe.hset(
+                    stats.LAST_JOB,
+                    mapping={
+                        "images_per_second": written / seconds,
+                        "seconds": seconds,
+                        "images": written,
+                        "finished_at": repr(now),
+                    },
+                )
         pipe.execute()
+    details = {k: v for k, v in (fields or {}).items() if k.startswith(("error_", "archive_"))}
+    log.log(
+        logging.WARNING if outcome == FAILED else logging.INFO,
+        f"job {outcome}",
+        extra={"job_id": job_id, "state": outcome, "seconds": seconds, **details},
+    )
     return True

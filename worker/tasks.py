@@ -134,8 +134,9 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
                         source=source,
                         augment_seed=copy_seed,
                     )
+            added = (len(batch), writer.count - written)
             written = writer.count
-            records.save_progress(redis, job.id, generated=generated, written=written)
+            records.save_progress(redis, job.id, generated=generated, written=written, added=added)
 
         if records.cancel_requested(redis, job.id):
             return _canceled(redis, job.id, written=written)

@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1.7
+# Two targets on one dependency layer order:
+#   docker build --target api    -t distill-api .     slim Python, no torch/CUDA
+#   docker build --target worker -t distill-worker .  torch 2.13.0 CUDA build + diffusers
+# Dependencies are installed from pyproject.toml before the source is copied, so code changes
+# rebuild only the last layers.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app \
+    DISTILL_DATA_DIR=/data \
+    DISTILL_HOST=0.0.0.0
+RUN useradd --create-home --uid 10001 distill \
+ && mkdir -p /app /data \
+ && chown distill:distill /data
+WORKDIR /app
+COPY pyproject.toml ./
+# Requirement lists straight from pyproject.toml: one source of truth for versions.
+RUN python - <<'PY'
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+open("/tmp/requirements-api.txt", "w").write("\n".join(project["dependencies"]) + "\n")
+open("/tmp/requirements-worker.txt", "w").write(
+    "\n".join(project["optional-dependencies"]["worker"]) + "\n"
+)
+PY
+# Layer 1 (both targets): what the API needs.
+RUN pip install -r /tmp/requirements-api.txt
+
+FROM base AS api
+COPY service ./service
+COPY worker ./worker
+USER distill
+EXPOSE 8000
+CMD ["python", "-m", "service"]
+
+FROM base AS worker
+# Layer 2 (worker only): torch 2.13.0 from PyPI is the CUDA build for Linux x86_64 and carries
+# its CUDA runtime libraries; the host needs only the NVIDIA driver and container toolkit.
+# A different wheel index (e.g. another CUDA line) can be chosen at build time.
+ARG TORCH_INDEX_URL=""
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install --extra-index-url "$TORCH_INDEX_URL" -r /tmp/requirements-worker.txt; \
+    else \
+        pip install -r /tmp/requirements-worker.txt; \
+    fi
+# SDXL-Turbo's weights (about 7 GB) land here once; mount a volume to keep them.
+ENV HF_HOME=/cache/huggingface
+RUN mkdir -p /cache/huggingface && chown -R distill:distill /cache
+COPY service ./service
+COPY worker ./worker
+USER distill
+# SIGTERM lets the worker finish its current job cleanly (RQ's warm shutdown).
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "worker"]

@@ -1,0 +1,130 @@
+"""``GET /metrics``: Prometheus text built on each scrape from what Redis holds.
+
+Workers write their numbers to Redis (``worker.stats`` counters and histograms, their status
+hashes), so one scrape of the API covers every worker on every machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from redis import Redis
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
+from service.config import Settings
+from worker import records, stats
+
+_OUTCOMES = (records.SUCCEEDED, records.FAILED, records.CANCELED)
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class DistillCollector(Collector):
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        counters = _decode(self.redis.hgetall(stats.COUNTERS))  # type: ignore[arg-type]
+
+        def count(name: str) -> float:
+            return float(counters.get(name, 0))
+
+        queue = Queue(self.settings.queue_name, connection=self.redis)
+        running = StartedJobRegistry(queue=queue).count
+        jobs = GaugeMetricFamily("distill_jobs", "Jobs now queued or running", labels=["state"])
+        jobs.add_metric(["queued"], queue.count)
+        jobs.add_metric(["running"], running)
+        yield jobs
+        yield GaugeMetricFamily(
+            "distill_queue_depth", "Jobs waiting in the queue", value=queue.count
+        )
+
+        submitted = CounterMetricFamily("distill_jobs_submitted", "Jobs accepted by the API")
+        submitted.add_metric([], count("jobs_submitted"))
+        yield submitted
+        finished = CounterMetricFamily(
+            "distill_jobs_finished", "Jobs that reached a terminal state", labels=["state"]
+        )
+        for outcome in _OUTCOMES:
+            finished.add_metric([outcome], count(f"jobs_{outcome}"))
+        yield finished
+        for name, text in (
+            ("images_generated", "Images sampled from the model"),
+            ("images_written", "Images (generated and augmented) written to archives"),
+        ):
+            family = CounterMetricFamily(f"distill_{name}", text)
+            family.add_metric([], count(name))
+            yield family
+
+        for name, text in (
+            ("job_duration", "Seconds from a job's start to its end"),
+            ("queue_wait", "Seconds a job waited in the queue"),
+        ):
+            yield self._histogram(name, text)
+
+        last = _decode(self.redis.hgetall(stats.LAST_JOB))  # type: ignore[arg-type]
+        if last:
+            yield GaugeMetricFamily(
+                "distill_last_job_images_per_second",
+                "Images written per second by the most recently finished job",
+                value=float(last["images_per_second"]),
+            )
+        yield from self._workers()
+
+    def _histogram(self, name: str, text: str) -> HistogramMetricFamily:
+        raw = _decode(self.redis.hgetall(stats.HIST.format(name)))  # type: ignore[arg-type]
+        bounds = stats.BUCKETS[name]
+        buckets: list[tuple[str, float]] = []
+        running_total = 0.0
+        for index, bound in enumerate((*bounds, float("inf"))):
+            running_total += float(raw.get(f"b{index}", 0))
+            label = "+Inf" if bound == float("inf") else repr(float(bound))
+            buckets.append((label, running_total))
+        family = HistogramMetricFamily(f"distill_{name}_seconds", text)
+        family.add_metric([], buckets, sum_value=float(raw.get("sum", 0.0)))
+        return family
+
+    def _workers(self) -> Iterator[Metric]:
+        now = time.time()
+        alive = ready = 0
+        memory = GaugeMetricFamily(
+            "distill_worker_gpu_memory_bytes",
+            "GPU memory allocated by a worker's tensors",
+            labels=["worker", "device"],
+        )
+        for key in self.redis.scan_iter(match=records.WORKER_PATTERN, count=100):
+            fields = _decode(self.redis.hgetall(key))  # type: ignore[arg-type]
+            beat = float(fields.get("last_heartbeat", 0))
+            if now - beat > self.settings.heartbeat_ttl:
+                continue
+            alive += 1
+            ready += fields.get("state") == "ready"
+            if fields.get("gpu_memory_bytes"):
+                memory.add_metric(
+                    [fields.get("name", ""), fields.get("device", "")],
+                    float(fields["gpu_memory_bytes"]),
+                )
+        yield GaugeMetricFamily("distill_workers_alive", "Workers beating", value=alive)
+        yield GaugeMetricFamily(
+            "distill_workers_ready", "Workers with their model loaded", value=ready
+        )
+        yield memory
+
+
+def registry_for(redis: Redis, settings: Settings) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DistillCollector(redis, settings))
+    return registry
