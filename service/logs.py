@@ -13,7 +13,11 @@ import sys
 from typing import Any
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,6 +30,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            if len(record.args) == 5:
+                client, method, path, _, status = record.args
+                entry.update(client=client, method=method, path=path, status=status)
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
