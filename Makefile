@@ -21,8 +21,8 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check service worker tests
-	$(VENV)/bin/ruff format --check service worker tests
+	$(VENV)/bin/ruff check service worker tests bench
+	$(VENV)/bin/ruff format --check service worker tests bench
 	$(VENV)/bin/mypy service worker
 
 openapi: install

@@ -40,7 +40,10 @@ def start_time(python: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTILL_PORT": str(port)}
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [str(python), "-m", "service"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(python), "-m", "service"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         while True:
@@ -79,8 +82,10 @@ def main() -> int:
             check=True,
         ).stdout.split()
         has_torch = any(p.lower().startswith("torch==") for p in listed)
-        print(f"API dependencies: {installed / 2**20:.1f} MiB in {len(listed) - 1} packages "
-              f"(pip itself excluded), torch installed: {has_torch}")
+        print(
+            f"API dependencies: {installed / 2**20:.1f} MiB in {len(listed) - 1} packages "
+            f"(pip itself excluded), torch installed: {has_torch}"
+        )
         times = [start_time(python) for _ in range(3)]
         print("API start to first /healthz 200: " + ", ".join(f"{t:.2f} s" for t in times))
     return 0

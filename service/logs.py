@@ -30,10 +30,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
-            if len(record.args) == 5:
-                client, method, path, _, status = record.args
-                entry.update(client=client, method=method, path=path, status=status)
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            client, method, path, _, status = args
+            entry.update(client=client, method=method, path=path, status=status)
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
