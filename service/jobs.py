@@ -24,7 +24,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from service.config import Settings
 from service.errors import ArchiveGone, JobConflict, JobNotFound, QueueFull
-from service.schemas import Archive, JobError, JobPublic, JobState, Progress
+from service.schemas import Archive, JobError, JobPublic, JobState, Progress, Timings
 from worker import records
 from worker.spec import DatasetSpec
 
@@ -86,7 +86,7 @@ def submit(
             result_ttl=settings.result_ttl,
             failure_ttl=settings.result_ttl,
             on_failure=Callback(ON_FAILURE),
-            description=f"distill {len(spec.labels)} classes x {spec.ipc} images",
+            description=f"distill {spec.preset or len(spec.classes())} classes",
         )
     except Exception:
         redis.delete(records.job_key(job_id))
@@ -151,14 +151,20 @@ def _view(
     if record.get("error_type"):
         error = JobError(type=record["error_type"], detail=record.get("error_detail", ""))
 
-    total = int(record.get("total", 0))
+    request = DatasetSpec.model_validate(json.loads(record["request"]))
     written = int(record.get("written", 0))
+    total: int | None = int(record.get("total", 0)) or None
+    if total is None and state is JobState.succeeded:
+        total = written  # a time-budget job: its size is known once it ends
     started = record.get("started_at")
     rate = eta = None
     if started and state is JobState.running:
         elapsed = max(time.time() - float(started), 1e-6)
         rate = written / elapsed if written else None
-        eta = (total - written) / rate if rate else None
+        if request.budget_seconds is not None:
+            eta = max(request.budget_seconds - elapsed, 0.0)
+        elif rate and total is not None:
+            eta = (total - written) / rate
     elif started and record.get("finished_at"):
         elapsed = max(float(record["finished_at"]) - float(started), 1e-6)
         rate = written / elapsed if written else None
@@ -180,19 +186,28 @@ def _view(
         created_at=_time(record["created_at"]) or dt.datetime.now(dt.UTC),
         started_at=_time(record.get("started_at")),
         finished_at=_time(record.get("finished_at")),
-        request=DatasetSpec.model_validate(json.loads(record["request"])),
+        request=request,
         progress=Progress(
             generated=int(record.get("generated", 0)),
             written=written,
             total=total,
             images_per_second=round(rate, 3) if rate else None,
             eta_seconds=round(eta, 1) if eta is not None else None,
+            ipc_reached=int(record["ipc_reached"]) if "ipc_reached" in record else None,
         ),
         queue_position=position,
         cancel_requested="cancel_requested" in record,
         worker=record.get("worker"),
         error=error,
         archive=archive,
+        timings=(
+            Timings(
+                seconds_total=float(record["seconds_total"]),
+                seconds_sampling=float(record["seconds_sampling"]),
+            )
+            if "seconds_total" in record
+            else None
+        ),
     )
 
 

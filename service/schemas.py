@@ -27,11 +27,21 @@ class JobState(StrEnum):
 class Progress(BaseModel):
     generated: int = Field(description="Images sampled from the model so far.")
     written: int = Field(description="Images (generated + augmented) written to the archive.")
-    total: int = Field(description="Images the archive will hold.")
+    total: int | None = Field(
+        description="Images the archive will hold; null for a time-budget job until it ends."
+    )
     images_per_second: float | None = Field(
         description="Written images per second since the job started."
     )
     eta_seconds: float | None = Field(description="Estimated seconds until the archive is done.")
+    ipc_reached: int | None = Field(
+        None, description="Images per class the finished archive holds (all classes have >=)."
+    )
+
+
+class Timings(BaseModel):
+    seconds_total: float = Field(description="From the job's start on a worker to its end.")
+    seconds_sampling: float = Field(description="Of which: inside the model (batches).")
 
 
 class JobError(BaseModel):
@@ -60,6 +70,7 @@ class JobPublic(BaseModel):
     worker: str | None = Field(None, description="Worker that ran or is running the job.")
     error: JobError | None = None
     archive: Archive | None = None
+    timings: Timings | None = Field(None, description="Set once the job succeeded.")
 
 
 class JobList(BaseModel):

@@ -114,13 +114,18 @@ class ArchiveWriter:
         self._write(f"train/{file_name}", encode_png(image))
         self._metadata.append({"file_name": file_name, **metadata})
 
+    def add_file(self, name: str, data: bytes, *, compress: bool = False) -> None:
+        """Add another member (tensor files, say) at ``name``."""
+        self._write(name, data, compress=compress)
+
     def commit(self, manifest: dict[str, Any]) -> ArchiveInfo:
         """Finish the zip, make it durable, hash it and move it to its final name."""
-        lines = "".join(
-            json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
-            for row in self._metadata
-        )
-        self._write("train/metadata.jsonl", lines.encode("utf-8"), compress=True)
+        if self._metadata:
+            lines = "".join(
+                json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+                for row in self._metadata
+            )
+            self._write("train/metadata.jsonl", lines.encode("utf-8"), compress=True)
         manifest_bytes = json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")
         self._write("manifest.json", manifest_bytes + b"\n", compress=True)
         self._zip.close()

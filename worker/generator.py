@@ -6,9 +6,12 @@ A hub id and a local directory go through the same ``from_pretrained`` call.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +55,8 @@ class Generator:
     model: str
     revision: str | None
     resolution: int
+    fingerprint: str | None = None
+    load_seconds: float = 0.0
 
     @classmethod
     def load(
@@ -70,6 +75,7 @@ class Generator:
         """
         from diffusers import StableDiffusionXLPipeline
 
+        started = time.perf_counter()
         target = pick_device(device)
         torch_dtype = pick_dtype(dtype, target)
         try:
@@ -90,6 +96,8 @@ class Generator:
             model=model,
             revision=revision,
             resolution=resolution or native,
+            fingerprint=fingerprint(Path(model)) if Path(model).is_dir() else None,
+            load_seconds=time.perf_counter() - started,
         )
 
     def check_inputs(self, prompts: Sequence[str], seeds: Sequence[int]) -> None:
@@ -148,7 +156,7 @@ class Generator:
         return int(torch.cuda.memory_allocated(self.device))
 
     def describe(self) -> dict[str, str | int]:
-        """Facts about the loaded model for manifests and worker status."""
+        """Facts about the loaded model for worker status."""
         return {
             "model": self.model,
             "revision": self.revision or "",
@@ -156,3 +164,36 @@ class Generator:
             "dtype": str(self.dtype).removeprefix("torch."),
             "resolution": self.resolution,
         }
+
+    def provenance(self) -> dict[str, Any]:
+        """Everything about the model and sampler needed to regenerate a dataset."""
+        scheduler = self.pipeline.scheduler
+        return {
+            **self.describe(),
+            "local_fingerprint": self.fingerprint,
+            "pipeline": type(self.pipeline).__name__,
+            "scheduler": type(scheduler).__name__,
+            "scheduler_config": {
+                k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
+            },
+            "num_inference_steps": NUM_INFERENCE_STEPS,
+            "guidance_scale": GUIDANCE_SCALE,
+            "noise": "per image: torch.Generator('cpu').manual_seed(seed)",
+        }
+
+
+def fingerprint(directory: Path, *, chunk: int = 1 << 20) -> str:
+    """A cheap identity of a local model directory: sha256 over every file's relative path,
+    size, and the hashes of its first and last MiB (weights are gigabytes; configs are whole).
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(chunk)
+            handle.seek(max(size - chunk, 0))
+            tail = handle.read(chunk)
+        rel = path.relative_to(directory).as_posix()
+        digest.update(f"{rel}\0{size}\0".encode())
+        digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
+    return digest.hexdigest()

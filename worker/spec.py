@@ -24,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from worker import presets
+from worker.presets import ClassInfo, PresetName
+
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 100
 MAX_IPC = 1000
@@ -33,6 +36,7 @@ MAX_IMAGE_SIZE = 512
 MAX_TOTAL_IMAGES = 100_000
 MAX_TEMPLATE_CHARS = 300
 MAX_SEED = 2**32 - 1
+DEFAULT_IMAGE_SIZE = 32
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
@@ -279,8 +283,54 @@ class AugmentSpec(BaseModel):
         return tuple(self.policy)
 
 
+MAX_TEMPLATES = 16
+MAX_BUDGET_SECONDS = 24 * 3600
+Format = Literal["imagefolder", "tensors"]
+
+
+def _check_template(template: str) -> str:
+    if _has_control_chars(template):
+        raise ValueError("contains control characters")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)]
+    except ValueError as exc:
+        raise ValueError(f"is not a valid template: {exc}") from None
+    names = [name for name, _, _ in fields if name is not None]
+    if "label" not in names:
+        raise ValueError("must contain {label}")
+    for name, spec, conv in fields:
+        if name is None:
+            continue
+        if name != "label" or spec or conv:
+            raise ValueError(f"may only use the field {{label}}, found {{{name}}}")
+    return template
+
+
+Template = Annotated[str, Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)]
+
+
+class PromptOverride(BaseModel):
+    """A fixed prompt for one class, for names that are ambiguous on their own."""
+
+    model_config = _STRICT
+
+    label: str = Field(
+        min_length=1, max_length=MAX_LABEL_CHARS, description="Class name (or wnid)."
+    )
+    prompt: str = Field(
+        min_length=1, max_length=MAX_TEMPLATE_CHARS, description="Prompt used as is."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _clean(cls, prompt: str) -> str:
+        if _has_control_chars(prompt):
+            raise ValueError("contains control characters")
+        return prompt
+
+
 class DatasetSpec(BaseModel):
-    """A dataset request: classes, images per class, output size, seed, prompts, augmentation."""
+    """A dataset request: classes, images per class (or a time budget), size, seed, prompts."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -295,32 +345,65 @@ class DatasetSpec(BaseModel):
                     "seed": 0,
                     "prompt_template": "a photo of a {label}",
                     "augment": {"policy": "paper", "copies": 4},
-                }
+                },
+                {
+                    "preset": "cifar100",
+                    "budget_seconds": 600,
+                    "prompt_template": ["a photo of a {label}", "a close-up photo of a {label}"],
+                    "prompts": [{"label": "orange", "prompt": "a photo of an orange, the fruit"}],
+                    "formats": ["imagefolder", "tensors"],
+                },
             ]
         },
     )
 
-    labels: list[str] = Field(
+    labels: list[str] | None = Field(
+        default=None,
         min_length=1,
         max_length=MAX_LABELS,
-        description="Class names, in class-index order (index i is labels[i]).",
+        description="Class names in class-index order (index i is labels[i]); or use preset.",
     )
-    ipc: int = Field(ge=1, le=MAX_IPC, description="Images per class in the archive.")
-    image_size: int = Field(
-        default=32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Output side in pixels."
+    preset: PresetName | None = Field(
+        default=None, description="A standard class list in its dataset's index order."
+    )
+    ipc: int | None = Field(
+        default=None, ge=1, le=MAX_IPC, description="Images per class; or use budget_seconds."
+    )
+    budget_seconds: float | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_BUDGET_SECONDS,
+        description="Generate as many images per class as fit in this many seconds.",
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=MIN_IMAGE_SIZE,
+        le=MAX_IMAGE_SIZE,
+        description="Output side in pixels; default the preset's native size, else 32.",
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same request + seed = same data.")
-    prompt_template: str = Field(
+    prompt_template: (
+        Template | Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)]
+    ) = Field(
         default="a photo of a {label}",
-        min_length=1,
-        max_length=MAX_TEMPLATE_CHARS,
-        description="Text prompt; {label} is replaced by the class name.",
+        description="Prompt with {label}; a list is cycled across each class's images.",
+    )
+    prompts: list[PromptOverride] = Field(
+        default_factory=list, max_length=MAX_LABELS, description="Per-class prompt overrides."
     )
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    formats: list[Format] = Field(
+        default_factory=lambda: list[Format](["imagefolder"]),
+        min_length=1,
+        max_length=2,
+        description="imagefolder (PNG tree + metadata.jsonl) and/or tensors (tensors.pt).",
+    )
 
     @field_validator("labels")
     @classmethod
-    def _check_labels(cls, labels: list[str]) -> list[str]:
+    def _check_labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
         seen: dict[str, int] = {}
         for index, label in enumerate(labels):
             where = f"labels[{index}]"
@@ -340,50 +423,86 @@ class DatasetSpec(BaseModel):
 
     @field_validator("prompt_template")
     @classmethod
-    def _check_template(cls, template: str) -> str:
-        if _has_control_chars(template):
-            raise ValueError("contains control characters")
-        try:
-            fields = [
-                (name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
-            ]
-        except ValueError as exc:
-            raise ValueError(f"is not a valid template: {exc}") from None
-        names = [name for name, _, _ in fields if name is not None]
-        if "label" not in names:
-            raise ValueError("must contain {label}")
-        for name, spec, conv in fields:
-            if name is None:
-                continue
-            if name != "label" or spec or conv:
-                raise ValueError(f"may only use the field {{label}}, found {{{name}}}")
-        return template
+    def _check_templates(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return _check_template(value)
+        for index, template in enumerate(value):
+            try:
+                _check_template(template)
+            except ValueError as exc:
+                raise ValueError(f"[{index}] {exc}") from None
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _unique_formats(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("lists a format twice")
+        return formats
 
     @model_validator(mode="after")
-    def _check_size(self) -> DatasetSpec:
-        if self.total_images > MAX_TOTAL_IMAGES:
-            raise ValueError(
-                f"labels x ipc = {self.total_images} images exceeds the limit of {MAX_TOTAL_IMAGES}"
-            )
+    def _resolve(self) -> DatasetSpec:
+        if (self.labels is None) == (self.preset is None):
+            raise ValueError("give exactly one of labels or preset")
+        if (self.ipc is None) == (self.budget_seconds is None):
+            raise ValueError("give exactly one of ipc or budget_seconds")
+        if self.image_size is None:
+            size = presets.get(self.preset).image_size if self.preset else DEFAULT_IMAGE_SIZE
+            object.__setattr__(self, "image_size", size)
+        names = {c.label for c in self.classes()} | {c.wnid for c in self.classes() if c.wnid}
+        seen: set[str] = set()
+        for index, override in enumerate(self.prompts):
+            if override.label not in names:
+                raise ValueError(
+                    f"prompts[{index}].label {override.label!r} is not a class of this job"
+                )
+            if override.label in seen:
+                raise ValueError(f"prompts[{index}].label {override.label!r} is overridden twice")
+            seen.add(override.label)
+        if self.ipc is not None and self.total_images > MAX_TOTAL_IMAGES:
+            total, limit = self.total_images, MAX_TOTAL_IMAGES
+            raise ValueError(f"classes x ipc = {total} images exceeds the limit of {limit}")
         return self
+
+    # ---- derived views (the worker and the manifest use these) ----
+
+    def classes(self) -> tuple[ClassInfo, ...]:
+        """The job's classes in class-index order."""
+        if self.preset is not None:
+            return presets.get(self.preset).classes
+        return presets.from_labels(self.labels or [])
+
+    @property
+    def size(self) -> int:
+        """``image_size`` after defaults (always set once validated)."""
+        return self.image_size or DEFAULT_IMAGE_SIZE
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        t = self.prompt_template
+        return (t,) if isinstance(t, str) else tuple(t)
 
     @property
     def total_images(self) -> int:
-        """Images in the archive: ``ipc`` per class."""
-        return len(self.labels) * self.ipc
+        """Images in the archive for a fixed-ipc job (0 for a time-budget job: not known yet)."""
+        return len(self.classes()) * (self.ipc or 0)
 
     @property
     def generated_per_class(self) -> int:
-        """Images sampled from the model per class; the rest are augmented copies."""
-        return math.ceil(self.ipc / (self.augment.n_copies + 1))
+        """Images sampled per class for a fixed-ipc job; the rest are augmented copies."""
+        return math.ceil((self.ipc or 0) / (self.augment.n_copies + 1))
 
     @property
     def total_generated(self) -> int:
-        return len(self.labels) * self.generated_per_class
+        return len(self.classes()) * self.generated_per_class
 
-    def prompt(self, label: str) -> str:
-        """The text prompt for one class (underscores read as spaces)."""
-        return self.prompt_template.format(label=label.replace("_", " "))
+    def prompt(self, cls: ClassInfo, sample: int = 0) -> str:
+        """The prompt for a class's ``sample``-th generated image."""
+        for override in self.prompts:
+            if override.label in (cls.label, cls.wnid):
+                return override.prompt
+        templates = self.templates
+        return templates[sample % len(templates)].format(label=cls.prompt_name)
 
 
 def derive_seed(job_seed: int, *parts: str | int) -> int:

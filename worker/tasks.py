@@ -2,6 +2,10 @@
 
 prompts -> model (batched, one seed per image) -> resize -> augmented copies -> archive.
 Progress is saved after every batch and a cancel request is honoured between batches.
+
+Two ways to size a job: ``ipc`` (a fixed count per class, sampled class by class) or
+``budget_seconds`` (rounds of one image per class until the budget would be overrun, so every
+class ends within one sampled image of the others).
 """
 
 from __future__ import annotations
@@ -11,18 +15,20 @@ import logging
 import platform
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 from redis import Redis
 from rq import get_current_job
 
-from worker import records, runtime
+from worker import formats, presets, records, runtime
 from worker.archive import ArchiveWriter, class_dir, image_name
 from worker.augment import augment, build_transform, source_size
-from worker.generator import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
-from worker.spec import DatasetSpec, derive_seed
+from worker.generator import Generator
+from worker.presets import ClassInfo
+from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -32,32 +38,37 @@ _VERSIONED = (
     "diffusers",
     "transformers",
     "albumentations",
+    "opencv-python-headless",
     "numpy",
     "pillow",
+)
+SEED_SCHEME = (
+    "image seed = blake2b-64(job seed, class key, n); copy seed = blake2b-64(job seed, class key,"
+    " n, 'copy', k); class key = wnid if the class has one, else its label (worker/spec.py)"
 )
 
 
 @dataclass(frozen=True)
 class Item:
-    """One image to sample: class index, label, and its number among the class's samples."""
+    """One image to sample: its class and its number among the class's sampled images."""
 
-    class_index: int
-    label: str
+    cls: ClassInfo
     sample: int
 
 
-def plan(spec: DatasetSpec) -> list[Item]:
-    """Every image to sample, class by class, in class-index order."""
-    return [
-        Item(index, label, n)
-        for index, label in enumerate(spec.labels)
-        for n in range(spec.generated_per_class)
-    ]
+def fixed_plan(spec: DatasetSpec) -> list[Item]:
+    """Every image of a fixed-ipc job, class by class, in class-index order."""
+    return [Item(c, n) for c in spec.classes() for n in range(spec.generated_per_class)]
 
 
-def batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def budget_rounds(classes: Sequence[ClassInfo], *, copies: int) -> Iterator[Item]:
+    """Round-robin: sample n of every class before sample n + 1 of any, up to the caps."""
+    max_samples = min(
+        -(-MAX_IPC // (copies + 1)), MAX_TOTAL_IMAGES // (len(classes) * (copies + 1))
+    )
+    for n in range(max(max_samples, 1)):
+        for cls in classes:
+            yield Item(cls, n)
 
 
 def library_versions() -> dict[str, str]:
@@ -74,6 +85,55 @@ def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat()
 
 
+@dataclass
+class Outputs:
+    """Where each finished image goes: the PNG tree and/or the in-memory tensor lists."""
+
+    spec: DatasetSpec
+    writer: ArchiveWriter
+    count: int = 0
+    per_class: dict[int, int] = field(default_factory=dict)
+    _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+
+    def add(self, cls: ClassInfo, number: int, image: np.ndarray, **meta: Any) -> str:
+        name = image_name(cls.index, cls.label, number)
+        if "imagefolder" in self.spec.formats:
+            self.writer.add_image(name, image, label=cls.index, label_name=cls.label, **meta)
+        if "tensors" in self.spec.formats:
+            self._kept.append((cls.index, number, image))
+        self.count += 1
+        self.per_class[cls.index] = self.per_class.get(cls.index, 0) + 1
+        return name
+
+    def write_tensors(self) -> dict[str, Any]:
+        """Add tensors.pt (and normalized.pt for presets); returns their manifest entry."""
+        if "tensors" not in self.spec.formats:
+            return {}
+        ordered = sorted(self._kept, key=lambda row: (row[0], row[1]))
+        images = [row[2] for row in ordered]
+        labels = [row[0] for row in ordered]
+        classes = [c.label for c in self.spec.classes()]
+        self.writer.add_file("tensors.pt", formats.tensors_pt(images, labels, classes))
+        described: dict[str, Any] = {
+            "tensors.pt": {
+                "images": "uint8, N x 3 x H x W, values 0..255, RGB, class-major",
+                "labels": "int64, N, class index",
+                "classes": "list of class names by index",
+            }
+        }
+        if self.spec.preset:
+            preset = presets.get(self.spec.preset)
+            data = formats.normalized_pt(images, labels, mean=preset.mean, std=preset.std)
+            self.writer.add_file("normalized.pt", data)
+            described["normalized.pt"] = {
+                "images": "float32, N x 3 x H x W, (x / 255 - mean) / std, class-major",
+                "labels": "int64, N, class index",
+                "mean": list(preset.mean),
+                "std": list(preset.std),
+            }
+        return described
+
+
 def distill(payload: dict[str, Any]) -> dict[str, Any]:
     """Generate the dataset ``payload`` describes; returns the archive's path, size and digest."""
     job = get_current_job()
@@ -88,75 +148,29 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
     partial = records.partial_path(settings.data_dir, job.id)
     records.mark_started(redis, job.id, worker=rt.worker_name, partial=partial)
 
-    copies = spec.augment.n_copies
-    transform = build_transform(spec.augment, image_size=spec.image_size)
-    src_size = source_size(spec.augment, image_size=spec.image_size)
-    items = plan(spec)
     started = time.time()
-    sampling_s = 0.0
-    generated = written = 0
+    items: Sequence[Item] | Iterator[Item]
+    if spec.budget_seconds is None:
+        items = fixed_plan(spec)
+    else:
+        items = budget_rounds(spec.classes(), copies=spec.augment.n_copies)
 
     with ArchiveWriter(final=final, partial=partial) as writer:
-        for batch in batches(items, settings.batch_size):
-            if records.cancel_requested(redis, job.id):
-                return _canceled(redis, job.id, written=written)
-            seeds = [derive_seed(spec.seed, it.label, it.sample) for it in batch]
-            t0 = time.perf_counter()
-            images = generator.render(
-                [spec.prompt(it.label) for it in batch],
-                seeds,
-                sizes=(spec.image_size, src_size),
-            )
-            sampling_s += time.perf_counter() - t0
-            generated += len(batch)
-            for row, (item, seed) in enumerate(zip(batch, seeds, strict=True)):
-                first = item.sample * (copies + 1)
-                source = image_name(item.class_index, item.label, first)
-                common = {
-                    "label": item.class_index,
-                    "label_name": item.label,
-                    "prompt": spec.prompt(item.label),
-                    "seed": seed,
-                }
-                writer.add_image(
-                    source, images[spec.image_size][row], **common, kind="generated", source=None
-                )
-                for copy in range(1, copies + 1):
-                    number = first + copy
-                    if number >= spec.ipc or transform is None:
-                        break
-                    copy_seed = derive_seed(spec.seed, item.label, item.sample, "copy", copy)
-                    writer.add_image(
-                        image_name(item.class_index, item.label, number),
-                        augment(transform, images[src_size][row], seed=copy_seed),
-                        **common,
-                        kind="augmented",
-                        source=source,
-                        augment_seed=copy_seed,
-                    )
-            added = (len(batch), writer.count - written)
-            written = writer.count
-            records.save_progress(redis, job.id, generated=generated, written=written, added=added)
-
-        if records.cancel_requested(redis, job.id):
-            return _canceled(redis, job.id, written=written)
-        finished = time.time()
-        manifest = _manifest(
-            spec,
-            job_id=job.id,
-            generator_facts=generator.describe(),
-            batch_size=settings.batch_size,
-            source_size=src_size,
-            counts={"generated": generated, "images": written},
-            timings={
-                "started_at": _iso(started),
-                "finished_at": _iso(finished),
-                "seconds_total": round(finished - started, 3),
-                "seconds_sampling": round(sampling_s, 3),
-            },
+        outputs = Outputs(spec=spec, writer=writer)
+        run = _generate(
+            redis, job.id, spec, generator, items, outputs, batch_size=settings.batch_size
         )
+        if run is None or records.cancel_requested(redis, job.id):
+            records.finish(
+                redis, job.id, outcome=records.CANCELED, fields={"written": outputs.count}
+            )
+            return {"canceled": True}
+        tensors = outputs.write_tensors()
+        finished = time.time()
+        manifest = _manifest(spec, generator=generator, outputs=outputs, tensors=tensors, run=run)
         info = writer.commit(manifest)
 
+    ipc_reached = min(outputs.per_class.get(c.index, 0) for c in spec.classes())
     records.finish(
         redis,
         job.id,
@@ -165,59 +179,167 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
             "archive_path": str(info.path),
             "archive_size": info.size_bytes,
             "archive_sha256": info.sha256,
-            "written": written,
-            "generated": generated,
+            "written": outputs.count,
+            "generated": run["generated"],
+            "ipc_reached": ipc_reached,
+            "seconds_sampling": round(run["seconds_sampling"], 3),
+            "seconds_total": round(finished - started, 3),
         },
     )
-    log.info("job %s: %d images in %.2f s -> %s", job.id, written, finished - started, info.path)
     return {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}
 
 
-def _canceled(redis: Redis, job_id: str, *, written: int) -> dict[str, Any]:
-    records.finish(redis, job_id, outcome=records.CANCELED, fields={"written": written})
-    log.info("job %s: canceled after %d images", job_id, written)
-    return {"canceled": True}
+def _generate(
+    redis: Redis,
+    job_id: str,
+    spec: DatasetSpec,
+    generator: Generator,
+    items: Sequence[Item] | Iterator[Item],
+    outputs: Outputs,
+    *,
+    batch_size: int,
+) -> dict[str, Any] | None:
+    """Sample, resize, augment and store every item; None when canceled."""
+    copies = spec.augment.n_copies
+    size = spec.size
+    transform = build_transform(spec.augment, image_size=size)
+    src_size = source_size(spec.augment, image_size=size)
+    budget = spec.budget_seconds
+    started = time.perf_counter()
+    sampling = 0.0
+    slowest_batch = 0.0
+    generated = 0
+    iterator = iter(items)
+    while True:
+        batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
+        if not batch:
+            break
+        if records.cancel_requested(redis, job_id):
+            return None
+        # Stop before a batch that would overrun the budget (the first round always runs).
+        elapsed = time.perf_counter() - started
+        if (
+            budget is not None
+            and generated >= len(spec.classes())
+            and elapsed + slowest_batch > budget
+        ):
+            break
+        t0 = time.perf_counter()
+        seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
+        prompts = [spec.prompt(it.cls, it.sample) for it in batch]
+        images = generator.render(prompts, seeds, sizes=(size, src_size))
+        sampling += time.perf_counter() - t0
+        before = outputs.count
+        for row, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True)):
+            per_sample = copies + 1
+            first = item.sample * per_sample
+            common = {"prompt": prompt, "seed": seed}
+            source = outputs.add(
+                item.cls, first, images[size][row], **common, kind="generated", source=None
+            )
+            for copy in range(1, copies + 1):
+                number = first + copy
+                if transform is None or (spec.ipc is not None and number >= spec.ipc):
+                    break
+                copy_seed = derive_seed(spec.seed, item.cls.key, item.sample, "copy", copy)
+                outputs.add(
+                    item.cls,
+                    number,
+                    augment(transform, images[src_size][row], seed=copy_seed),
+                    **common,
+                    kind="augmented",
+                    source=source,
+                    augment_seed=copy_seed,
+                )
+        generated += len(batch)
+        slowest_batch = max(slowest_batch, time.perf_counter() - t0)
+        records.save_progress(
+            redis,
+            job_id,
+            generated=generated,
+            written=outputs.count,
+            added=(len(batch), outputs.count - before),
+        )
+    return {
+        "generated": generated,
+        "seconds_sampling": sampling,
+        "seconds_generating": time.perf_counter() - started,
+        "source_size": src_size,
+    }
 
 
 def _manifest(
     spec: DatasetSpec,
     *,
-    job_id: str,
-    generator_facts: dict[str, str | int],
-    batch_size: int,
-    source_size: int,
-    counts: dict[str, int],
-    timings: dict[str, Any],
+    generator: Generator,
+    outputs: Outputs,
+    tensors: dict[str, Any],
+    run: dict[str, Any],
 ) -> dict[str, Any]:
-    return {
+    """What the archive holds and everything needed to make it again.
+
+    A fixed-ipc job's manifest holds no times or ids, so the same request on the same model,
+    device and batch size gives the same archive, byte for byte. A time-budget job records its
+    budget and times: they decided how many images it holds.
+    """
+    preset = presets.get(spec.preset) if spec.preset else None
+    manifest: dict[str, Any] = {
         "format": "distill-service/archive-v1",
-        "job_id": job_id,
         "request": spec.model_dump(mode="json"),
+        "preset": (
+            {"name": preset.name, "title": preset.title, "mean": preset.mean, "std": preset.std}
+            if preset
+            else None
+        ),
         "classes": [
             {
-                "index": index,
-                "label": label,
-                "folder": f"train/{class_dir(index, label)}",
-                "prompt": spec.prompt(label),
+                "index": c.index,
+                "label": c.label,
+                "wnid": c.wnid,
+                "folder": f"train/{class_dir(c.index, c.label)}",
+                "prompts": sorted({spec.prompt(c, n) for n in range(len(spec.templates))}),
+                "images": outputs.per_class.get(c.index, 0),
             }
-            for index, label in enumerate(spec.labels)
+            for c in spec.classes()
         ],
-        "class_to_idx": {label: index for index, label in enumerate(spec.labels)},
-        "model": generator_facts,
+        "class_to_idx": {c.label: c.index for c in spec.classes()},
+        "model": generator.provenance(),
         "sampling": {
-            "num_inference_steps": NUM_INFERENCE_STEPS,
-            "guidance_scale": GUIDANCE_SCALE,
-            "batch_size": batch_size,
-            "copy_source_size": source_size,
+            "batch_size": runtime.current().settings.batch_size,
+            "output_size": spec.size,
+            "copy_source_size": run["source_size"],
+            "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
             "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],
+            "seeds": SEED_SCHEME,
         },
         "counts": {
-            "classes": len(spec.labels),
-            "images_per_class": spec.ipc,
-            "images": counts["images"],
-            "generated": counts["generated"],
-            "augmented": counts["images"] - counts["generated"],
+            "classes": len(spec.classes()),
+            "images_per_class": min(outputs.per_class.values(), default=0),
+            "images": outputs.count,
+            "generated": run["generated"],
+            "augmented": outputs.count - run["generated"],
+        },
+        "formats": {
+            **(
+                {
+                    "imagefolder": "train/<index>_<name>/<index>_<n>.png, RGB uint8 PNG; "
+                    "train/metadata.jsonl for the Hugging Face imagefolder loader"
+                }
+                if "imagefolder" in spec.formats
+                else {}
+            ),
+            **tensors,
         },
         "versions": library_versions(),
-        "timings": timings,
     }
+    if spec.budget_seconds is not None:
+        manifest["budget"] = {
+            "seconds": spec.budget_seconds,
+            "seconds_used": round(run["seconds_generating"], 3),
+            "seconds_sampling": round(run["seconds_sampling"], 3),
+            "model_load_seconds": round(generator.load_seconds, 3),
+            "model_load_counted": False,
+            "ipc_reached": min(outputs.per_class.values(), default=0),
+            "finished_at": _iso(time.time()),
+        }
+    return manifest

@@ -137,11 +137,15 @@ def test_defaults_are_filled_in(idle_client: TestClient) -> None:
     job = idle_client.post("/v1/jobs", json={"labels": ["cat"], "ipc": 3}).json()
     assert job["request"] == {
         "labels": ["cat"],
+        "preset": None,
         "ipc": 3,
+        "budget_seconds": None,
         "image_size": 32,
         "seed": 0,
         "prompt_template": "a photo of a {label}",
+        "prompts": [],
         "augment": {"policy": "paper", "copies": 4, "crop_scale": 1.25},
+        "formats": ["imagefolder"],
     }
 
 

@@ -18,7 +18,9 @@ def test_generated_per_class_is_ceil_of_ipc_over_copies_plus_one() -> None:
 def test_labels_keep_the_callers_order_and_prompts_read_underscores_as_spaces() -> None:
     spec = DatasetSpec(labels=["zebra", "apple", "aquarium_fish"], ipc=1)
     assert spec.labels == ["zebra", "apple", "aquarium_fish"]
-    assert spec.prompt("aquarium_fish") == "a photo of a aquarium fish"
+    classes = spec.classes()
+    assert [(c.index, c.label) for c in classes] == [(0, "zebra"), (1, "apple"), (2, "aquarium_fish")]
+    assert spec.prompt(classes[2]) == "a photo of a aquarium fish"
 
 
 def test_paper_policy_is_the_papers_six_transforms() -> None:

@@ -1,0 +1,120 @@
+"""Label presets: standard class lists shipped as data files, in each dataset's class-index order.
+
+``worker/presets/<name>.tsv`` holds one class per line, line *i* being class index *i*:
+CIFAR files hold the label name; ImageNet-style files hold ``wnid<TAB>synonyms``. Order is
+part of the data: a list in another order silently mislabels every image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Literal
+
+PresetName = Literal["cifar10", "cifar100", "tinyimagenet", "imagenet1k"]
+
+# Mean/std per channel (RGB, [0, 1] scale) as used by the dataset-distillation benchmarks.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: its index, a readable label, and its WordNet id where the dataset has one."""
+
+    index: int
+    label: str
+    wnid: str | None = None
+    synonyms: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Identity used to derive seeds: the wnid where there is one (names can repeat)."""
+        return self.wnid or self.label
+
+    @property
+    def prompt_name(self) -> str:
+        """The name as it reads in a prompt: underscores as spaces."""
+        return self.label.replace("_", " ")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    file: str
+
+    @property
+    def classes(self) -> tuple[ClassInfo, ...]:
+        return _load(self.file)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "cifar10",
+            "CIFAR-10",
+            32,
+            (0.4914, 0.4822, 0.4465),
+            (0.2023, 0.1994, 0.2010),
+            "cifar10.tsv",
+        ),
+        Preset(
+            "cifar100",
+            "CIFAR-100 (fine labels)",
+            32,
+            (0.5071, 0.4866, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            "cifar100.tsv",
+        ),
+        Preset(
+            "tinyimagenet",
+            "Tiny-ImageNet-200",
+            64,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            "tinyimagenet.tsv",
+        ),
+        Preset(
+            "imagenet1k",
+            "ImageNet-1K (ILSVRC-2012)",
+            224,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            "imagenet1k.tsv",
+        ),
+    )
+}
+
+
+@cache
+def _load(file: str) -> tuple[ClassInfo, ...]:
+    text = resources.files("worker").joinpath("presets", file).read_text(encoding="utf-8")
+    classes = []
+    for index, line in enumerate(text.splitlines()):
+        columns = line.split("\t")
+        if len(columns) == 1:
+            classes.append(ClassInfo(index=index, label=columns[0].strip()))
+            continue
+        wnid, words = columns[0].strip(), columns[1]
+        synonyms = tuple(w.strip() for w in words.split(",") if w.strip())
+        classes.append(ClassInfo(index=index, label=synonyms[0], wnid=wnid, synonyms=synonyms))
+    return tuple(classes)
+
+
+def get(name: str) -> Preset:
+    """The preset called ``name``; KeyError names the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def from_labels(labels: list[str]) -> tuple[ClassInfo, ...]:
+    """Classes for a caller's own label list, in the caller's order."""
+    return tuple(ClassInfo(index=i, label=label) for i, label in enumerate(labels))
