@@ -11,8 +11,17 @@ from redis import Redis
 
 from service import health, jobs
 from service.config import Settings
-from service.errors import PROBLEM_JSON, JobNotFound
-from service.schemas import Health, JobList, JobPublic, Problem, Readiness
+from service.errors import PROBLEM_JSON, JobNotFound, PresetNotFound
+from service.schemas import (
+    Health,
+    JobList,
+    JobPublic,
+    PresetDetail,
+    PresetList,
+    Problem,
+    Readiness,
+)
+from worker import presets
 from worker.spec import DatasetSpec
 
 
@@ -140,6 +149,50 @@ def download_archive(
         filename=f"distill-{job_id}.zip",
         headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"},
     )
+
+
+def _preset_summary(preset: presets.Preset) -> dict[str, object]:
+    classes = preset.classes
+    return {
+        "name": preset.name,
+        "title": preset.title,
+        "num_classes": len(classes),
+        "image_size": preset.image_size,
+        "mean": list(preset.mean),
+        "std": list(preset.std),
+        "first_class": classes[0].label,
+        "last_class": classes[-1].label,
+    }
+
+
+@router.get(
+    "/presets",
+    operation_id="listPresets",
+    summary="Standard class lists usable as `preset`",
+    response_model=PresetList,
+)
+def list_presets() -> PresetList:
+    return PresetList.model_validate(
+        {"presets": [_preset_summary(p) for p in presets.PRESETS.values()]}
+    )
+
+
+@router.get(
+    "/presets/{name}",
+    operation_id="getPreset",
+    summary="One preset with every class in class-index order",
+    response_model=PresetDetail,
+    responses=_problems(404),
+)
+def get_preset(name: str) -> PresetDetail:
+    if name not in presets.PRESETS:
+        raise PresetNotFound(f"no preset {name!r}; known: {', '.join(presets.PRESETS)}")
+    preset = presets.PRESETS[name]
+    classes = [
+        {"index": c.index, "label": c.label, "wnid": c.wnid, "synonyms": list(c.synonyms)}
+        for c in preset.classes
+    ]
+    return PresetDetail.model_validate({**_preset_summary(preset), "classes": classes})
 
 
 health_router = APIRouter()

@@ -2,6 +2,7 @@
 
     ServiceError                 500  anything we raise on purpose
     ├── JobNotFound              404  unknown (or expired) job id
+    ├── PresetNotFound           404  unknown preset name
     ├── JobConflict              409  the job is not in a state that allows this
     ├── ArchiveGone              410  the job succeeded but its archive is no longer on disk
     ├── PayloadTooLarge          413  request body over DISTILL_MAX_BODY_BYTES
@@ -46,6 +47,11 @@ class ServiceError(Exception):
 class JobNotFound(ServiceError):
     status = 404
     title = "Job not found"
+
+
+class PresetNotFound(ServiceError):
+    status = 404
+    title = "Preset not found"
 
 
 class JobConflict(ServiceError):

@@ -77,6 +77,32 @@ class JobList(BaseModel):
     jobs: list[JobPublic]
 
 
+class PresetClass(BaseModel):
+    index: int
+    label: str = Field(description="Readable name; the first synonym for WordNet classes.")
+    wnid: str | None = None
+    synonyms: list[str] = Field(default_factory=list)
+
+
+class PresetSummary(BaseModel):
+    name: str
+    title: str
+    num_classes: int
+    image_size: int = Field(description="The dataset's native resolution (default image_size).")
+    mean: list[float] = Field(description="Per-channel RGB mean on the [0, 1] scale.")
+    std: list[float]
+    first_class: str
+    last_class: str
+
+
+class PresetDetail(PresetSummary):
+    classes: list[PresetClass] = Field(description="In class-index order.")
+
+
+class PresetList(BaseModel):
+    presets: list[PresetSummary]
+
+
 class FieldError(BaseModel):
     field: str = Field(description="Dotted path of the offending field, e.g. augment.copies.")
     message: str

@@ -302,7 +302,8 @@ def _manifest(
             }
             for c in spec.classes()
         ],
-        "class_to_idx": {c.label: c.index for c in spec.classes()},
+        # Keyed like torchvision's ImageFolder: by folder name (labels can repeat in ImageNet).
+        "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
         "model": generator.provenance(),
         "sampling": {
             "batch_size": runtime.current().settings.batch_size,

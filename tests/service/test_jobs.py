@@ -78,7 +78,8 @@ def test_job_end_to_end_archive_matches_request(
 
     manifest = json.loads(zf.read("manifest.json"))
     assert manifest["request"] == job["request"]
-    assert manifest["class_to_idx"] == {"cat": 0, "dog": 1, "ship": 2}
+    assert manifest["class_to_idx"] == {"000_cat": 0, "001_dog": 1, "002_ship": 2}
+    assert [c["label"] for c in manifest["classes"]] == ["cat", "dog", "ship"]
     assert manifest["counts"] == {
         "classes": 3,
         "images_per_class": 10,

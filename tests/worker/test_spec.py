@@ -19,7 +19,11 @@ def test_labels_keep_the_callers_order_and_prompts_read_underscores_as_spaces() 
     spec = DatasetSpec(labels=["zebra", "apple", "aquarium_fish"], ipc=1)
     assert spec.labels == ["zebra", "apple", "aquarium_fish"]
     classes = spec.classes()
-    assert [(c.index, c.label) for c in classes] == [(0, "zebra"), (1, "apple"), (2, "aquarium_fish")]
+    assert [(c.index, c.label) for c in classes] == [
+        (0, "zebra"),
+        (1, "apple"),
+        (2, "aquarium_fish"),
+    ]
     assert spec.prompt(classes[2]) == "a photo of a aquarium fish"
 
 

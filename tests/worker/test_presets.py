@@ -1,0 +1,106 @@
+"""Presets are the datasets' standard class-index order; pinned here so a reorder fails loudly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from worker.presets import PRESETS, get
+from worker.spec import DatasetSpec
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "first", "last", "size"),
+    [
+        ("cifar10", 10, "airplane", "truck", 32),
+        ("cifar100", 100, "apple", "worm", 32),
+        ("tinyimagenet", 200, ("n01443537", "goldfish"), ("n12267677", "acorn"), 64),
+        ("imagenet1k", 1000, ("n01440764", "tench"), ("n15075141", "toilet tissue"), 224),
+    ],
+)
+def test_preset_counts_first_and_last(
+    name: str, count: int, first: object, last: object, size: int
+) -> None:
+    preset = get(name)
+    classes = preset.classes
+    assert len(classes) == count
+    assert [c.index for c in classes] == list(range(count))
+    for cls, expected in ((classes[0], first), (classes[-1], last)):
+        if isinstance(expected, tuple):
+            assert (cls.wnid, cls.label) == expected
+        else:
+            assert cls.label == expected and cls.wnid is None
+    assert preset.image_size == size
+    assert len(preset.mean) == len(preset.std) == 3
+
+
+def test_cifar_orders_are_the_official_ones() -> None:
+    assert [c.label for c in get("cifar10").classes] == CIFAR10
+    cifar100 = [c.label for c in get("cifar100").classes]
+    assert cifar100 == sorted(cifar100)
+    assert cifar100[:5] == ["apple", "aquarium_fish", "baby", "bear", "beaver"]
+    assert "orange" in cifar100 and "sweet_pepper" in cifar100
+
+
+def test_wordnet_presets_are_sorted_wnids_with_readable_names() -> None:
+    for name in ("tinyimagenet", "imagenet1k"):
+        wnids = [c.wnid or "" for c in get(name).classes]
+        assert wnids == sorted(wnids) and len(set(wnids)) == len(wnids)
+        assert all(re.fullmatch(r"n\d{8}", w) for w in wnids)
+    tiny = {c.wnid for c in get("tinyimagenet").classes}
+    assert tiny <= {c.wnid for c in get("imagenet1k").classes}
+    goldfish = get("tinyimagenet").classes[0]
+    assert goldfish.synonyms == ("goldfish", "Carassius auratus")
+    assert goldfish.prompt_name == "goldfish"
+
+
+def test_preset_spec_defaults_and_prompts() -> None:
+    spec = DatasetSpec(preset="cifar100", ipc=1)
+    assert spec.image_size == 32 and spec.labels is None
+    assert spec.prompt(spec.classes()[1]) == "a photo of a aquarium fish"
+    assert DatasetSpec(preset="tinyimagenet", ipc=1).image_size == 64
+    assert DatasetSpec(preset="imagenet1k", ipc=1, image_size=64).image_size == 64
+
+
+def test_duplicate_imagenet_names_get_distinct_seeds_by_wnid() -> None:
+    cranes = [c for c in get("imagenet1k").classes if c.label == "crane"]
+    assert len(cranes) == 2 and cranes[0].key != cranes[1].key
+
+
+def test_exactly_one_of_labels_or_preset_and_ipc_or_budget() -> None:
+    with pytest.raises(ValidationError, match="exactly one of labels or preset"):
+        DatasetSpec(labels=["a"], preset="cifar10", ipc=1)
+    with pytest.raises(ValidationError, match="exactly one of labels or preset"):
+        DatasetSpec(ipc=1)
+    with pytest.raises(ValidationError, match="exactly one of ipc or budget_seconds"):
+        DatasetSpec(preset="cifar10", ipc=1, budget_seconds=60)
+    with pytest.raises(ValidationError, match="exactly one of ipc or budget_seconds"):
+        DatasetSpec(preset="cifar10")
+    with pytest.raises(ValidationError):
+        DatasetSpec(preset="mnist", ipc=1)  # type: ignore[arg-type]
+    assert set(PRESETS) == {"cifar10", "cifar100", "tinyimagenet", "imagenet1k"}
+
+
+def test_templates_cycle_and_overrides_win() -> None:
+    spec = DatasetSpec(
+        preset="cifar100",
+        ipc=3,
+        prompt_template=["a photo of a {label}", "a drawing of a {label}"],
+        prompts=[{"label": "orange", "prompt": "a photo of an orange, the fruit"}],  # type: ignore[list-item]
+    )
+    apple = spec.classes()[0]
+    orange = next(c for c in spec.classes() if c.label == "orange")
+    assert [spec.prompt(apple, n) for n in range(3)] == [
+        "a photo of a apple",
+        "a drawing of a apple",
+        "a photo of a apple",
+    ]
+    assert spec.prompt(orange, 1) == "a photo of an orange, the fruit"
+    with pytest.raises(ValidationError, match="not a class of this job"):
+        DatasetSpec(preset="cifar10", ipc=1, prompts=[{"label": "orange", "prompt": "x"}])  # type: ignore[list-item]
+    with pytest.raises(ValidationError, match=r"\[1\] must contain \{label\}"):
+        DatasetSpec(labels=["a"], ipc=1, prompt_template=["{label}", "no field"])
