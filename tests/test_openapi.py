@@ -29,6 +29,8 @@ def test_operations_have_stable_ids_and_problem_responses() -> None:
         "health",
         "readiness",
         "metrics",
+        "listPresets",
+        "getPreset",
     }
     assert "application/problem+json" in ops["createJob"]["responses"]["422"]["content"]
     assert "application/problem+json" in ops["getJob"]["responses"]["404"]["content"]
