@@ -120,8 +120,8 @@ def field_path(loc: tuple[int | str, ...] | list[Any]) -> str:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in POLICY_TAGS:
-            continue
+        elif part in POLICY_TAGS or not part.isidentifier():
+            continue  # a union branch's tag (e.g. "list[constrained-str]"), not a field
         else:
             out += f".{part}" if out else str(part)
     return out or "body"

@@ -60,6 +60,19 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("empty policy", _with(augment={"policy": []}), "augment.policy"),
     ("total too large", _with(labels=[f"c{i}" for i in range(200)], ipc=1000), "body"),
+    ("unknown preset", {"preset": "mnist", "ipc": 1}, "preset"),
+    ("labels and preset", _with(preset="cifar10"), "body"),
+    ("neither labels nor preset", {"ipc": 1}, "body"),
+    ("ipc and budget", _with(budget_seconds=60), "body"),
+    ("budget too small", {"labels": ["a"], "budget_seconds": 0}, "budget_seconds"),
+    ("budget infinite", {"labels": ["a"], "budget_seconds": 1e12}, "budget_seconds"),
+    ("unknown format", _with(formats=["png"]), "formats[0]"),
+    ("duplicate format", _with(formats=["tensors", "tensors"]), "formats"),
+    ("no format", _with(formats=[]), "formats"),
+    ("bad template in list", _with(prompt_template=["{label}", "x"]), "prompt_template"),
+    ("too many templates", _with(prompt_template=["{label}"] * 17), "prompt_template"),
+    ("override unknown class", _with(prompts=[{"label": "zebra", "prompt": "x"}]), "body"),
+    ("override extra field", _with(prompts=[{"label": "cat", "p": "x"}]), "prompts[0].prompt"),
 ]
 
 
