@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     job_timeout: int = Field(6 * 3600, ge=10, description="Seconds one job may run.")
     result_ttl: int = Field(7 * 24 * 3600, ge=60, description="Seconds finished jobs are kept.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between worker beats.")
+    max_attempts: int = Field(
+        2, ge=1, le=10, description="Runs a job gets when its worker dies (1 = no retry)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level; logs are one JSON object per line."
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
-from rq import Callback, Queue
+from rq import Callback, Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
@@ -37,7 +37,9 @@ _RQ_STATES = {
     JobStatus.DEFERRED: JobState.queued,
     JobStatus.SCHEDULED: JobState.queued,
     JobStatus.STARTED: JobState.running,
-    JobStatus.FINISHED: JobState.succeeded,
+    # Our record says "succeeded" once the archive is published; RQ "finished" without that
+    # is a job that stopped for a worker shutdown and is being put back in the queue.
+    JobStatus.FINISHED: JobState.queued,
     JobStatus.FAILED: JobState.failed,
     JobStatus.STOPPED: JobState.failed,
     JobStatus.CANCELED: JobState.canceled,
@@ -86,6 +88,8 @@ def submit(
             result_ttl=settings.result_ttl,
             failure_ttl=settings.result_ttl,
             on_failure=Callback(ON_FAILURE),
+            # Only a lost worker is retried: the task clears retries on its own errors.
+            retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
             description=f"distill {spec.preset or len(spec.classes())} classes",
         )
     except Exception:
@@ -198,6 +202,8 @@ def _view(
         queue_position=position,
         cancel_requested="cancel_requested" in record,
         worker=record.get("worker"),
+        attempts=int(record.get("attempts", 0)),
+        last_interruption=record.get("last_interruption"),
         error=error,
         archive=archive,
         timings=(

@@ -68,6 +68,10 @@ class JobPublic(BaseModel):
     )
     cancel_requested: bool = False
     worker: str | None = Field(None, description="Worker that ran or is running the job.")
+    attempts: int = Field(0, description="Runs started; a job is re-run once if its worker dies.")
+    last_interruption: str | None = Field(
+        None, description="Why an earlier run stopped (worker lost or shut down), if one did."
+    )
     error: JobError | None = None
     archive: Archive | None = None
     timings: Timings | None = Field(None, description="Set once the job succeeded.")

@@ -69,6 +69,7 @@ def settings_env(settings: Settings, model: Path) -> dict[str, str]:
             "DISTILL_BATCH_SIZE": str(settings.batch_size),
             "DISTILL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
             "DISTILL_HEARTBEAT_TTL": str(settings.heartbeat_ttl),
+            "DISTILL_MAX_ATTEMPTS": str(settings.max_attempts),
             "DISTILL_DEVICE": "cpu",
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(ROOT),

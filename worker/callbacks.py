@@ -42,18 +42,31 @@ def on_failure(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Record the failure once and drop any partial archive.
+    """Drop the partial archive, then record the failure, or the re-queue of a lost job.
 
     The partial file's path comes from the job's record, not from this process's settings:
     the process running the callback may not be the one that ran the job.
     """
+    record = records.read(connection, job.id)
+    partial = record.get("partial")
+    if partial:
+        Path(partial).unlink(missing_ok=True)
+    worker = record.get("worker", "unknown")
+    attempts = int(record.get("attempts", 1))
+    lost = exc_type is not None and issubclass(exc_type, AbandonedJobError)
+    if lost and job.retries_left:
+        # RQ re-queues it right after this callback (the job's Retry policy).
+        records.requeued(connection, job.id, reason=f"worker {worker} lost on attempt {attempts}")
+        return
     error_type, detail = describe_failure(exc_type, exc)
+    if lost:
+        detail = (
+            f"worker {worker} stopped sending heartbeats (it died) on attempt {attempts}; "
+            "no attempts left"
+        )
     records.finish(
         connection,
         job.id,
         outcome=records.FAILED,
         fields={"error_type": error_type, "error_detail": detail[:2000]},
     )
-    partial = records.read(connection, job.id).get("partial")
-    if partial:
-        Path(partial).unlink(missing_ok=True)

@@ -52,6 +52,19 @@ class DistillWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_ttl
 
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT: the running job stops after its batch and goes back to the queue."""
+        runtime.request_stop()
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        super().execute_job(job, queue)
+        if runtime.take_interrupted(job.id):
+            # It "finished" early for the shutdown: undo that and put it first in line.
+            queue.finished_job_registry.remove(job)
+            queue.enqueue_job(job, at_front=True)
+            self.log.info("job %s put back at the front of the queue", job.id)
+
     def beat_running_jobs(self) -> None:
         """Extend this worker's key and its running executions by one heartbeat TTL."""
         ttl = self.heartbeat_ttl

@@ -95,6 +95,7 @@ def mark_started(redis: Redis, job_id: str, *, worker: str, partial: Path) -> No
                 "written": 0,
             },
         )
+        pipe.hincrby(job_key(job_id), "attempts", 1)
         wait = max(now - float(created), 0.0) if created is not None else None
         if wait is not None:
             stats.observe(pipe, "queue_wait", wait)
@@ -103,6 +104,18 @@ def mark_started(redis: Redis, job_id: str, *, worker: str, partial: Path) -> No
         "job running",
         extra={"job_id": job_id, "state": "running", "worker": worker, "queue_wait_s": wait},
     )
+
+
+def requeued(redis: Redis, job_id: str, *, reason: str) -> None:
+    """The job goes back to the queue (its worker died or shut down); progress starts over."""
+    with redis.pipeline() as pipe:
+        pipe.hdel(job_key(job_id), "started_at", "partial")
+        pipe.hset(
+            job_key(job_id), mapping={"generated": 0, "written": 0, "last_interruption": reason}
+        )
+        stats.incr(pipe, "jobs_requeued")
+        pipe.execute()
+    log.warning("job requeued", extra={"job_id": job_id, "state": "queued", "reason": reason})
 
 
 def save_progress(

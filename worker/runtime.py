@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,12 +19,35 @@ class Runtime:
 
 
 _current: Runtime | None = None
+_stop = threading.Event()
+_interrupted: set[str] = set()
 
 
 def install(runtime: Runtime) -> None:
     """Make ``runtime`` the one jobs in this process use."""
     global _current
     _current = runtime
+
+
+def request_stop() -> None:
+    """The worker is shutting down: running jobs stop after their current batch."""
+    _stop.set()
+
+
+def stopping() -> bool:
+    return _stop.is_set()
+
+
+def mark_interrupted(job_id: str) -> None:
+    """The job stopped early for a shutdown; the worker puts it back at the queue's front."""
+    _interrupted.add(job_id)
+
+
+def take_interrupted(job_id: str) -> bool:
+    if job_id in _interrupted:
+        _interrupted.discard(job_id)
+        return True
+    return False
 
 
 def current() -> Runtime:

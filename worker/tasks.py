@@ -134,11 +134,30 @@ class Outputs:
         return described
 
 
+class Interrupted(Exception):
+    """The worker is shutting down; the job goes back to the front of the queue."""
+
+
 def distill(payload: dict[str, Any]) -> dict[str, Any]:
     """Generate the dataset ``payload`` describes; returns the archive's path, size and digest."""
     job = get_current_job()
     if job is None:
         raise RuntimeError("distill() runs as an RQ job")
+    try:
+        return _distill(job, payload)
+    except Interrupted:
+        worker = runtime.current().worker_name
+        records.requeued(job.connection, job.id, reason=f"worker {worker} shut down")
+        runtime.mark_interrupted(job.id)
+        return {"interrupted": True}
+    except Exception:
+        # The job's own error would repeat on another worker: fail now. Only a lost worker
+        # (RQ's abandoned-job cleanup) uses the retries.
+        job.retries_left = 0
+        raise
+
+
+def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
     rt = runtime.current()
     settings = rt.settings
     redis: Redis = job.connection
@@ -216,6 +235,8 @@ def _generate(
             break
         if records.cancel_requested(redis, job_id):
             return None
+        if runtime.stopping():
+            raise Interrupted
         # Stop before a batch that would overrun the budget (the first round always runs).
         elapsed = time.perf_counter() - started
         if (

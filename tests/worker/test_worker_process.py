@@ -1,4 +1,4 @@
-"""A worker that dies mid-job never leaves its job running."""
+"""Workers that die or are stopped never lose a job or leave it running."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -14,23 +15,24 @@ from service.redis_server import EmbeddedRedis
 from tests.conftest import make_settings, start_worker, stop_worker, wait_for
 from worker import records
 
+LONG_JOB = {"labels": [f"c{i}" for i in range(100)], "ipc": 100, "augment": {"policy": "none"}}
 
-def test_sigkilled_worker_fails_its_job_with_a_reason_and_no_files(
+
+def _running(client: TestClient, job_id: str) -> dict[str, Any]:
+    return wait_for(client.get, job_id, until=lambda j: j["progress"]["written"] > 0)
+
+
+def test_sigkilled_worker_fails_its_job_when_no_attempts_are_left(
     redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
 ) -> None:
     settings = make_settings(
-        redis_server.url, tmp_path / "data", queue_name="death", heartbeat_ttl=3
+        redis_server.url, tmp_path / "data", queue_name="death", heartbeat_ttl=3, max_attempts=1
     )
     proc = start_worker(settings, tiny_model, tmp_path / "worker.log")
     try:
         with TestClient(create_app(settings)) as client:
-            body = {
-                "labels": [f"c{i}" for i in range(100)],
-                "ipc": 100,
-                "augment": {"policy": "none"},
-            }
-            job = client.post("/v1/jobs", json=body).json()
-            wait_for(client.get, job["id"], until=lambda j: j["progress"]["written"] > 0)
+            job = client.post("/v1/jobs", json=LONG_JOB).json()
+            running = _running(client, job["id"])
             partial = records.partial_path(settings.data_dir, job["id"])
             assert partial.exists()
 
@@ -42,8 +44,9 @@ def test_sigkilled_worker_fails_its_job_with_a_reason_and_no_files(
 
             assert final["state"] == "failed"
             assert final["error"]["type"] == "worker_lost"
-            assert "heartbeat" in final["error"]["detail"]
-            assert final["finished_at"] is not None
+            assert running["worker"] in final["error"]["detail"]
+            assert "no attempts left" in final["error"]["detail"]
+            assert final["attempts"] == 1 and final["finished_at"] is not None
             assert not partial.exists()
             assert client.get(f"/v1/jobs/{job['id']}/archive").status_code == 409
             print(f"job failed {waited:.1f} s after the worker was killed (heartbeat TTL 3 s)")
@@ -56,10 +59,74 @@ def test_sigkilled_worker_fails_its_job_with_a_reason_and_no_files(
         stop_worker(proc)
 
 
-def test_sigterm_lets_the_worker_exit_cleanly_when_idle(
+def test_job_of_a_killed_worker_is_retried_by_another_worker(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        redis_server.url, tmp_path / "data", queue_name="retry", heartbeat_ttl=3, max_attempts=2
+    )
+    workers = [start_worker(settings, tiny_model, tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        with TestClient(create_app(settings)) as client:
+            body = {**LONG_JOB, "ipc": 20}
+            job = client.post("/v1/jobs", json=body).json()
+            first = _running(client, job["id"])
+            victim = next(w for w in workers if f".{w.pid}." in first["worker"])
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+
+            final = wait_for(client.get, job["id"], timeout=120)
+            assert final["state"] == "succeeded", final
+            assert final["attempts"] == 2
+            assert final["worker"] != first["worker"]
+            assert first["worker"] in final["last_interruption"]
+            assert final["progress"]["written"] == 100 * 20
+            assert not records.partial_path(settings.data_dir, job["id"]).exists()
+            archive = client.get(f"/v1/jobs/{job['id']}/archive")
+            assert archive.status_code == 200
+    finally:
+        for proc in workers:
+            stop_worker(proc)
+
+
+def test_sigterm_finishes_the_batch_requeues_at_the_front_and_exits_cleanly(
     redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
 ) -> None:
     settings = make_settings(redis_server.url, tmp_path / "data", queue_name="term")
+    first_worker = start_worker(settings, tiny_model, tmp_path / "worker1.log")
+    second_worker = None
+    try:
+        with TestClient(create_app(settings)) as client:
+            interrupted = client.post("/v1/jobs", json={**LONG_JOB, "ipc": 10}).json()
+            _running(client, interrupted["id"])
+            behind = client.post("/v1/jobs", json={"labels": ["cat"], "ipc": 1}).json()
+
+            first_worker.send_signal(signal.SIGTERM)
+            assert first_worker.wait(timeout=30) == 0
+
+            back = client.get(f"/v1/jobs/{interrupted['id']}").json()
+            assert back["state"] == "queued"
+            assert back["queue_position"] == 0
+            assert "shut down" in back["last_interruption"]
+            assert back["progress"]["written"] == 0
+            assert client.get(f"/v1/jobs/{behind['id']}").json()["queue_position"] == 1
+            assert not records.partial_path(settings.data_dir, interrupted["id"]).exists()
+
+            second_worker = start_worker(settings, tiny_model, tmp_path / "worker2.log")
+            done = wait_for(client.get, interrupted["id"], timeout=120)
+            assert done["state"] == "succeeded" and done["attempts"] == 2
+            later = wait_for(client.get, behind["id"])
+            assert later["started_at"] > done["started_at"]
+    finally:
+        stop_worker(first_worker)
+        if second_worker is not None:
+            stop_worker(second_worker)
+
+
+def test_sigterm_lets_an_idle_worker_exit_cleanly(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url, tmp_path / "data", queue_name="idle-term")
     proc = start_worker(settings, tiny_model, tmp_path / "worker.log")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
