@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.heartbeat_ttl = settings.heartbeat_ttl
         beacon.worker = worker
         beacon.probe = lambda: {"gpu_memory_bytes": generator.gpu_memory_bytes()}
+        # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
+        worker._install_signal_handlers()
         beacon.update(state="ready", **generator.describe())
         worker.work(with_scheduler=False, logging_level=settings.log_level)
         return 0
