@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         beacon.worker = worker
         beacon.probe = lambda: {"gpu_memory_bytes": generator.gpu_memory_bytes()}
         # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
-        worker._install_signal_handlers()
+        worker._install_signal_handlers()  # type: ignore[no-untyped-call]
         beacon.update(state="ready", **generator.describe())
         worker.work(with_scheduler=False, logging_level=settings.log_level)
         return 0
