@@ -14,13 +14,15 @@ import datetime as dt
 import logging
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
 from worker import formats, presets, records, runtime
@@ -31,6 +33,7 @@ from worker.presets import ClassInfo
 from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _VERSIONED = (
     "distill-service",
@@ -134,6 +137,25 @@ class Outputs:
         return described
 
 
+#: How long a running job waits for Redis to come back before it gives up.
+REDIS_PATIENCE_S = 120.0
+
+
+def patiently(call: Callable[[], T]) -> T:
+    """Run a Redis call, retrying through a Redis restart for up to ``REDIS_PATIENCE_S``."""
+    deadline = time.monotonic() + REDIS_PATIENCE_S
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("redis unavailable (%s); retrying in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 class Interrupted(Exception):
     """The worker is shutting down; the job goes back to the front of the queue."""
 
@@ -165,7 +187,7 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
     generator = rt.generator
     final = records.archive_path(settings.data_dir, job.id)
     partial = records.partial_path(settings.data_dir, job.id)
-    records.mark_started(redis, job.id, worker=rt.worker_name, partial=partial)
+    patiently(lambda: records.mark_started(redis, job.id, worker=rt.worker_name, partial=partial))
 
     started = time.time()
     items: Sequence[Item] | Iterator[Item]
@@ -179,10 +201,9 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
         run = _generate(
             redis, job.id, spec, generator, items, outputs, batch_size=settings.batch_size
         )
-        if run is None or records.cancel_requested(redis, job.id):
-            records.finish(
-                redis, job.id, outcome=records.CANCELED, fields={"written": outputs.count}
-            )
+        if run is None or patiently(lambda: records.cancel_requested(redis, job.id)):
+            done = {"written": outputs.count}
+            patiently(lambda: records.finish(redis, job.id, outcome=records.CANCELED, fields=done))
             return {"canceled": True}
         tensors = outputs.write_tensors()
         finished = time.time()
@@ -190,21 +211,17 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
         info = writer.commit(manifest)
 
     ipc_reached = min(outputs.per_class.get(c.index, 0) for c in spec.classes())
-    records.finish(
-        redis,
-        job.id,
-        outcome=records.SUCCEEDED,
-        fields={
-            "archive_path": str(info.path),
-            "archive_size": info.size_bytes,
-            "archive_sha256": info.sha256,
-            "written": outputs.count,
-            "generated": run["generated"],
-            "ipc_reached": ipc_reached,
-            "seconds_sampling": round(run["seconds_sampling"], 3),
-            "seconds_total": round(finished - started, 3),
-        },
-    )
+    succeeded: dict[str, str | int | float] = {
+        "archive_path": str(info.path),
+        "archive_size": info.size_bytes,
+        "archive_sha256": info.sha256,
+        "written": outputs.count,
+        "generated": run["generated"],
+        "ipc_reached": ipc_reached,
+        "seconds_sampling": round(run["seconds_sampling"], 3),
+        "seconds_total": round(finished - started, 3),
+    }
+    patiently(lambda: records.finish(redis, job.id, outcome=records.SUCCEEDED, fields=succeeded))
     return {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}
 
 
@@ -233,7 +250,7 @@ def _generate(
         batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
         if not batch:
             break
-        if records.cancel_requested(redis, job_id):
+        if patiently(lambda: records.cancel_requested(redis, job_id)):
             return None
         if runtime.stopping():
             raise Interrupted
@@ -274,13 +291,9 @@ def _generate(
                 )
         generated += len(batch)
         slowest_batch = max(slowest_batch, time.perf_counter() - t0)
-        records.save_progress(
-            redis,
-            job_id,
-            generated=generated,
-            written=outputs.count,
-            added=(len(batch), outputs.count - before),
-        )
+        progress = {"generated": generated, "written": outputs.count}
+        added = (len(batch), outputs.count - before)
+        patiently(lambda: records.save_progress(redis, job_id, **progress, added=added))  # noqa: B023
     return {
         "generated": generated,
         "seconds_sampling": sampling,
