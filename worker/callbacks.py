@@ -16,6 +16,7 @@ from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
 from worker import records
+from worker.errors import InsufficientSpace
 
 
 def describe_failure(
@@ -26,6 +27,8 @@ def describe_failure(
         return "worker_lost", "the worker running this job stopped sending heartbeats (it died)"
     if exc_type is not None and issubclass(exc_type, JobTimeoutException):
         return "timeout", f"the job ran longer than its time limit: {exc}"
+    if isinstance(exc, InsufficientSpace):
+        return "disk_full", exc.detail
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return "disk_full", "no space left on the data volume while writing the archive"
     if exc_type is not None and exc_type.__name__ == "ValidationError":

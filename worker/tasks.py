@@ -13,10 +13,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,6 +30,7 @@ from rq import get_current_job
 from worker import formats, presets, records, runtime
 from worker.archive import ArchiveWriter, class_dir, image_name
 from worker.augment import augment, build_transform, source_size
+from worker.errors import InsufficientSpace
 from worker.generator import Generator
 from worker.presets import ClassInfo
 from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
@@ -156,6 +159,36 @@ def patiently(call: Callable[[], T]) -> T:
             delay = min(delay * 2, 5.0)
 
 
+#: Free space kept on the data volume beyond a job's estimate.
+SPACE_MARGIN_BYTES = 16 * 2**20
+
+
+def estimate_bytes(spec: DatasetSpec) -> int:
+    """An upper estimate of a fixed-ipc job's archive size (0 for a time-budget job).
+
+    PNG of noisy pixels is about the raw size; zip headers add about 100 bytes a member.
+    """
+    images = spec.total_images
+    raw = spec.size * spec.size * 3
+    total = 0
+    if "imagefolder" in spec.formats:
+        total += images * (raw + 300)
+    if "tensors" in spec.formats:
+        total += images * raw * (5 if spec.preset else 1)
+    return total
+
+
+def check_space(spec: DatasetSpec, directory: Path) -> None:
+    """Fail before sampling when the archive cannot fit (ENOSPC is still caught on write)."""
+    needed = estimate_bytes(spec) + SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise InsufficientSpace(
+            f"the archive needs about {needed / 2**20:.1f} MiB but the data volume has "
+            f"{free / 2**20:.1f} MiB free"
+        )
+
+
 class Interrupted(Exception):
     """The worker is shutting down; the job goes back to the front of the queue."""
 
@@ -188,6 +221,7 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
     final = records.archive_path(settings.data_dir, job.id)
     partial = records.partial_path(settings.data_dir, job.id)
     patiently(lambda: records.mark_started(redis, job.id, worker=rt.worker_name, partial=partial))
+    check_space(spec, settings.data_dir)
 
     started = time.time()
     items: Sequence[Item] | Iterator[Item]
