@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 
 from service import health, jobs
+from service.auth import OwnerDep, owner_for
 from service.config import Settings
-from service.errors import PROBLEM_JSON, JobNotFound, PresetNotFound
+from service.errors import PROBLEM_JSON, PresetNotFound
 from service.schemas import (
     Health,
     JobList,
     JobPublic,
+    JobState,
     PresetDetail,
     PresetList,
     Problem,
@@ -43,12 +45,14 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {
         code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": text}
         for code, text in {
-            404: "Unknown job id",
+            401: "API keys are on and none, or an unknown one, was sent",
+            404: "Unknown job id (or another key's job)",
             409: "The job is not in a state that allows this",
-            410: "The archive was removed",
+            410: "The job expired (DISTILL_RESULT_TTL) or its archive was removed",
             413: "Request body too large",
             415: "Body is not application/json",
             422: "Invalid request; `errors` names each offending field",
+            429: "Too many requests",
             503: "Redis unreachable or queue full; see Retry-After",
         }.items()
         if code in codes
@@ -59,7 +63,8 @@ def _archive_url(request: Request, job_id: str) -> str:
     return str(request.url_for("download_archive", job_id=job_id))
 
 
-router = APIRouter(prefix="/v1")
+# Every /v1 route needs an API key when DISTILL_API_KEYS is set.
+router = APIRouter(prefix="/v1", dependencies=[Depends(owner_for)])
 
 
 @router.post(
@@ -68,38 +73,66 @@ router = APIRouter(prefix="/v1")
     operation_id="createJob",
     summary="Request a distilled dataset",
     response_model=JobPublic,
-    responses=_problems(413, 415, 422, 503),
+    responses=_problems(401, 413, 415, 422, 503),
 )
 def create_job(
-    spec: DatasetSpec, request: Request, response: Response, redis: RedisDep, settings: SettingsDep
+    spec: DatasetSpec,
+    request: Request,
+    response: Response,
+    redis: RedisDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            description="Retrying with the same key and body returns the same job.",
+        ),
+    ] = None,
 ) -> JobPublic:
-    job = jobs.submit(redis, settings, spec, archive_url_for=lambda i: _archive_url(request, i))
+    job, created = jobs.submit(
+        redis,
+        settings,
+        spec,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        archive_url_for=lambda i: _archive_url(request, i),
+    )
     response.headers["Location"] = request.url_for("get_job", job_id=job.id).path
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
     return job
 
 
 @router.get(
     "/jobs",
     operation_id="listJobs",
-    summary="Recent jobs, newest first",
+    summary="Your jobs, newest first, a page at a time",
     response_model=JobList,
-    responses=_problems(422, 503),
+    responses=_problems(401, 422, 503),
 )
 def list_jobs(
     request: Request,
     redis: RedisDep,
     settings: SettingsDep,
+    owner: OwnerDep,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="next_cursor of the previous page.")
+    ] = None,
 ) -> JobList:
-    found = []
-    for job_id in jobs.recent_ids(redis, limit=limit):
-        try:
-            found.append(
-                jobs.fetch(redis, settings, job_id, archive_url=_archive_url(request, job_id))
-            )
-        except JobNotFound:
-            continue  # expired between listing and reading
-    return JobList(jobs=found)
+    found, next_cursor = jobs.list_page(
+        redis,
+        settings,
+        owner=owner,
+        state=state,
+        limit=limit,
+        cursor=cursor,
+        archive_url_for=lambda i: _archive_url(request, i),
+    )
+    return JobList(jobs=found, next_cursor=next_cursor)
 
 
 @router.get(
@@ -107,10 +140,14 @@ def list_jobs(
     operation_id="getJob",
     summary="A job's state, progress and result",
     response_model=JobPublic,
-    responses=_problems(404, 503),
+    responses=_problems(401, 404, 410, 503),
 )
-def get_job(job_id: str, request: Request, redis: RedisDep, settings: SettingsDep) -> JobPublic:
-    return jobs.fetch(redis, settings, job_id, archive_url=_archive_url(request, job_id))
+def get_job(
+    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
+) -> JobPublic:
+    return jobs.fetch(
+        redis, settings, job_id, owner=owner, archive_url=_archive_url(request, job_id)
+    )
 
 
 @router.post(
@@ -118,10 +155,14 @@ def get_job(job_id: str, request: Request, redis: RedisDep, settings: SettingsDe
     operation_id="cancelJob",
     summary="Cancel a queued or running job",
     response_model=JobPublic,
-    responses=_problems(404, 409, 503),
+    responses=_problems(401, 404, 409, 410, 503),
 )
-def cancel_job(job_id: str, request: Request, redis: RedisDep, settings: SettingsDep) -> JobPublic:
-    return jobs.cancel(redis, settings, job_id, archive_url=_archive_url(request, job_id))
+def cancel_job(
+    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
+) -> JobPublic:
+    return jobs.cancel(
+        redis, settings, job_id, owner=owner, archive_url=_archive_url(request, job_id)
+    )
 
 
 @router.get(
@@ -133,13 +174,13 @@ def cancel_job(job_id: str, request: Request, redis: RedisDep, settings: Setting
         200: {"content": {"application/zip": {}}, "description": "The archive"},
         206: {"content": {"application/zip": {}}, "description": "Part of the archive"},
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
-        **_problems(404, 409, 410, 503),
+        **_problems(401, 404, 409, 410, 503),
     },
 )
 def download_archive(
-    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep
+    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
 ) -> Response:
-    found = jobs.archive_file(redis, settings, job_id)
+    found = jobs.archive_file(redis, settings, job_id, owner=owner)
     etag = f'"{found.sha256}"'
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
@@ -200,6 +241,7 @@ health_router = APIRouter()
 
 @health_router.get(
     "/metrics",
+    dependencies=[Depends(owner_for)],
     operation_id="metrics",
     summary="Prometheus metrics for the whole service (all workers)",
     response_class=PlainTextResponse,

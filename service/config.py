@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="API port.")
     max_queued_jobs: int = Field(1000, ge=1, description="Above this, POST answers 503.")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="Larger request bodies: 413.")
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated bearer keys; unset: no authentication."
+    )
 
     # Model and generation.
     model: str = Field("stabilityai/sdxl-turbo", description="Hub id or local pipeline dir.")
@@ -47,7 +50,12 @@ class Settings(BaseSettings):
 
     # Job lifetimes.
     job_timeout: int = Field(6 * 3600, ge=10, description="Seconds one job may run.")
-    result_ttl: int = Field(7 * 24 * 3600, ge=60, description="Seconds finished jobs are kept.")
+    result_ttl: int = Field(
+        7 * 24 * 3600, ge=1, description="Seconds finished jobs and archives are kept."
+    )
+    sweep_interval: float = Field(
+        600.0, gt=0, description="Seconds between sweeps of expired archives (by workers)."
+    )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between worker beats.")
     max_attempts: int = Field(
         2, ge=1, le=10, description="Runs a job gets when its worker dies (1 = no retry)."
@@ -71,6 +79,13 @@ def describe_errors(exc: ValidationError) -> str:
         name = "DISTILL_" + "_".join(str(p) for p in err["loc"]).upper()
         parts.append(f"{name}={err.get('input')!r}: {err['msg']}")
     return "; ".join(parts)
+
+
+def api_key_list(settings: Settings) -> list[str]:
+    """The configured keys (empty: authentication is off)."""
+    if settings.api_keys is None:
+        return []
+    return [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()]
 
 
 @lru_cache(maxsize=1)

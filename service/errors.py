@@ -1,11 +1,14 @@
 """One error tree for the API, mapped to problem+json responses in one place.
 
     ServiceError                 500  anything we raise on purpose
+    ├── Unauthorized             401  API keys are on and none (or a wrong one) was sent
     ├── JobNotFound              404  unknown (or expired) job id
     ├── PresetNotFound           404  unknown preset name
     ├── JobConflict              409  the job is not in a state that allows this
+    ├── JobExpired               410  the job ended more than DISTILL_RESULT_TTL ago
     ├── ArchiveGone              410  the job succeeded but its archive is no longer on disk
     ├── PayloadTooLarge          413  request body over DISTILL_MAX_BODY_BYTES
+    ├── BadIdempotencyKey        422  an Idempotency-Key reused with a different body
     ├── UnsupportedMediaType     415  body is not application/json
     └── Unavailable              503  try again later (with Retry-After)
         └── QueueFull            503  too many jobs waiting
@@ -47,6 +50,30 @@ class ServiceError(Exception):
 class JobNotFound(ServiceError):
     status = 404
     title = "Job not found"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    title = "Unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers = {"WWW-Authenticate": 'Bearer realm="distill"'}
+
+
+class JobExpired(ServiceError):
+    status = 410
+    title = "Job expired"
+
+
+class BadIdempotencyKey(ServiceError):
+    status = 422
+    title = "Idempotency-Key reused"
+
+
+class InvalidCursor(ServiceError):
+    status = 422
+    title = "Invalid cursor"
 
 
 class PresetNotFound(ServiceError):

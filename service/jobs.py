@@ -6,7 +6,9 @@ never imports torch or diffusers.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
 import re
 import time
@@ -22,8 +24,17 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
+from service.auth import PUBLIC
 from service.config import Settings
-from service.errors import ArchiveGone, JobConflict, JobNotFound, QueueFull
+from service.errors import (
+    ArchiveGone,
+    BadIdempotencyKey,
+    InvalidCursor,
+    JobConflict,
+    JobExpired,
+    JobNotFound,
+    QueueFull,
+)
 from service.schemas import Archive, JobError, JobPublic, JobState, Progress, Timings
 from worker import records
 from worker.spec import DatasetSpec
@@ -31,6 +42,8 @@ from worker.spec import DatasetSpec
 TASK = "worker.tasks.distill"
 ON_FAILURE = "worker.callbacks.on_failure"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Most index entries one page request reads while filtering by state.
+MAX_SCAN = 2000
 
 _RQ_STATES = {
     JobStatus.QUEUED: JobState.queued,
@@ -66,19 +79,57 @@ def _time(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(float(value), tz=dt.UTC) if value else None
 
 
+IDEMPOTENCY_KEY = "distill:idem:{}:{}"
+
+
 def submit(
-    redis: Redis, settings: Settings, spec: DatasetSpec, *, archive_url_for: Callable[[str], str]
-) -> JobPublic:
-    """Accept a job: record it, then enqueue it for the next free worker."""
+    redis: Redis,
+    settings: Settings,
+    spec: DatasetSpec,
+    *,
+    owner: str,
+    idempotency_key: str | None,
+    archive_url_for: Callable[[str], str],
+) -> tuple[JobPublic, bool]:
+    """Accept a job: record it, then enqueue it for the next free worker.
+
+    Returns the job and whether it was created now (False: an ``Idempotency-Key`` replay).
+    """
+    payload = spec.model_dump(mode="json")
+    job_id = uuid.uuid4().hex
+    idem_key = None
+    if idempotency_key is not None:
+        body_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest()
+        idem_key = IDEMPOTENCY_KEY.format(owner, key_hash)
+        claim = f"{job_id} {body_hash}"
+        if not redis.set(idem_key, claim, nx=True, ex=settings.result_ttl + records.TOMBSTONE_S):
+            stored: bytes = redis.get(idem_key) or b""  # type: ignore[assignment]
+            existing = stored.decode()
+            first_id, _, first_hash = existing.partition(" ")
+            if first_hash != body_hash:
+                raise BadIdempotencyKey(
+                    "Idempotency-Key was already used with a different request body"
+                )
+            return fetch(
+                redis, settings, first_id, owner=owner, archive_url=archive_url_for(first_id)
+            ), False
     queue = _queue(redis, settings)
     if queue.count >= settings.max_queued_jobs:
+        if idem_key:
+            redis.delete(idem_key)
         raise QueueFull(
             f"{queue.count} jobs are waiting (limit {settings.max_queued_jobs}); retry later",
             retry_after=30,
         )
-    job_id = uuid.uuid4().hex
-    payload = spec.model_dump(mode="json")
-    records.create(redis, job_id, request=payload, total=spec.total_images, ttl=settings.result_ttl)
+    records.create(
+        redis,
+        job_id,
+        request=payload,
+        total=spec.total_images,
+        ttl=settings.result_ttl,
+        owner=owner,
+    )
     try:
         queue.enqueue(
             TASK,
@@ -94,9 +145,11 @@ def submit(
         )
     except Exception:
         redis.delete(records.job_key(job_id))
-        redis.zrem(records.JOBS_INDEX, job_id)
+        redis.zrem(records.jobs_index(owner), job_id)
+        if idem_key:
+            redis.delete(idem_key)
         raise
-    return fetch(redis, settings, job_id, archive_url=archive_url_for(job_id))
+    return fetch(redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)), True
 
 
 def _reap_abandoned(redis: Redis, settings: Settings) -> None:
@@ -113,13 +166,25 @@ def _rq_job(redis: Redis, job_id: str) -> Job | None:
         return None
 
 
-def fetch(redis: Redis, settings: Settings, job_id: str, *, archive_url: str) -> JobPublic:
-    """The public view of one job; ``JobNotFound`` when unknown or expired."""
-    if not _JOB_ID.match(job_id):
+def _record(redis: Redis, job_id: str, owner: str) -> dict[str, str]:
+    """The job's record; 404 when unknown or another owner's, 410 when expired."""
+    record = records.read(redis, job_id) if _JOB_ID.match(job_id) else {}
+    # Another key's job is indistinguishable from a missing one.
+    if not record or record.get("owner", PUBLIC) != owner:
         raise JobNotFound(f"no job with id {job_id!r}")
-    record = records.read(redis, job_id)
-    if not record:
-        raise JobNotFound(f"no job with id {job_id!r}")
+    if records.expired(record):
+        raise JobExpired(
+            f"job {job_id} ended more than its retention ({record.get('ttl')} s) ago; "
+            "its archive has been removed"
+        )
+    return record
+
+
+def fetch(
+    redis: Redis, settings: Settings, job_id: str, *, owner: str, archive_url: str
+) -> JobPublic:
+    """The public view of one job (404 unknown, 410 expired)."""
+    record = _record(redis, job_id, owner)
     rq_job = None
     if "outcome" not in record:
         rq_job = _rq_job(redis, job_id)
@@ -217,9 +282,11 @@ def _view(
     )
 
 
-def cancel(redis: Redis, settings: Settings, job_id: str, *, archive_url: str) -> JobPublic:
+def cancel(
+    redis: Redis, settings: Settings, job_id: str, *, owner: str, archive_url: str
+) -> JobPublic:
     """Cancel a job: at once when queued, between batches when running."""
-    current = fetch(redis, settings, job_id, archive_url=archive_url)
+    current = fetch(redis, settings, job_id, owner=owner, archive_url=archive_url)
     if current.state in (JobState.succeeded, JobState.failed):
         raise JobConflict(f"job {job_id} already {current.state.value}; nothing to cancel")
     if current.state is JobState.canceled:
@@ -234,18 +301,74 @@ def cancel(redis: Redis, settings: Settings, job_id: str, *, archive_url: str) -
             pass  # it started or ended meanwhile; the flag stops it between batches
         else:
             records.finish(redis, job_id, outcome=records.CANCELED)
-    return fetch(redis, settings, job_id, archive_url=archive_url)
+    return fetch(redis, settings, job_id, owner=owner, archive_url=archive_url)
 
 
-def recent_ids(redis: Redis, *, limit: int) -> list[str]:
-    """Ids of the most recent jobs, newest first."""
-    ids: list[bytes] = redis.zrevrange(records.JOBS_INDEX, 0, limit - 1)  # type: ignore[assignment]
-    return [i.decode() for i in ids]
+def _encode_cursor(score: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score!r}:{job_id}".encode()).decode().rstrip("=")
 
 
-def archive_file(redis: Redis, settings: Settings, job_id: str) -> ArchiveFile:
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, _, job_id = raw.partition(":")
+        return float(score), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidCursor("cursor is not one this API returned") from None
+
+
+def list_page(
+    redis: Redis,
+    settings: Settings,
+    *,
+    owner: str,
+    state: JobState | None,
+    limit: int,
+    cursor: str | None,
+    archive_url_for: Callable[[str], str],
+) -> tuple[list[JobPublic], str | None]:
+    """One page of the owner's jobs, newest first, optionally in one state.
+
+    Returns the jobs and the cursor of the next page (None at the end).
+    """
+    index = records.jobs_index(owner)
+    high: float | str = "+inf"
+    after_id = None
+    if cursor:
+        high, after_id = _decode_cursor(cursor)
+    found: list[JobPublic] = []
+    scanned = 0
+    while len(found) < limit and scanned < MAX_SCAN:
+        rows: list[tuple[bytes, float]] = redis.zrevrangebyscore(  # type: ignore[assignment]
+            index, high, "-inf", start=0, num=limit + 50, withscores=True
+        )
+        fresh = [
+            (member.decode(), score)
+            for member, score in rows
+            # Same-score members come in reverse id order: skip those already returned.
+            if not (after_id is not None and score == high and member.decode() >= after_id)
+        ]
+        if not fresh:
+            return found, None
+        for job_id, score in fresh:
+            scanned += 1
+            high, after_id = score, job_id
+            try:
+                job = fetch(
+                    redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)
+                )
+            except (JobNotFound, JobExpired):
+                continue
+            if state is None or job.state is state:
+                found.append(job)
+                if len(found) == limit:
+                    break
+    return found, _encode_cursor(float(high), str(after_id))
+
+
+def archive_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> ArchiveFile:
     """The finished archive on disk; 409 until the job succeeded, 410 if it was removed."""
-    job = fetch(redis, settings, job_id, archive_url="")
+    job = fetch(redis, settings, job_id, owner=owner, archive_url="")
     if job.state is not JobState.succeeded or job.archive is None:
         raise JobConflict(
             f"job {job_id} is {job.state.value}; the archive exists once it succeeded"

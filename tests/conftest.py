@@ -70,6 +70,8 @@ def settings_env(settings: Settings, model: Path) -> dict[str, str]:
             "DISTILL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
             "DISTILL_HEARTBEAT_TTL": str(settings.heartbeat_ttl),
             "DISTILL_MAX_ATTEMPTS": str(settings.max_attempts),
+            "DISTILL_RESULT_TTL": str(settings.result_ttl),
+            "DISTILL_SWEEP_INTERVAL": str(settings.sweep_interval),
             "DISTILL_DEVICE": "cpu",
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(ROOT),

@@ -31,7 +31,7 @@ from rq.registry import StartedJobRegistry
 
 from service import logs
 from service.config import Settings, settings_or_exit
-from worker import records, runtime
+from worker import records, retention, runtime
 
 if TYPE_CHECKING:
     from worker.gpus import GpuClaim
@@ -140,9 +140,21 @@ class StatusBeacon:
         except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the thread
             log.warning("heartbeat failed (%s); retrying", exc)
 
+    def _sweep(self) -> None:
+        try:
+            retention.sweep(
+                self.redis, self.settings.data_dir, stale_after=self.settings.heartbeat_ttl
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed sweep is retried next interval
+            log.warning("retention sweep failed (%s)", exc)
+
     def _run(self) -> None:
+        next_sweep = time.monotonic()
         while not self._stop.wait(self.settings.heartbeat_interval):
             self._beat()
+            if self.worker is not None and time.monotonic() >= next_sweep:
+                self._sweep()
+                next_sweep = time.monotonic() + self.settings.sweep_interval
 
 
 def main(argv: list[str] | None = None) -> int:

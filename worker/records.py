@@ -6,8 +6,8 @@ outcome (canceled, archive digest) is ours, not RQ's.
 
 Keys::
 
-    distill:job:<id>         hash   request, timestamps, progress, outcome, archive, error
-    distill:jobs             zset   job ids by creation time (listing)
+    distill:job:<id>         hash   request, owner, timestamps, progress, outcome, archive, error
+    distill:jobs:<owner>     zset   one owner's job ids by creation time (listing)
     distill:worker:<name>    hash   one worker's status, expires when it stops beating
 """
 
@@ -26,7 +26,9 @@ from redis.typing import EncodableT, FieldT
 from worker import stats
 
 JOB_KEY = "distill:job:{}"
-JOBS_INDEX = "distill:jobs"
+JOBS_INDEX = "distill:jobs:{}"
+#: How long an expired job is still remembered, to answer 410 instead of 404.
+TOMBSTONE_S = 30 * 24 * 3600
 WORKER_KEY = "distill:worker:{}"
 WORKER_PATTERN = "distill:worker:*"
 
@@ -51,9 +53,22 @@ def partial_path(data_dir: Path, job_id: str) -> Path:
     return Path(data_dir) / f".{job_id}.zip.part"
 
 
-def create(redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int, ttl: int) -> float:
-    """Record a newly accepted job; ``ttl`` is how long it is kept once finished."""
+def jobs_index(owner: str) -> str:
+    return JOBS_INDEX.format(owner)
+
+
+def create(
+    redis: Redis,
+    job_id: str,
+    *,
+    request: Mapping[str, Any],
+    total: int,
+    ttl: int,
+    owner: str,
+) -> float:
+    """Record a newly accepted job of ``owner``; ``ttl`` is how long it is kept once finished."""
     now = time.time()
+    index = jobs_index(owner)
     with redis.pipeline() as pipe:
         pipe.hset(
             job_key(job_id),
@@ -64,10 +79,11 @@ def create(redis: Redis, job_id: str, *, request: Mapping[str, Any], total: int,
                 "generated": 0,
                 "written": 0,
                 "ttl": ttl,
+                "owner": owner,
             },
         )
-        pipe.zadd(JOBS_INDEX, {job_id: now})
-        pipe.zremrangebyscore(JOBS_INDEX, 0, now - ttl)
+        pipe.zadd(index, {job_id: now})
+        pipe.zremrangebyscore(index, 0, now - ttl - TOMBSTONE_S)
         stats.incr(pipe, "jobs_submitted")
         pipe.execute()
     log.info("job queued", extra={"job_id": job_id, "state": "queued", "images": total})
@@ -132,6 +148,12 @@ def save_progress(
         pipe.execute()
 
 
+def expired(record: Mapping[str, str], now: float | None = None) -> bool:
+    """True once a finished job is past its retention."""
+    expires = record.get("expires_at")
+    return expires is not None and float(expires) <= (now or time.time())
+
+
 def request_cancel(redis: Redis, job_id: str) -> None:
     redis.hset(job_key(job_id), "cancel_requested", "1")
 
@@ -149,7 +171,8 @@ def finish(
 ) -> bool:
     """Record a terminal outcome once; returns False when one was already recorded.
 
-    The record then expires after the ttl it was created with.
+    The job (and its archive) expire ``ttl`` seconds later (``expires_at``); the record stays
+    as a tombstone for ``TOMBSTONE_S`` more, so callers get 410 rather than 404.
     """
     key = job_key(job_id)
     if not redis.hsetnx(key, "outcome", outcome):
@@ -158,10 +181,14 @@ def finish(
     ttl_raw, started_raw, written_raw = redis.hmget(key, ["ttl", "started_at", "written"])
     seconds = max(now - float(started_raw), 1e-6) if started_raw is not None else None
     with redis.pipeline() as pipe:
-        mapping: dict[FieldT, EncodableT] = {"finished_at": repr(now)}
+        ttl = int(ttl_raw or DEFAULT_TTL)
+        mapping: dict[FieldT, EncodableT] = {
+            "finished_at": repr(now),
+            "expires_at": repr(now + ttl),
+        }
         mapping.update(fields or {})
         pipe.hset(key, mapping=mapping)
-        pipe.expire(key, int(ttl_raw or DEFAULT_TTL))
+        pipe.expire(key, ttl + TOMBSTONE_S)
         stats.incr(pipe, f"jobs_{outcome}")
         if seconds is not None:
             stats.observe(pipe, "job_duration", seconds)

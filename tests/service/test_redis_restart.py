@@ -26,7 +26,11 @@ def test_restarting_redis_loses_no_job_and_workers_reconnect(
             done = wait_for(client.get, done["id"])
             assert done["state"] == "succeeded"
 
-            body = {"labels": [f"c{i}" for i in range(100)], "ipc": 20, "augment": {"policy": "none"}}
+            body = {
+                "labels": [f"c{i}" for i in range(100)],
+                "ipc": 20,
+                "augment": {"policy": "none"},
+            }
             running = client.post("/v1/jobs", json=body).json()
             queued = [
                 client.post("/v1/jobs", json={"labels": [f"q{i}"], "ipc": 3}).json()
