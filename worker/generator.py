@@ -57,6 +57,8 @@ class Generator:
     resolution: int
     fingerprint: str | None = None
     load_seconds: float = 0.0
+    #: Largest batch known to fit in device memory (None: no limit met yet).
+    max_batch: int | None = None
 
     @classmethod
     def load(
@@ -129,14 +131,46 @@ class Generator:
         images: torch.Tensor = out.images
         return images
 
-    @torch.inference_mode()
     def render(
         self, prompts: Sequence[str], seeds: Sequence[int], *, sizes: Sequence[int]
     ) -> dict[int, np.ndarray]:
         """Sample and shrink: ``{size: (N, size, size, 3) uint8}`` for each requested size.
 
-        Resizing runs on the device with antialiasing, before anything is copied to the host.
+        A batch that runs out of device memory is retried in halves (down to one image), and
+        the size that worked is kept for later batches instead of failing the job.
         """
+        self.check_inputs(prompts, seeds)
+        parts: list[dict[int, np.ndarray]] = []
+        start = 0
+        while start < len(prompts):
+            step = min(self.max_batch or len(prompts), len(prompts) - start)
+            try:
+                parts.append(
+                    self._render(prompts[start : start + step], seeds[start : start + step], sizes)
+                )
+            except torch.OutOfMemoryError:
+                if step == 1:
+                    raise
+                self.max_batch = step // 2
+                log.warning(
+                    "out of memory at batch %d; retrying at %d",
+                    step,
+                    self.max_batch,
+                    extra={"batch": step, "max_batch": self.max_batch},
+                )
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start += step
+        if len(parts) == 1:
+            return parts[0]
+        return {size: np.concatenate([p[size] for p in parts]) for size in parts[0]}
+
+    @torch.inference_mode()
+    def _render(
+        self, prompts: Sequence[str], seeds: Sequence[int], sizes: Sequence[int]
+    ) -> dict[int, np.ndarray]:
+        """One pipeline call; resizing runs on the device before one copy to the host."""
         images = self.sample(prompts, seeds).float()
         result: dict[int, np.ndarray] = {}
         for size in sorted(set(sizes)):
@@ -163,6 +197,7 @@ class Generator:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "resolution": self.resolution,
+            "max_batch": self.max_batch or 0,
         }
 
     def provenance(self) -> dict[str, Any]:

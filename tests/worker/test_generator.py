@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from service.redis_server import EmbeddedRedis
 from tests.conftest import ROOT
@@ -95,3 +97,56 @@ def test_tiny_model_cli_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "wrote a tiny SDXL pipeline" in proc.stderr
     assert Generator.load(str(tmp_path / "m"), device="cpu").resolution == 64
+
+
+class MemoryLimitedPipeline:
+    """The real tiny pipeline behind a device-memory limit: more than ``limit`` images in one
+    call raises torch's own OutOfMemoryError, as a GPU would. (A real GPU run is in the
+    ``gpu``-marked test below.)"""
+
+    def __init__(self, pipeline: object, limit: int) -> None:
+        self._pipeline = pipeline
+        self.limit = limit
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pipeline, name)
+
+    def __call__(self, **kwargs: object) -> object:
+        count = len(kwargs["prompt"])  # type: ignore[arg-type]
+        self.calls.append(count)
+        if count > self.limit:
+            raise torch.OutOfMemoryError(f"cannot fit {count} images")
+        return self._pipeline(**kwargs)  # type: ignore[operator]
+
+
+def test_out_of_memory_halves_the_batch_and_remembers_it(generator: Generator) -> None:
+    limited = MemoryLimitedPipeline(generator.pipeline, limit=3)
+    small = dataclasses.replace(generator, pipeline=limited, max_batch=None)
+    prompts = [f"a photo of a cat {i}" for i in range(8)]
+    seeds = list(range(8))
+    out = small.render(prompts, seeds, sizes=(16,))[16]
+    assert out.shape == (8, 16, 16, 3)
+    assert small.max_batch == 2
+    assert limited.calls == [8, 4, 2, 2, 2, 2]
+    reference = generator.render(prompts, seeds, sizes=(16,))[16]
+    assert np.abs(out.astype(int) - reference.astype(int)).max() <= 1
+    limited.calls.clear()
+    small.render(prompts[:4], seeds[:4], sizes=(16,))
+    assert limited.calls == [2, 2]  # the size that worked is kept
+
+
+def test_out_of_memory_at_one_image_is_an_error(generator: Generator) -> None:
+    small = dataclasses.replace(
+        generator, pipeline=MemoryLimitedPipeline(generator.pipeline, limit=0), max_batch=None
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        small.render(["a"], [1], sizes=(8,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_cuda_out_of_memory_is_survived(tiny_model: Path) -> None:
+    cuda = Generator.load(str(tiny_model), device="cuda", resolution=2048)
+    out = cuda.render(["a photo of a cat"] * 512, list(range(512)), sizes=(8,))
+    assert out[8].shape[0] == 512
