@@ -176,6 +176,14 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's answer to a body it cannot decode (bad UTF-8, say): an invalid request.
+        error = FieldError(
+            field="body", message="body is not valid UTF-8 JSON", type="json_invalid"
+        )
+        return problem_response(
+            422, "Invalid request", "body: " + error.message, request=request, errors=[error]
+        )
     titles = {404: "Not found", 405: "Method not allowed", 413: PayloadTooLarge.title}
     title = titles.get(exc.status_code, "HTTP error")
     headers = dict(exc.headers) if exc.headers else None
