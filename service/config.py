@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, ge=1, le=65535, description="API port.")
     max_queued_jobs: int = Field(1000, ge=1, description="Above this, POST answers 503.")
+    max_job_images: int = Field(
+        100_000, ge=1, le=100_000, description="Most images one fixed-ipc job may ask for."
+    )
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="Larger request bodies: 413.")
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated bearer keys; unset: no authentication."

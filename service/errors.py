@@ -71,6 +71,11 @@ class BadIdempotencyKey(ServiceError):
     title = "Idempotency-Key reused"
 
 
+class TooManyImages(ServiceError):
+    status = 422
+    title = "Invalid request"
+
+
 class InvalidCursor(ServiceError):
     status = 422
     title = "Invalid cursor"

@@ -34,6 +34,7 @@ from service.errors import (
     JobExpired,
     JobNotFound,
     QueueFull,
+    TooManyImages,
 )
 from service.schemas import Archive, JobError, JobPublic, JobState, Progress, Timings
 from worker import records
@@ -95,6 +96,11 @@ def submit(
 
     Returns the job and whether it was created now (False: an ``Idempotency-Key`` replay).
     """
+    if spec.total_images > settings.max_job_images:
+        raise TooManyImages(
+            f"ipc: classes x ipc = {spec.total_images} images exceeds this service's limit of "
+            f"{settings.max_job_images} (DISTILL_MAX_JOB_IMAGES)"
+        )
     payload = spec.model_dump(mode="json")
     job_id = uuid.uuid4().hex
     idem_key = None

@@ -127,6 +127,18 @@ def _check_listing(idle_client: TestClient) -> None:
     assert idle_client.get("/v1/jobs", params={"state": "lost"}).status_code == 422
 
 
+def test_per_job_image_ceiling_is_configurable(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    settings = make_settings(
+        redis_server.url, tmp_path, queue_name=f"cap-{uuid.uuid4().hex[:6]}", max_job_images=50
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/jobs", json={"labels": ["a", "b"], "ipc": 25}).status_code == 202
+        over = client.post("/v1/jobs", json={"labels": ["a", "b"], "ipc": 26})
+        assert over.status_code == 422
+        assert over.json()["detail"].startswith("ipc:")
+        assert "DISTILL_MAX_JOB_IMAGES" in over.json()["detail"]
+
+
 def test_queue_ceiling_answers_503_with_retry_after(
     redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
