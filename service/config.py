@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         None, ge=64, le=2048, description="Sampling side in px; default the model's own."
     )
     batch_size: int = Field(8, ge=1, le=256, description="Images per pipeline call.")
+    postprocess_threads: int = Field(
+        2, ge=1, le=64, description="Threads augmenting and encoding while the model samples."
+    )
 
     # Job lifetimes.
     job_timeout: int = Field(6 * 3600, ge=10, description="Seconds one job may run.")

@@ -114,6 +114,11 @@ class ArchiveWriter:
         self._write(f"train/{file_name}", encode_png(image))
         self._metadata.append({"file_name": file_name, **metadata})
 
+    def add_png(self, file_name: str, png: bytes, **metadata: Any) -> None:
+        """Add already-encoded ``train/<file_name>`` and its metadata line."""
+        self._write(f"train/{file_name}", png)
+        self._metadata.append({"file_name": file_name, **metadata})
+
     def add_file(self, name: str, data: bytes, *, compress: bool = False) -> None:
         """Add another member (tensor files, say) at ``name``."""
         self._write(name, data, compress=compress)

@@ -15,25 +15,21 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
-from worker import formats, presets, records, runtime
-from worker.archive import ArchiveWriter, class_dir, image_name
-from worker.augment import augment, build_transform, source_size
+from worker import engine, presets, records, runtime
+from worker.archive import ArchiveWriter, class_dir
 from worker.errors import InsufficientSpace
 from worker.generator import Generator
-from worker.presets import ClassInfo
-from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
+from worker.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,33 +44,6 @@ _VERSIONED = (
     "numpy",
     "pillow",
 )
-SEED_SCHEME = (
-    "image seed = blake2b-64(job seed, class key, n); copy seed = blake2b-64(job seed, class key,"
-    " n, 'copy', k); class key = wnid if the class has one, else its label (worker/spec.py)"
-)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to sample: its class and its number among the class's sampled images."""
-
-    cls: ClassInfo
-    sample: int
-
-
-def fixed_plan(spec: DatasetSpec) -> list[Item]:
-    """Every image of a fixed-ipc job, class by class, in class-index order."""
-    return [Item(c, n) for c in spec.classes() for n in range(spec.generated_per_class)]
-
-
-def budget_rounds(classes: Sequence[ClassInfo], *, copies: int) -> Iterator[Item]:
-    """Round-robin: sample n of every class before sample n + 1 of any, up to the caps."""
-    max_samples = min(
-        -(-MAX_IPC // (copies + 1)), MAX_TOTAL_IMAGES // (len(classes) * (copies + 1))
-    )
-    for n in range(max(max_samples, 1)):
-        for cls in classes:
-            yield Item(cls, n)
 
 
 def library_versions() -> dict[str, str]:
@@ -89,55 +58,6 @@ def library_versions() -> dict[str, str]:
 
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat()
-
-
-@dataclass
-class Outputs:
-    """Where each finished image goes: the PNG tree and/or the in-memory tensor lists."""
-
-    spec: DatasetSpec
-    writer: ArchiveWriter
-    count: int = 0
-    per_class: dict[int, int] = field(default_factory=dict)
-    _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
-
-    def add(self, cls: ClassInfo, number: int, image: np.ndarray, **meta: Any) -> str:
-        name = image_name(cls.index, cls.label, number)
-        if "imagefolder" in self.spec.formats:
-            self.writer.add_image(name, image, label=cls.index, label_name=cls.label, **meta)
-        if "tensors" in self.spec.formats:
-            self._kept.append((cls.index, number, image))
-        self.count += 1
-        self.per_class[cls.index] = self.per_class.get(cls.index, 0) + 1
-        return name
-
-    def write_tensors(self) -> dict[str, Any]:
-        """Add tensors.pt (and normalized.pt for presets); returns their manifest entry."""
-        if "tensors" not in self.spec.formats:
-            return {}
-        ordered = sorted(self._kept, key=lambda row: (row[0], row[1]))
-        images = [row[2] for row in ordered]
-        labels = [row[0] for row in ordered]
-        classes = [c.label for c in self.spec.classes()]
-        self.writer.add_file("tensors.pt", formats.tensors_pt(images, labels, classes))
-        described: dict[str, Any] = {
-            "tensors.pt": {
-                "images": "uint8, N x 3 x H x W, values 0..255, RGB, class-major",
-                "labels": "int64, N, class index",
-                "classes": "list of class names by index",
-            }
-        }
-        if self.spec.preset:
-            preset = presets.get(self.spec.preset)
-            data = formats.normalized_pt(images, labels, mean=preset.mean, std=preset.std)
-            self.writer.add_file("normalized.pt", data)
-            described["normalized.pt"] = {
-                "images": "float32, N x 3 x H x W, (x / 255 - mean) / std, class-major",
-                "labels": "int64, N, class index",
-                "mean": list(preset.mean),
-                "std": list(preset.std),
-            }
-        return described
 
 
 #: How long a running job waits for Redis to come back before it gives up.
@@ -189,8 +109,25 @@ def check_space(spec: DatasetSpec, directory: Path) -> None:
         )
 
 
-class Interrupted(Exception):
-    """The worker is shutting down; the job goes back to the front of the queue."""
+class RedisHooks:
+    """Progress into the job record; cancel flag and worker shutdown checked between batches."""
+
+    def __init__(self, redis: Redis, job_id: str) -> None:
+        self.redis = redis
+        self.job_id = job_id
+
+    def should_cancel(self) -> bool:
+        return patiently(lambda: records.cancel_requested(self.redis, self.job_id))
+
+    def should_stop(self) -> bool:
+        return runtime.stopping()
+
+    def on_batch(self, *, generated: int, written: int, added: tuple[int, int]) -> None:
+        patiently(
+            lambda: records.save_progress(
+                self.redis, self.job_id, generated=generated, written=written, added=added
+            )
+        )
 
 
 def distill(payload: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +137,7 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("distill() runs as an RQ job")
     try:
         return _distill(job, payload)
-    except Interrupted:
+    except engine.Interrupted:
         worker = runtime.current().worker_name
         records.requeued(job.connection, job.id, reason=f"worker {worker} shut down")
         runtime.mark_interrupted(job.id)
@@ -224,16 +161,15 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
     check_space(spec, settings.data_dir)
 
     started = time.time()
-    items: Sequence[Item] | Iterator[Item]
-    if spec.budget_seconds is None:
-        items = fixed_plan(spec)
-    else:
-        items = budget_rounds(spec.classes(), copies=spec.augment.n_copies)
-
     with ArchiveWriter(final=final, partial=partial) as writer:
-        outputs = Outputs(spec=spec, writer=writer)
-        run = _generate(
-            redis, job.id, spec, generator, items, outputs, batch_size=settings.batch_size
+        outputs = engine.Outputs(spec=spec, writer=writer)
+        run = engine.run(
+            spec,
+            generator,
+            outputs,
+            batch_size=settings.batch_size,
+            threads=settings.postprocess_threads,
+            hooks=RedisHooks(redis, job.id),
         )
         if run is None or patiently(lambda: records.cancel_requested(redis, job.id)):
             done = {"written": outputs.count}
@@ -259,88 +195,11 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
     return {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}
 
 
-def _generate(
-    redis: Redis,
-    job_id: str,
-    spec: DatasetSpec,
-    generator: Generator,
-    items: Sequence[Item] | Iterator[Item],
-    outputs: Outputs,
-    *,
-    batch_size: int,
-) -> dict[str, Any] | None:
-    """Sample, resize, augment and store every item; None when canceled."""
-    copies = spec.augment.n_copies
-    size = spec.size
-    transform = build_transform(spec.augment, image_size=size)
-    src_size = source_size(spec.augment, image_size=size)
-    budget = spec.budget_seconds
-    started = time.perf_counter()
-    sampling = 0.0
-    slowest_batch = 0.0
-    generated = 0
-    iterator = iter(items)
-    while True:
-        batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
-        if not batch:
-            break
-        if patiently(lambda: records.cancel_requested(redis, job_id)):
-            return None
-        if runtime.stopping():
-            raise Interrupted
-        # Stop before a batch that would overrun the budget (the first round always runs).
-        elapsed = time.perf_counter() - started
-        if (
-            budget is not None
-            and generated >= len(spec.classes())
-            and elapsed + slowest_batch > budget
-        ):
-            break
-        t0 = time.perf_counter()
-        seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
-        prompts = [spec.prompt(it.cls, it.sample) for it in batch]
-        images = generator.render(prompts, seeds, sizes=(size, src_size))
-        sampling += time.perf_counter() - t0
-        before = outputs.count
-        for row, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True)):
-            per_sample = copies + 1
-            first = item.sample * per_sample
-            common = {"prompt": prompt, "seed": seed}
-            source = outputs.add(
-                item.cls, first, images[size][row], **common, kind="generated", source=None
-            )
-            for copy in range(1, copies + 1):
-                number = first + copy
-                if transform is None or (spec.ipc is not None and number >= spec.ipc):
-                    break
-                copy_seed = derive_seed(spec.seed, item.cls.key, item.sample, "copy", copy)
-                outputs.add(
-                    item.cls,
-                    number,
-                    augment(transform, images[src_size][row], seed=copy_seed),
-                    **common,
-                    kind="augmented",
-                    source=source,
-                    augment_seed=copy_seed,
-                )
-        generated += len(batch)
-        slowest_batch = max(slowest_batch, time.perf_counter() - t0)
-        progress = {"generated": generated, "written": outputs.count}
-        added = (len(batch), outputs.count - before)
-        patiently(lambda: records.save_progress(redis, job_id, **progress, added=added))  # noqa: B023
-    return {
-        "generated": generated,
-        "seconds_sampling": sampling,
-        "seconds_generating": time.perf_counter() - started,
-        "source_size": src_size,
-    }
-
-
 def _manifest(
     spec: DatasetSpec,
     *,
     generator: Generator,
-    outputs: Outputs,
+    outputs: engine.Outputs,
     tensors: dict[str, Any],
     run: dict[str, Any],
 ) -> dict[str, Any]:
@@ -379,7 +238,7 @@ def _manifest(
             "copy_source_size": run["source_size"],
             "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
             "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],
-            "seeds": SEED_SCHEME,
+            "seeds": engine.SEED_SCHEME,
         },
         "counts": {
             "classes": len(spec.classes()),

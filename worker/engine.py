@@ -1,0 +1,293 @@
+"""The generation engine: plan -> sample in batches -> resize -> augment -> encode -> archive.
+
+Used by the RQ task (``worker.tasks``) and by the benchmarks. It knows nothing about Redis:
+the caller passes ``Hooks`` for progress, cancellation and shutdown.
+
+The CPU side overlaps the model: while batch k+1 is sampled, a thread pool augments and
+PNG-encodes batch k (OpenCV and zlib release the GIL), and the main thread writes finished
+images into the zip in their fixed order, so the archive does not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import albumentations as A
+import numpy as np
+
+from worker import formats, presets
+from worker.archive import ArchiveWriter, encode_png, image_name
+from worker.augment import augment_copies, build_transform, source_size
+from worker.generator import Generator
+from worker.presets import ClassInfo
+from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
+
+#: Batches whose post-processing may be in flight while the next one is sampled.
+MAX_PENDING_BATCHES = 2
+
+SEED_SCHEME = (
+    "image seed = blake2b-64(job seed, class key, n); its copies k = 1..copies come in order from"
+    " one albumentations RNG seeded with blake2b-64(job seed, class key, n, 'copies');"
+    " class key = wnid if the class has one, else its label (worker/spec.py)"
+)
+
+
+class Hooks(Protocol):
+    def should_cancel(self) -> bool: ...
+
+    def should_stop(self) -> bool: ...
+
+    def on_batch(self, *, generated: int, written: int, added: tuple[int, int]) -> None: ...
+
+
+class NoHooks:
+    """Run to the end, report nothing (benchmarks)."""
+
+    def should_cancel(self) -> bool:
+        return False
+
+    def should_stop(self) -> bool:
+        return False
+
+    def on_batch(self, *, generated: int, written: int, added: tuple[int, int]) -> None:
+        return None
+
+
+class Interrupted(Exception):
+    """The worker is shutting down; the job goes back to the front of the queue."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to sample: its class and its number among the class's sampled images."""
+
+    cls: ClassInfo
+    sample: int
+
+
+def fixed_plan(spec: DatasetSpec) -> list[Item]:
+    """Every image of a fixed-ipc job, class by class, in class-index order."""
+    return [Item(c, n) for c in spec.classes() for n in range(spec.generated_per_class)]
+
+
+def budget_rounds(classes: Sequence[ClassInfo], *, copies: int) -> Iterator[Item]:
+    """Round-robin: sample n of every class before sample n + 1 of any, up to the caps."""
+    max_samples = min(
+        -(-MAX_IPC // (copies + 1)), MAX_TOTAL_IMAGES // (len(classes) * (copies + 1))
+    )
+    for n in range(max(max_samples, 1)):
+        for cls in classes:
+            yield Item(cls, n)
+
+
+def plan(spec: DatasetSpec) -> Sequence[Item] | Iterator[Item]:
+    if spec.budget_seconds is None:
+        return fixed_plan(spec)
+    return budget_rounds(spec.classes(), copies=spec.augment.n_copies)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One output image, encoded, with its metadata line."""
+
+    cls: ClassInfo
+    number: int
+    image: np.ndarray
+    png: bytes | None
+    meta: dict[str, Any]
+
+
+@dataclass
+class Outputs:
+    """Where each finished image goes: the PNG tree and/or the in-memory tensor lists."""
+
+    spec: DatasetSpec
+    writer: ArchiveWriter
+    count: int = 0
+    per_class: dict[int, int] = field(default_factory=dict)
+    _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+
+    def add(self, done: Finished) -> None:
+        if done.png is not None:
+            name = image_name(done.cls.index, done.cls.label, done.number)
+            self.writer.add_png(
+                name, done.png, label=done.cls.index, label_name=done.cls.label, **done.meta
+            )
+        if "tensors" in self.spec.formats:
+            self._kept.append((done.cls.index, done.number, done.image))
+        self.count += 1
+        self.per_class[done.cls.index] = self.per_class.get(done.cls.index, 0) + 1
+
+    def write_tensors(self) -> dict[str, Any]:
+        """Add tensors.pt (and normalized.pt for presets); returns their manifest entry."""
+        if "tensors" not in self.spec.formats:
+            return {}
+        ordered = sorted(self._kept, key=lambda row: (row[0], row[1]))
+        images = [row[2] for row in ordered]
+        labels = [row[0] for row in ordered]
+        classes = [c.label for c in self.spec.classes()]
+        self.writer.add_file("tensors.pt", formats.tensors_pt(images, labels, classes))
+        described: dict[str, Any] = {
+            "tensors.pt": {
+                "images": "uint8, N x 3 x H x W, values 0..255, RGB, class-major",
+                "labels": "int64, N, class index",
+                "classes": "list of class names by index",
+            }
+        }
+        if self.spec.preset:
+            preset = presets.get(self.spec.preset)
+            data = formats.normalized_pt(images, labels, mean=preset.mean, std=preset.std)
+            self.writer.add_file("normalized.pt", data)
+            described["normalized.pt"] = {
+                "images": "float32, N x 3 x H x W, (x / 255 - mean) / std, class-major",
+                "labels": "int64, N, class index",
+                "mean": list(preset.mean),
+                "std": list(preset.std),
+            }
+        return described
+
+
+class ThreadTransforms:
+    """One albumentations pipeline per thread: a Compose carries its own RNG state."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self._local = threading.local()
+
+    def get(self) -> A.Compose | None:
+        if not hasattr(self._local, "transform"):
+            self._local.transform = build_transform(self.spec.augment, image_size=self.spec.size)
+        transform: A.Compose | None = self._local.transform
+        return transform
+
+
+def _finish_item(
+    spec: DatasetSpec,
+    transforms: ThreadTransforms,
+    item: Item,
+    seed: int,
+    prompt: str,
+    small: np.ndarray,
+    source: np.ndarray,
+) -> list[Finished]:
+    """Everything one sampled image becomes: itself and its augmented copies, encoded."""
+    copies = spec.augment.n_copies
+    first = item.sample * (copies + 1)
+    encode = "imagefolder" in spec.formats
+    base_name = image_name(item.cls.index, item.cls.label, first)
+    common = {"prompt": prompt, "seed": seed}
+    done = [
+        Finished(
+            item.cls,
+            first,
+            small,
+            encode_png(small) if encode else None,
+            {**common, "kind": "generated", "source": None},
+        )
+    ]
+    wanted = copies if spec.ipc is None else min(copies, spec.ipc - first - 1)
+    transform = transforms.get()
+    if transform is not None and wanted > 0:
+        copies_seed = derive_seed(spec.seed, item.cls.key, item.sample, "copies")
+        for k, image in enumerate(augment_copies(transform, source, wanted, seed=copies_seed), 1):
+            done.append(
+                Finished(
+                    item.cls,
+                    first + k,
+                    image,
+                    encode_png(image) if encode else None,
+                    {**common, "kind": "augmented", "source": base_name, "copy": k},
+                )
+            )
+    return done
+
+
+def run(
+    spec: DatasetSpec,
+    generator: Generator,
+    outputs: Outputs,
+    *,
+    batch_size: int,
+    hooks: Hooks,
+    threads: int = 2,
+) -> dict[str, Any] | None:
+    """Make every image of ``spec`` into ``outputs``; None when canceled.
+
+    Raises ``Interrupted`` when ``hooks.should_stop()`` turns true between batches.
+    """
+    size = spec.size
+    transforms = ThreadTransforms(spec)
+    src_size = source_size(spec.augment, image_size=size)
+    budget = spec.budget_seconds
+    started = time.perf_counter()
+    sampling = 0.0
+    slowest_batch = 0.0
+    generated = 0
+    pending: deque[tuple[int, list[Future[list[Finished]]]]] = deque()
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            sampled, futures = pending.popleft()
+            before = outputs.count
+            for future in futures:
+                for done in future.result():
+                    outputs.add(done)
+            hooks.on_batch(
+                generated=generated - sum(n for n, _ in pending),
+                written=outputs.count,
+                added=(sampled, outputs.count - before),
+            )
+
+    iterator = iter(plan(spec))
+    with ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="postprocess") as pool:
+        while True:
+            batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
+            if not batch:
+                break
+            if hooks.should_cancel():
+                return None
+            if hooks.should_stop():
+                raise Interrupted
+            # Stop before a batch that would overrun the budget (the first round always runs).
+            elapsed = time.perf_counter() - started
+            if (
+                budget is not None
+                and generated >= len(spec.classes())
+                and elapsed + slowest_batch > budget
+            ):
+                break
+            t0 = time.perf_counter()
+            seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
+            prompts = [spec.prompt(it.cls, it.sample) for it in batch]
+            images = generator.render(prompts, seeds, sizes=(size, src_size))
+            sampling += time.perf_counter() - t0
+            futures = [
+                pool.submit(
+                    _finish_item,
+                    spec,
+                    transforms,
+                    item,
+                    seed,
+                    prompt,
+                    images[size][row],
+                    images[src_size][row],
+                )
+                for row, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True))
+            ]
+            generated += len(batch)
+            pending.append((len(batch), futures))
+            drain(keep=MAX_PENDING_BATCHES - 1)
+            slowest_batch = max(slowest_batch, time.perf_counter() - t0)
+        drain(keep=0)
+    return {
+        "generated": generated,
+        "seconds_sampling": sampling,
+        "seconds_generating": time.perf_counter() - started,
+        "source_size": src_size,
+    }
