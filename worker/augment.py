@@ -61,7 +61,7 @@ def build_transform(spec: AugmentSpec, *, image_size: int) -> A.Compose | None:
     if not steps:
         return None
     transforms = [_transform(step, image_size=image_size) for step in steps]
-    return A.Compose(transforms, strict=True, seed=0)
+    return A.Compose(transforms, strict=True, seed=0, is_check_shapes=False)
 
 
 def augment(transform: A.Compose, image: np.ndarray, *, seed: int) -> np.ndarray:

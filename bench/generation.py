@@ -1,0 +1,477 @@
+"""Generation benchmark: the paper's loop vs our engine vs the bare model vs the whole service.
+
+    python bench/generation.py [--classes 10] [--ipc 50] [--size 32] [--batch-size 8]
+                               [--model DIR | --skeleton DIR] [--modes reference engine bare
+                               service postprocess] [--json FILE]
+
+Modes, each run in its own process so peak memory is its own:
+- reference:   the paper's loop: one prompt per pipeline call at the model's resolution, PIL
+               output, PIL bicubic resize, then the paper's augmentation on the already-shrunk
+               image (its RandomCrop to the same size does nothing), PNG files written to disk.
+- engine:      our worker's path (worker.engine.run) for the same classes and IPC, into a zip.
+- bare:        the model's own forward passes only (text encoders + UNet + decoder, batched).
+- service:     the same job through the API, Redis, queue and a worker, POST to succeeded.
+- postprocess: resize-free CPU side only (paper PDA + PNG + zip) on random images, images/s.
+
+Without --model it builds the tiny random model (CPU smoke figures). With --skeleton it builds
+the full-size SDXL-Turbo architecture from a weightless config directory with random weights
+(cost does not depend on weight values; needs a GPU to be meaningful). Prints a table; writes
+JSON with --json. Figures are measurements, never pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+MODES = ("reference", "engine", "bare", "service", "postprocess")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load(args: argparse.Namespace) -> Any:
+    import torch
+
+    from worker.generator import Generator
+
+    if args.skeleton:
+        return build_skeleton(Path(args.skeleton), args.device)
+    gen = Generator.load(str(args.model), device=args.device, dtype=args.dtype)
+    if gen.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(gen.device)
+    return gen
+
+
+def build_skeleton(directory: Path, device: str | None) -> Any:
+    """Full-size SDXL-Turbo with random weights from its configs (no weight files needed)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from worker.generator import Generator, pick_device, pick_dtype
+
+    target = pick_device(device)
+    dtype = pick_dtype(None, target)
+    with torch.device(target):
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(directory / "vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(directory / "text_encoder")),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(directory / "text_encoder_2")
+            ),
+            tokenizer=CLIPTokenizer.from_pretrained(directory / "tokenizer"),
+            tokenizer_2=CLIPTokenizer.from_pretrained(directory / "tokenizer_2"),
+            unet=UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(directory / "unet")
+            ),
+            scheduler=EulerAncestralDiscreteScheduler.from_config(
+                EulerAncestralDiscreteScheduler.load_config(directory / "scheduler")
+            ),
+        )
+    pipe = pipe.to(target, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return Generator(
+        pipeline=pipe, device=target, dtype=dtype, model=str(directory), revision=None,
+        resolution=native,
+    )  # fmt: skip
+
+
+def spec_for(args: argparse.Namespace) -> Any:
+    from worker.spec import DatasetSpec
+
+    labels = [f"class {i}" for i in range(args.classes)]
+    return DatasetSpec(labels=labels, ipc=args.ipc, image_size=args.size)
+
+
+def gpu_peak_mb(gen: Any) -> float | None:
+    import torch
+
+    if gen.device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(gen.device) / 2**20
+
+
+def sync(gen: Any) -> None:
+    import torch
+
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize(gen.device)
+
+
+def run_reference(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import albumentations as A
+    import cv2
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    gen = load(args)
+    spec = spec_for(args)
+    pda = A.Compose(
+        [
+            A.RandomCrop(height=args.size, width=args.size),
+            A.HorizontalFlip(p=0.8),
+            A.VerticalFlip(p=0.8),
+            A.RandomBrightnessContrast(p=0.5),
+            A.Rotate(limit=60, p=0.8, border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomGamma(p=0.5),
+        ]
+    )
+    out = work / "reference"
+    out.mkdir()
+    copies = spec.augment.n_copies
+    written = 0
+    sync(gen)
+    started = time.perf_counter()
+    for cls in spec.classes():
+        folder = out / cls.label
+        folder.mkdir()
+        for n in range(spec.generated_per_class):
+            image = gen.pipeline(
+                prompt=spec.prompt(cls),
+                num_inference_steps=1,
+                guidance_scale=0.0,
+                height=gen.resolution,
+                width=gen.resolution,
+                generator=torch.Generator("cpu").manual_seed(n),
+            ).images[0]
+            small = image.resize((args.size, args.size), Image.BICUBIC)
+            small.save(folder / f"{n}.png")
+            written += 1
+            array = np.asarray(small)
+            for k in range(copies):
+                if n * (copies + 1) + k + 1 >= spec.ipc:
+                    break
+                Image.fromarray(pda(image=array)["image"]).save(folder / f"{n}_{k}.png")
+                written += 1
+    sync(gen)
+    seconds = time.perf_counter() - started
+    return {
+        "images": written,
+        "sampled": spec.total_generated,
+        "seconds": seconds,
+        "gpu_peak_mb": gpu_peak_mb(gen),
+    }
+
+
+def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from worker import engine
+    from worker.archive import ArchiveWriter
+
+    gen = load(args)
+    spec = spec_for(args)
+    sync(gen)
+    started = time.perf_counter()
+    with ArchiveWriter(final=work / "engine.zip", partial=work / "engine.part") as writer:
+        outputs = engine.Outputs(spec=spec, writer=writer)
+        result = engine.run(
+            spec,
+            gen,
+            outputs,
+            batch_size=args.batch_size,
+            hooks=engine.NoHooks(),
+            threads=args.threads,
+        )
+        assert result is not None
+        writer.commit({"bench": True})
+    sync(gen)
+    seconds = time.perf_counter() - started
+    return {
+        "images": outputs.count,
+        "sampled": result["generated"],
+        "seconds": seconds,
+        "seconds_sampling": result["seconds_sampling"],
+        "gpu_peak_mb": gpu_peak_mb(gen),
+    }
+
+
+def run_bare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+
+    gen = load(args)
+    spec = spec_for(args)
+    total = spec.total_generated
+    sync(gen)
+    started = time.perf_counter()
+    done = 0
+    with torch.inference_mode():
+        while done < total:
+            n = min(args.batch_size, total - done)
+            gen.pipeline(
+                prompt=["a photo of a class"] * n,
+                num_inference_steps=1,
+                guidance_scale=0.0,
+                height=gen.resolution,
+                width=gen.resolution,
+                output_type="pt",
+            )
+            done += n
+    sync(gen)
+    seconds = time.perf_counter() - started
+    return {"images": 0, "sampled": total, "seconds": seconds, "gpu_peak_mb": gpu_peak_mb(gen)}
+
+
+def run_service(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import httpx
+
+    from service.redis_server import EmbeddedRedis, free_port
+
+    redis = EmbeddedRedis(work / "redis", persist=False).start()
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DISTILL_REDIS_URL": redis.url,
+        "DISTILL_DATA_DIR": str(work / "data"),
+        "DISTILL_MODEL": str(args.model),
+        "DISTILL_PORT": str(port),
+        "DISTILL_BATCH_SIZE": str(args.batch_size),
+        "DISTILL_POSTPROCESS_THREADS": str(args.threads),
+        "DISTILL_LOG_LEVEL": "WARNING",
+        **({"DISTILL_DEVICE": args.device} if args.device else {}),
+    }
+    procs = [
+        subprocess.Popen([sys.executable, "-m", m], env=env, stderr=subprocess.DEVNULL)
+        for m in ("worker", "service")
+    ]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("service stack did not become ready")
+            time.sleep(0.2)
+        body = spec_for(args).model_dump(mode="json")
+        started = time.perf_counter()
+        job = httpx.post(f"{base}/v1/jobs", json=body, timeout=30).json()
+        while job["state"] not in ("succeeded", "failed", "canceled"):
+            time.sleep(0.02)
+            job = httpx.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
+        seconds = time.perf_counter() - started
+        if job["state"] != "succeeded":
+            raise RuntimeError(f"service job ended {job['state']}: {job.get('error')}")
+        return {
+            "images": job["progress"]["written"],
+            "sampled": job["progress"]["generated"],
+            "seconds": seconds,
+            "gpu_peak_mb": None,
+            "note": "peak RSS is the client's; the worker's is in its own process",
+        }
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+        redis.stop()
+
+
+def run_postprocess(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The CPU side alone at the output size: paper PDA + PNG + zip, with the engine's threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from worker import engine
+    from worker.archive import ArchiveWriter
+
+    spec = spec_for(args)
+    rng = np.random.default_rng(0)
+    src = source_size_for(spec)
+    small = rng.integers(0, 255, (64, args.size, args.size, 3), dtype=np.uint8)
+    large = rng.integers(0, 255, (64, src, src, 3), dtype=np.uint8)
+    items = engine.fixed_plan(spec)
+    transforms = engine.ThreadTransforms(spec)
+    started = time.perf_counter()
+    with ArchiveWriter(final=work / "pp.zip", partial=work / "pp.part") as writer:
+        outputs = engine.Outputs(spec=spec, writer=writer)
+        with ThreadPoolExecutor(max_workers=args.threads) as pool:
+            futures = [
+                pool.submit(
+                    engine._finish_item,
+                    spec,
+                    transforms,
+                    item,
+                    i,
+                    "p",
+                    small[i % 64],
+                    large[i % 64],
+                )
+                for i, item in enumerate(items)
+            ]
+            for future in futures:
+                for done in future.result():
+                    outputs.add(done)
+        writer.commit({})
+    seconds = time.perf_counter() - started
+    return {"images": outputs.count, "sampled": 0, "seconds": seconds, "gpu_peak_mb": None}
+
+
+def source_size_for(spec: Any) -> int:
+    from worker.augment import source_size
+
+    return int(source_size(spec.augment, image_size=spec.size))
+
+
+RUNNERS = {
+    "reference": run_reference,
+    "engine": run_engine,
+    "bare": run_bare,
+    "service": run_service,
+    "postprocess": run_postprocess,
+}
+
+
+def child(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as scratch:
+        result = RUNNERS[args.child](args, Path(scratch))
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--ipc", type=int, default=50)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--skeleton", type=Path)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.model is None and args.skeleton is None:
+            from worker.tiny_model import build
+
+            args.model = build(Path(scratch) / "tiny-model")
+        results: dict[str, dict[str, Any]] = {}
+        passthrough = [a for a in sys.argv[1:] if not a.startswith("--modes")]
+        passthrough = _strip_modes(sys.argv[1:])
+        for mode in args.modes:
+            command = [sys.executable, __file__, *passthrough, "--child", mode]
+            if args.model is not None and "--model" not in passthrough:
+                command += ["--model", str(args.model)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results[mode] = json.loads(line.removeprefix("RESULT "))
+
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    print(
+        f"{args.classes} classes x IPC {args.ipc} at {args.size} px, batch {args.batch_size}, "
+        f"{args.threads} post-processing threads, device {device} ({platform.processor() or platform.machine()})"
+    )
+    print(
+        f"{'mode':<12}{'seconds':>9}{'out img/s':>11}{'sampled/s':>11}{'peak RSS MB':>13}{'GPU MB':>9}"
+    )
+    for mode, r in results.items():
+        out_rate = r["images"] / r["seconds"] if r["images"] else 0.0
+        sampled_rate = r["sampled"] / r["seconds"] if r["sampled"] else 0.0
+        r["images_per_second"] = round(out_rate, 1)
+        r["sampled_per_second"] = round(sampled_rate, 2)
+        gpu = f"{r['gpu_peak_mb']:.0f}" if r.get("gpu_peak_mb") else "-"
+        print(
+            f"{mode:<12}{r['seconds']:>9.2f}{out_rate:>11.1f}{sampled_rate:>11.2f}"
+            f"{r['peak_rss_mb']:>13.0f}{gpu:>9}"
+        )
+    ratios = {}
+    if "engine" in results and "reference" in results:
+        ratios["engine/reference"] = results["engine"]["images_per_second"] / max(
+            results["reference"]["images_per_second"], 1e-9
+        )
+    if "engine" in results and "bare" in results:
+        ratios["engine/bare (sampled)"] = results["engine"]["sampled_per_second"] / max(
+            results["bare"]["sampled_per_second"], 1e-9
+        )
+    if "service" in results and "engine" in results:
+        ratios["service/engine"] = results["service"]["images_per_second"] / max(
+            results["engine"]["images_per_second"], 1e-9
+        )
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "args": _plain(vars(args)),
+                    "results": results,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )  # fmt: skip
+        )
+    return 0
+
+
+def _strip_modes(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skipping = False
+    for arg in argv:
+        if arg == "--modes" or arg == "--json":
+            skipping = True
+            continue
+        if skipping and not arg.startswith("--"):
+            continue
+        skipping = False
+        out.append(arg)
+    return out
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
