@@ -384,7 +384,6 @@ def main() -> int:
 
             args.model = build(Path(scratch) / "tiny-model")
         results: dict[str, dict[str, Any]] = {}
-        passthrough = [a for a in sys.argv[1:] if not a.startswith("--modes")]
         passthrough = _strip_modes(sys.argv[1:])
         for mode in args.modes:
             command = [sys.executable, __file__, *passthrough, "--child", mode]
@@ -398,12 +397,14 @@ def main() -> int:
             results[mode] = json.loads(line.removeprefix("RESULT "))
 
     device = args.device or ("cuda" if _cuda() else "cpu")
+    cpu = platform.processor() or platform.machine()
     print(
         f"{args.classes} classes x IPC {args.ipc} at {args.size} px, batch {args.batch_size}, "
-        f"{args.threads} post-processing threads, device {device} ({platform.processor() or platform.machine()})"
+        f"{args.threads} post-processing threads, device {device} ({cpu}, {os.cpu_count()} cpus)"
     )
+    header = ("mode", "seconds", "out img/s", "sampled/s", "peak RSS MB", "GPU MB")
     print(
-        f"{'mode':<12}{'seconds':>9}{'out img/s':>11}{'sampled/s':>11}{'peak RSS MB':>13}{'GPU MB':>9}"
+        f"{header[0]:<12}{header[1]:>9}{header[2]:>11}{header[3]:>11}{header[4]:>13}{header[5]:>9}"
     )
     for mode, r in results.items():
         out_rate = r["images"] / r["seconds"] if r["images"] else 0.0
@@ -441,7 +442,7 @@ def main() -> int:
                     "ratios": ratios,
                 },
                 indent=2,
-            )  # fmt: skip
+            )
         )
     return 0
 
