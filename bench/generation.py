@@ -184,9 +184,12 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from worker import engine
     from worker.archive import ArchiveWriter
+    from worker.postprocess import make_pool
 
     gen = load(args)
     spec = spec_for(args)
+    pool = make_pool(args.pool, args.workers)
+    pool.submit(int).result()  # started once per worker process, like the service's
     sync(gen)
     started = time.perf_counter()
     with ArchiveWriter(final=work / "engine.zip", partial=work / "engine.part") as writer:
@@ -197,7 +200,8 @@ def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             outputs,
             batch_size=args.batch_size,
             hooks=engine.NoHooks(),
-            threads=args.threads,
+            pool=pool,
+            workers=args.workers,
         )
         assert result is not None
         writer.commit({"bench": True})
@@ -253,7 +257,8 @@ def run_service(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "DISTILL_MODEL": str(args.model),
         "DISTILL_PORT": str(port),
         "DISTILL_BATCH_SIZE": str(args.batch_size),
-        "DISTILL_POSTPROCESS_THREADS": str(args.threads),
+        "DISTILL_POSTPROCESS_WORKERS": str(args.workers),
+        "DISTILL_POSTPROCESS_MODE": args.pool,
         "DISTILL_LOG_LEVEL": "WARNING",
         **({"DISTILL_DEVICE": args.device} if args.device else {}),
     }
@@ -297,12 +302,10 @@ def run_service(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def run_postprocess(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """The CPU side alone at the output size: paper PDA + PNG + zip, with the engine's threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """The CPU side alone at the output size: paper PDA + PNG + zip, in the engine's pool."""
     import numpy as np
 
-    from worker import engine
+    from worker import engine, postprocess
     from worker.archive import ArchiveWriter
 
     spec = spec_for(args)
@@ -311,29 +314,25 @@ def run_postprocess(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     small = rng.integers(0, 255, (64, args.size, args.size, 3), dtype=np.uint8)
     large = rng.integers(0, 255, (64, src, src, 3), dtype=np.uint8)
     items = engine.fixed_plan(spec)
-    transforms = engine.ThreadTransforms(spec)
-    started = time.perf_counter()
-    with ArchiveWriter(final=work / "pp.zip", partial=work / "pp.part") as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
-        with ThreadPoolExecutor(max_workers=args.threads) as pool:
-            futures = [
-                pool.submit(
-                    engine._finish_item,
-                    spec,
-                    transforms,
-                    item,
-                    i,
-                    "p",
-                    small[i % 64],
-                    large[i % 64],
-                )
+    with postprocess.make_pool(args.pool, args.workers) as pool:
+        pool.submit(int).result()
+        started = time.perf_counter()
+        with ArchiveWriter(final=work / "pp.zip", partial=work / "pp.part") as writer:
+            outputs = engine.Outputs(spec=spec, writer=writer)
+            rows: list[postprocess.Row] = [
+                (item.cls, item.sample, i, "p", small[i % 64], large[i % 64])
                 for i, item in enumerate(items)
+            ]
+            chunk = 8  # a batch's share, as the engine submits it
+            futures = [
+                pool.submit(postprocess.finish_items, spec, rows[s : s + chunk])
+                for s in range(0, len(rows), chunk)
             ]
             for future in futures:
                 for done in future.result():
                     outputs.add(done)
-        writer.commit({})
-    seconds = time.perf_counter() - started
+            writer.commit({})
+        seconds = time.perf_counter() - started
     return {"images": outputs.count, "sampled": 0, "seconds": seconds, "gpu_peak_mb": None}
 
 
@@ -366,7 +365,8 @@ def main() -> int:
     parser.add_argument("--ipc", type=int, default=50)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="post-processing workers")
+    parser.add_argument("--pool", choices=("processes", "threads"), default="threads")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
     parser.add_argument("--model", type=Path)
@@ -400,7 +400,8 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     print(
         f"{args.classes} classes x IPC {args.ipc} at {args.size} px, batch {args.batch_size}, "
-        f"{args.threads} post-processing threads, device {device} ({cpu}, {os.cpu_count()} cpus)"
+        f"{args.workers} post-processing {args.pool}, "
+        f"device {device} ({cpu}, {os.cpu_count()} cpus)"
     )
     header = ("mode", "seconds", "out img/s", "sampled/s", "peak RSS MB", "GPU MB")
     print(

@@ -50,8 +50,11 @@ class Settings(BaseSettings):
         None, ge=64, le=2048, description="Sampling side in px; default the model's own."
     )
     batch_size: int = Field(8, ge=1, le=256, description="Images per pipeline call.")
-    postprocess_threads: int = Field(
-        2, ge=1, le=64, description="Threads augmenting and encoding while the model samples."
+    postprocess_workers: int = Field(
+        2, ge=1, le=64, description="Augmenting/encoding workers running while the model samples."
+    )
+    postprocess_mode: Literal["threads", "processes"] = Field(
+        "threads", description="threads, or processes (past the GIL, for many-core hosts)."
     )
 
     # Job lifetimes.

@@ -10,20 +10,18 @@ images into the zip in their fixed order, so the archive does not depend on thre
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import albumentations as A
 import numpy as np
 
-from worker import formats, presets
-from worker.archive import ArchiveWriter, encode_png, image_name
-from worker.augment import augment_copies, build_transform, source_size
+from worker import formats, postprocess, presets
+from worker.archive import ArchiveWriter, image_name
+from worker.augment import source_size
 from worker.generator import Generator
 from worker.presets import ClassInfo
 from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
@@ -92,17 +90,6 @@ def plan(spec: DatasetSpec) -> Sequence[Item] | Iterator[Item]:
     return budget_rounds(spec.classes(), copies=spec.augment.n_copies)
 
 
-@dataclass(frozen=True)
-class Finished:
-    """One output image, encoded, with its metadata line."""
-
-    cls: ClassInfo
-    number: int
-    image: np.ndarray
-    png: bytes | None
-    meta: dict[str, Any]
-
-
 @dataclass
 class Outputs:
     """Where each finished image goes: the PNG tree and/or the in-memory tensor lists."""
@@ -113,7 +100,7 @@ class Outputs:
     per_class: dict[int, int] = field(default_factory=dict)
     _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
-    def add(self, done: Finished) -> None:
+    def add(self, done: postprocess.Finished) -> None:
         if done.png is not None:
             name = image_name(done.cls.index, done.cls.label, done.number)
             self.writer.add_png(
@@ -153,61 +140,6 @@ class Outputs:
         return described
 
 
-class ThreadTransforms:
-    """One albumentations pipeline per thread: a Compose carries its own RNG state."""
-
-    def __init__(self, spec: DatasetSpec) -> None:
-        self.spec = spec
-        self._local = threading.local()
-
-    def get(self) -> A.Compose | None:
-        if not hasattr(self._local, "transform"):
-            self._local.transform = build_transform(self.spec.augment, image_size=self.spec.size)
-        transform: A.Compose | None = self._local.transform
-        return transform
-
-
-def _finish_item(
-    spec: DatasetSpec,
-    transforms: ThreadTransforms,
-    item: Item,
-    seed: int,
-    prompt: str,
-    small: np.ndarray,
-    source: np.ndarray,
-) -> list[Finished]:
-    """Everything one sampled image becomes: itself and its augmented copies, encoded."""
-    copies = spec.augment.n_copies
-    first = item.sample * (copies + 1)
-    encode = "imagefolder" in spec.formats
-    base_name = image_name(item.cls.index, item.cls.label, first)
-    common = {"prompt": prompt, "seed": seed}
-    done = [
-        Finished(
-            item.cls,
-            first,
-            small,
-            encode_png(small) if encode else None,
-            {**common, "kind": "generated", "source": None},
-        )
-    ]
-    wanted = copies if spec.ipc is None else min(copies, spec.ipc - first - 1)
-    transform = transforms.get()
-    if transform is not None and wanted > 0:
-        copies_seed = derive_seed(spec.seed, item.cls.key, item.sample, "copies")
-        for k, image in enumerate(augment_copies(transform, source, wanted, seed=copies_seed), 1):
-            done.append(
-                Finished(
-                    item.cls,
-                    first + k,
-                    image,
-                    encode_png(image) if encode else None,
-                    {**common, "kind": "augmented", "source": base_name, "copy": k},
-                )
-            )
-    return done
-
-
 def run(
     spec: DatasetSpec,
     generator: Generator,
@@ -215,21 +147,34 @@ def run(
     *,
     batch_size: int,
     hooks: Hooks,
-    threads: int = 2,
+    pool: Executor | None = None,
+    workers: int = 2,
 ) -> dict[str, Any] | None:
     """Make every image of ``spec`` into ``outputs``; None when canceled.
 
+    ``pool`` does the CPU side (a worker keeps one for its lifetime; ``workers`` is its size,
+    and each batch is split into that many tasks); without one, a pool of ``workers`` threads.
     Raises ``Interrupted`` when ``hooks.should_stop()`` turns true between batches.
     """
+    if pool is None:
+        with postprocess.make_pool("threads", workers) as own:
+            return run(
+                spec,
+                generator,
+                outputs,
+                batch_size=batch_size,
+                hooks=hooks,
+                pool=own,
+                workers=workers,
+            )
     size = spec.size
-    transforms = ThreadTransforms(spec)
     src_size = source_size(spec.augment, image_size=size)
     budget = spec.budget_seconds
     started = time.perf_counter()
     sampling = 0.0
     slowest_batch = 0.0
     generated = 0
-    pending: deque[tuple[int, list[Future[list[Finished]]]]] = deque()
+    pending: deque[tuple[int, list[Future[list[postprocess.Finished]]]]] = deque()
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
@@ -245,7 +190,7 @@ def run(
             )
 
     iterator = iter(plan(spec))
-    with ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="postprocess") as pool:
+    try:
         while True:
             batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
             if not batch:
@@ -267,24 +212,25 @@ def run(
             prompts = [spec.prompt(it.cls, it.sample) for it in batch]
             images = generator.render(prompts, seeds, sizes=(size, src_size))
             sampling += time.perf_counter() - t0
+            rows: list[postprocess.Row] = [
+                (item.cls, item.sample, seed, prompt, images[size][i], images[src_size][i])
+                for i, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True))
+            ]
+            chunk = -(-len(rows) // workers)
             futures = [
-                pool.submit(
-                    _finish_item,
-                    spec,
-                    transforms,
-                    item,
-                    seed,
-                    prompt,
-                    images[size][row],
-                    images[src_size][row],
-                )
-                for row, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True))
+                pool.submit(postprocess.finish_items, spec, rows[start : start + chunk])
+                for start in range(0, len(rows), chunk)
             ]
             generated += len(batch)
             pending.append((len(batch), futures))
             drain(keep=MAX_PENDING_BATCHES - 1)
             slowest_batch = max(slowest_batch, time.perf_counter() - t0)
         drain(keep=0)
+    finally:
+        # Canceled or interrupted: let in-flight items finish before the pool is reused.
+        for _, futures in pending:
+            for future in futures:
+                future.cancel()
     return {
         "generated": generated,
         "seconds_sampling": sampling,

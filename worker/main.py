@@ -12,6 +12,7 @@ is seen as abandoned within ``DISTILL_HEARTBEAT_TTL`` seconds), and our status h
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -195,7 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             time.perf_counter() - started,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        runtime.install(runtime.Runtime(generator=generator, settings=settings, worker_name=name))
+        # Import the job's code and start the post-processing pool now, not in the first job.
+        importlib.import_module("worker.tasks")
+        from worker.postprocess import make_pool
+
+        pool = make_pool(settings.postprocess_mode, settings.postprocess_workers)
+        runtime.install(
+            runtime.Runtime(generator=generator, settings=settings, worker_name=name, pool=pool)
+        )
 
         queue = Queue(settings.queue_name, connection=redis)
         # Maintenance also reaps jobs of dead workers; run it about once per heartbeat TTL.

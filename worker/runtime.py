@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ class Runtime:
     generator: Generator
     settings: Settings
     worker_name: str
+    #: The post-processing pool, kept for the worker's lifetime (None: each job makes one).
+    pool: Executor | None = None
 
 
 _current: Runtime | None = None

@@ -168,7 +168,8 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
             generator,
             outputs,
             batch_size=settings.batch_size,
-            threads=settings.postprocess_threads,
+            pool=rt.pool,
+            workers=settings.postprocess_workers,
             hooks=RedisHooks(redis, job.id),
         )
         if run is None or patiently(lambda: records.cancel_requested(redis, job.id)):

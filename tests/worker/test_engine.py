@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from worker import engine
 from worker.archive import ArchiveWriter
 from worker.generator import Generator
+from worker.postprocess import make_pool
 from worker.spec import DatasetSpec
 
 
@@ -18,19 +18,33 @@ def generator(tiny_model: Path) -> Generator:
     return Generator.load(str(tiny_model), device="cpu")
 
 
-def _archive(generator: Generator, spec: DatasetSpec, path: Path, *, threads: int) -> str:
-    with ArchiveWriter(final=path, partial=path.with_suffix(".part")) as writer:
+def _archive(
+    generator: Generator, spec: DatasetSpec, path: Path, *, mode: str, workers: int
+) -> str:
+    with (
+        make_pool(mode, workers) as pool,  # type: ignore[arg-type]
+        ArchiveWriter(final=path, partial=path.with_suffix(".part")) as writer,
+    ):
         outputs = engine.Outputs(spec=spec, writer=writer)
         run = engine.run(
-            spec, generator, outputs, batch_size=3, hooks=engine.NoHooks(), threads=threads
+            spec,
+            generator,
+            outputs,
+            batch_size=3,
+            hooks=engine.NoHooks(),
+            pool=pool,
+            workers=workers,
         )
         assert run is not None
         return writer.commit({"n": outputs.count}).sha256
 
 
-def test_thread_count_does_not_change_the_archive(generator: Generator, tmp_path: Path) -> None:
+def test_pool_kind_and_size_do_not_change_the_archive(generator: Generator, tmp_path: Path) -> None:
     spec = DatasetSpec(labels=["cat", "dog", "ship"], ipc=7, image_size=16)
-    digests = {_archive(generator, spec, tmp_path / f"{n}.zip", threads=n) for n in (1, 2, 4)}
+    digests = {
+        _archive(generator, spec, tmp_path / f"{mode}{n}.zip", mode=mode, workers=n)
+        for mode, n in (("threads", 1), ("threads", 4), ("processes", 2))
+    }
     assert len(digests) == 1
 
 
