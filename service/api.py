@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
@@ -73,7 +74,10 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(owner_for)])
     operation_id="createJob",
     summary="Request a distilled dataset",
     response_model=JobPublic,
-    responses=_problems(401, 413, 415, 422, 503),
+    responses={
+        200: {"model": JobPublic, "description": "Finished within Prefer: wait=N"},
+        **_problems(401, 413, 415, 422, 503),
+    },
 )
 def create_job(
     spec: DatasetSpec,
@@ -90,6 +94,13 @@ def create_job(
             description="Retrying with the same key and body returns the same job.",
         ),
     ] = None,
+    prefer: Annotated[
+        str | None,
+        Header(
+            max_length=200,
+            description="wait=N (N <= 60): answer 200 with the finished job if it ends by then.",
+        ),
+    ] = None,
 ) -> JobPublic:
     job, created = jobs.submit(
         redis,
@@ -102,7 +113,30 @@ def create_job(
     response.headers["Location"] = request.url_for("get_job", job_id=job.id).path
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
+    wait = _prefer_wait(prefer)
+    if wait is not None:
+        response.headers["Preference-Applied"] = f"wait={wait}"
+        job = jobs.wait_until_terminal(
+            redis,
+            settings,
+            job,
+            owner=owner,
+            seconds=wait,
+            archive_url=_archive_url(request, job.id),
+        )
+    if job.state.is_terminal:
+        response.status_code = status.HTTP_200_OK
     return job
+
+
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+MAX_PREFER_WAIT = 60
+
+
+def _prefer_wait(prefer: str | None) -> int | None:
+    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped at 60; None when absent."""
+    match = _PREFER_WAIT.search(prefer or "")
+    return min(int(match.group(1)), MAX_PREFER_WAIT) if match else None
 
 
 @router.get(

@@ -288,6 +288,25 @@ def _view(
     )
 
 
+def wait_until_terminal(
+    redis: Redis,
+    settings: Settings,
+    job: JobPublic,
+    *,
+    owner: str,
+    seconds: float,
+    archive_url: str,
+) -> JobPublic:
+    """Poll the job until it ends or ``seconds`` pass; returns its latest view."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while not job.state.is_terminal and time.monotonic() < deadline:
+        time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+        delay = min(delay * 1.5, 0.5)
+        job = fetch(redis, settings, job.id, owner=owner, archive_url=archive_url)
+    return job
+
+
 def cancel(
     redis: Redis, settings: Settings, job_id: str, *, owner: str, archive_url: str
 ) -> JobPublic:

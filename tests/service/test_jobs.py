@@ -311,3 +311,23 @@ def test_new_job_shows_empty_progress(idle_client: TestClient) -> None:
         "eta_seconds": None,
         "ipc_reached": None,
     }
+
+
+def test_prefer_wait_answers_200_with_the_finished_job(
+    client: TestClient, worker: subprocess.Popen[bytes]
+) -> None:
+    response = client.post(
+        "/v1/jobs", json={"labels": ["cat"], "ipc": 2}, headers={"Prefer": "wait=30"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["preference-applied"] == "wait=30"
+    assert response.json()["state"] == "succeeded"
+    assert response.json()["archive"]["sha256"]
+
+
+def test_prefer_wait_times_out_to_202(idle_client: TestClient) -> None:
+    response = idle_client.post(
+        "/v1/jobs", json={"labels": ["cat"], "ipc": 2}, headers={"Prefer": "respond-async, wait=1"}
+    )
+    assert response.status_code == 202
+    assert response.json()["state"] == "queued"
