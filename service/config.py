@@ -66,6 +66,18 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Seconds between sweeps of expired archives (by workers)."
     )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between worker beats.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Signs webhook events (whsec_<base64> or any string); needed for them."
+    )
+    webhook_queue_name: str = Field(
+        "distill-webhooks", description="RQ queue of webhook deliveries (no GPU needed)."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow callback URLs on loopback/private/link-local addresses."
+    )
+    webhook_retry_seconds: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="How long failed deliveries are retried."
+    )
     max_attempts: int = Field(
         2, ge=1, le=10, description="Runs a job gets when its worker dies (1 = no retry)."
     )

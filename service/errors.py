@@ -71,6 +71,11 @@ class BadIdempotencyKey(ServiceError):
     title = "Idempotency-Key reused"
 
 
+class InvalidCallback(ServiceError):
+    status = 422
+    title = "Invalid request"
+
+
 class TooManyImages(ServiceError):
     status = 422
     title = "Invalid request"

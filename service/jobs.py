@@ -29,6 +29,7 @@ from service.config import Settings
 from service.errors import (
     ArchiveGone,
     BadIdempotencyKey,
+    InvalidCallback,
     InvalidCursor,
     JobConflict,
     JobExpired,
@@ -36,8 +37,16 @@ from service.errors import (
     QueueFull,
     TooManyImages,
 )
-from service.schemas import Archive, JobError, JobPublic, JobState, Progress, Timings
-from worker import records
+from service.schemas import (
+    Archive,
+    JobError,
+    JobPublic,
+    JobState,
+    Progress,
+    Timings,
+    WebhookStatus,
+)
+from worker import records, webhooks
 from worker.spec import DatasetSpec
 
 TASK = "worker.tasks.distill"
@@ -96,6 +105,17 @@ def submit(
 
     Returns the job and whether it was created now (False: an ``Idempotency-Key`` replay).
     """
+    if spec.callback_url:
+        if settings.webhook_secret is None:
+            raise InvalidCallback(
+                "callback_url: this service has no DISTILL_WEBHOOK_SECRET, so it sends no webhooks"
+            )
+        try:
+            webhooks.check_destination(
+                spec.callback_url, allow_private=settings.webhook_allow_private
+            )
+        except webhooks.WebhookRefused as exc:
+            raise InvalidCallback(f"callback_url: {exc}") from None
     if spec.total_images > settings.max_job_images:
         raise TooManyImages(
             f"ipc: classes x ipc = {spec.total_images} images exceeds this service's limit of "
@@ -128,6 +148,9 @@ def submit(
             f"{queue.count} jobs are waiting (limit {settings.max_queued_jobs}); retry later",
             retry_after=30,
         )
+    extra: dict[str, str | int] = {"archive_url": archive_url_for(job_id)}
+    if spec.callback_url:
+        extra.update(webhooks.record_fields(settings, spec.callback_url))
     records.create(
         redis,
         job_id,
@@ -135,6 +158,7 @@ def submit(
         total=spec.total_images,
         ttl=settings.result_ttl,
         owner=owner,
+        extra=extra,
     )
     try:
         queue.enqueue(
@@ -275,6 +299,13 @@ def _view(
         worker=record.get("worker"),
         attempts=int(record.get("attempts", 0)),
         last_interruption=record.get("last_interruption"),
+        webhook=(
+            WebhookStatus.model_validate(
+                {"url": record["callback_url"], "attempts": webhooks.attempts(redis, job_id)}
+            )
+            if record.get("callback_url")
+            else None
+        ),
         error=error,
         archive=archive,
         timings=(

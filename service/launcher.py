@@ -1,4 +1,4 @@
-"""``make run``: an embedded Redis, one worker and the API, started and stopped together.
+"""``make run``: an embedded Redis, one worker, the webhook sender and the API, together.
 
 Redis is a private ``redis-server`` child on 127.0.0.1 (append-only file under the data
 directory), skipped when ``DISTILL_REDIS_URL`` is set. Ctrl-C or SIGTERM stops everything;
@@ -66,6 +66,9 @@ def main() -> int:
             [sys.executable, "-m", "worker"], env=env, start_new_session=True
         ),
         "api": subprocess.Popen([sys.executable, "-m", "service"], env=env, start_new_session=True),
+        "webhooks": subprocess.Popen(
+            [sys.executable, "-m", "worker.webhooks"], env=env, start_new_session=True
+        ),
     }
     _say(f"API on http://{settings.host}:{settings.port}  model: {settings.model}  (Ctrl-C stops)")
     code = 0

@@ -44,6 +44,22 @@ class Timings(BaseModel):
     seconds_sampling: float = Field(description="Of which: inside the model (batches).")
 
 
+class WebhookAttempt(BaseModel):
+    at: float = Field(description="Unix time of the attempt.")
+    url: str
+    status_code: int | None = None
+    error: str | None = None
+
+
+class WebhookStatus(BaseModel):
+    url: str
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
+
+    @property
+    def delivered(self) -> bool:
+        return any(a.status_code is not None and 200 <= a.status_code < 300 for a in self.attempts)
+
+
 class JobError(BaseModel):
     type: str = Field(description="worker_lost, timeout, disk_full, invalid_request or internal.")
     detail: str
@@ -75,6 +91,9 @@ class JobPublic(BaseModel):
     error: JobError | None = None
     archive: Archive | None = None
     timings: Timings | None = Field(None, description="Set once the job succeeded.")
+    webhook: WebhookStatus | None = Field(
+        None, description="The callback URL and every delivery attempt so far."
+    )
 
 
 class JobList(BaseModel):

@@ -39,7 +39,9 @@ def dockerfile_stages() -> dict[str, list[str]]:
 
 def test_compose_has_the_services_and_volumes() -> None:
     doc = compose()
-    assert set(doc["services"]) == {"redis", "api", "worker"}
+    assert set(doc["services"]) == {"redis", "api", "worker", "webhooks"}
+    assert doc["services"]["webhooks"]["command"] == ["python", "-m", "worker.webhooks"]
+    assert "deploy" not in doc["services"]["webhooks"]  # no GPU for webhook delivery
     assert set(doc["volumes"]) == {"redis-data", "data", "hf-cache"}
     redis = doc["services"]["redis"]
     assert redis["image"].startswith("redis:")

@@ -65,23 +65,23 @@ def create(
     total: int,
     ttl: int,
     owner: str,
+    extra: Mapping[str, str | int] | None = None,
 ) -> float:
     """Record a newly accepted job of ``owner``; ``ttl`` is how long it is kept once finished."""
     now = time.time()
     index = jobs_index(owner)
+    mapping: dict[FieldT, EncodableT] = {
+        "request": json.dumps(request, separators=(",", ":")),
+        "created_at": repr(now),
+        "total": total,
+        "generated": 0,
+        "written": 0,
+        "ttl": ttl,
+        "owner": owner,
+    }
+    mapping.update(extra or {})
     with redis.pipeline() as pipe:
-        pipe.hset(
-            job_key(job_id),
-            mapping={
-                "request": json.dumps(request, separators=(",", ":")),
-                "created_at": repr(now),
-                "total": total,
-                "generated": 0,
-                "written": 0,
-                "ttl": ttl,
-                "owner": owner,
-            },
-        )
+        pipe.hset(job_key(job_id), mapping=mapping)
         pipe.zadd(index, {job_id: now})
         pipe.zremrangebyscore(index, 0, now - ttl - TOMBSTONE_S)
         stats.incr(pipe, "jobs_submitted")
@@ -178,7 +178,10 @@ def finish(
     if not redis.hsetnx(key, "outcome", outcome):
         return False
     now = time.time()
-    ttl_raw, started_raw, written_raw = redis.hmget(key, ["ttl", "started_at", "written"])
+    ttl_raw, started_raw, written_raw, callback, hook_queue, hook_retry = redis.hmget(
+        key,
+        ["ttl", "started_at", "written", "callback_url", "webhook_queue", "webhook_retry_seconds"],
+    )
     seconds = max(now - float(started_raw), 1e-6) if started_raw is not None else None
     with redis.pipeline() as pipe:
         ttl = int(ttl_raw or DEFAULT_TTL)
@@ -204,6 +207,16 @@ def finish(
                     },
                 )
         pipe.execute()
+    if callback and hook_queue:
+        from worker import webhooks  # the event goes out from the webhook worker, not from here
+
+        webhooks.enqueue(
+            redis,
+            job_id,
+            queue=hook_queue.decode() if isinstance(hook_queue, bytes) else str(hook_queue),
+            retry_seconds=int(hook_retry or 3600),
+            ttl=int(ttl_raw or DEFAULT_TTL),
+        )
     details = {k: v for k, v in (fields or {}).items() if k.startswith(("error_", "archive_"))}
     log.log(
         logging.WARNING if outcome == FAILED else logging.INFO,

@@ -12,6 +12,7 @@ import math
 import string
 import unicodedata
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -398,6 +399,25 @@ class DatasetSpec(BaseModel):
         max_length=2,
         description="imagefolder (PNG tree + metadata.jsonl) and/or tensors (tensors.pt).",
     )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="POSTed a signed event (Standard Webhooks) when the job ends.",
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials")
+        if _has_control_chars(url) or " " in url:
+            raise ValueError("contains spaces or control characters")
+        return url
 
     @field_validator("labels")
     @classmethod

@@ -213,7 +213,7 @@ def _manifest(
     preset = presets.get(spec.preset) if spec.preset else None
     manifest: dict[str, Any] = {
         "format": "distill-service/archive-v1",
-        "request": spec.model_dump(mode="json"),
+        "request": spec.model_dump(mode="json", exclude={"callback_url"}),
         "preset": (
             {"name": preset.name, "title": preset.title, "mean": preset.mean, "std": preset.std}
             if preset

@@ -159,6 +159,7 @@ def test_defaults_are_filled_in(idle_client: TestClient) -> None:
         "prompts": [],
         "augment": {"policy": "paper", "copies": 4, "crop_scale": 1.25},
         "formats": ["imagefolder"],
+        "callback_url": None,
     }
 
 
