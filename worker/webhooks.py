@@ -2,9 +2,10 @@
 
 ``python -m worker.webhooks`` drains ``DISTILL_WEBHOOK_QUEUE_NAME``; GPU workers never
 deliver, so a slow or dead receiver cannot delay jobs or cancellation. Events are signed per
-Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256>``) with
-``DISTILL_WEBHOOK_SECRET``, and retried with exponential backoff (RQ's scheduler) for up to
-``DISTILL_WEBHOOK_RETRY_SECONDS``. Every attempt is recorded on the job. No torch here.
+Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64
+HMAC-SHA256>``) with ``DISTILL_WEBHOOK_SECRET``, and retried with exponential backoff (RQ's
+scheduler) for up to ``DISTILL_WEBHOOK_RETRY_SECONDS``. Every attempt is recorded on the job.
+No torch here.
 """
 
 from __future__ import annotations
