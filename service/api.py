@@ -226,6 +226,21 @@ def download_archive(
     )
 
 
+@router.get(
+    "/jobs/{job_id}/preview.png",
+    operation_id="getPreview",
+    summary="Contact sheet of a finished job: generated images and their augmented copies",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The contact sheet"},
+        **_problems(401, 404, 410, 503),
+    },
+)
+def get_preview(job_id: str, redis: RedisDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+    path = jobs.preview_file(redis, settings, job_id, owner=owner)
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private"})
+
+
 def _preset_summary(preset: presets.Preset) -> dict[str, object]:
     classes = preset.classes
     return {

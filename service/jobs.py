@@ -422,6 +422,15 @@ def list_page(
     return found, _encode_cursor(float(high), str(after_id))
 
 
+def preview_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> Path:
+    """The job's contact sheet; 404 until it exists (the job succeeded)."""
+    _record(redis, job_id, owner)
+    path = records.preview_path(settings.data_dir, job_id)
+    if not path.is_file():
+        raise JobNotFound(f"job {job_id} has no preview (yet): it appears when the job succeeds")
+    return path
+
+
 def archive_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> ArchiveFile:
     """The finished archive on disk; 409 until the job succeeded, 410 if it was removed."""
     job = fetch(redis, settings, job_id, owner=owner, archive_url="")

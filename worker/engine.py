@@ -24,6 +24,7 @@ from worker.archive import ArchiveWriter, image_name
 from worker.augment import source_size
 from worker.generator import Generator
 from worker.presets import ClassInfo
+from worker.preview import PreviewCollector
 from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
 
 #: Batches whose post-processing may be in flight while the next one is sampled.
@@ -98,9 +99,18 @@ class Outputs:
     writer: ArchiveWriter
     count: int = 0
     per_class: dict[int, int] = field(default_factory=dict)
+    preview: PreviewCollector = field(default_factory=PreviewCollector)
     _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
     def add(self, done: postprocess.Finished) -> None:
+        per_sample = self.spec.augment.n_copies + 1
+        self.preview.offer(
+            class_index=done.cls.index,
+            label=done.cls.label,
+            sample=done.number // per_sample,
+            copy=done.number % per_sample,
+            image=done.image,
+        )
         if done.png is not None:
             name = image_name(done.cls.index, done.cls.label, done.number)
             self.writer.add_png(

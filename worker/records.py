@@ -48,6 +48,11 @@ def archive_path(data_dir: Path, job_id: str) -> Path:
     return Path(data_dir) / f"{job_id}.zip"
 
 
+def preview_path(data_dir: Path, job_id: str) -> Path:
+    """A finished job's contact sheet (also inside the archive as preview.png)."""
+    return Path(data_dir) / f"{job_id}.preview.png"
+
+
 def partial_path(data_dir: Path, job_id: str) -> Path:
     """Where a running job writes; never served, removed on failure or cancel."""
     return Path(data_dir) / f".{job_id}.zip.part"

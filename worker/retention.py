@@ -26,6 +26,7 @@ def sweep(redis: Redis, data_dir: Path, *, stale_after: float) -> list[Path]:
         record = records.read(redis, path.stem)
         if not record or records.expired(record, now):
             path.unlink(missing_ok=True)
+            records.preview_path(data_dir, path.stem).unlink(missing_ok=True)
             removed.append(path)
     for path in Path(data_dir).glob(".*.zip.part"):
         job_id = path.name[1:].removesuffix(".zip.part")

@@ -177,9 +177,14 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
             patiently(lambda: records.finish(redis, job.id, outcome=records.CANCELED, fields=done))
             return {"canceled": True}
         tensors = outputs.write_tensors()
+        sheet = outputs.preview.render(spec.size)
+        writer.add_file("preview.png", sheet)
         finished = time.time()
         manifest = _manifest(spec, generator=generator, outputs=outputs, tensors=tensors, run=run)
         info = writer.commit(manifest)
+        # Beside the archive too, so the API can show it without opening the zip.
+        preview_file = records.preview_path(settings.data_dir, job.id)
+        preview_file.write_bytes(sheet)
 
     ipc_reached = min(outputs.per_class.get(c.index, 0) for c in spec.classes())
     succeeded: dict[str, str | int | float] = {
