@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint openapi tiny-model clean
+.PHONY: install run test lint openapi tiny-model bench-eval clean
 
 install: $(STAMP)
 
@@ -21,15 +21,19 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check service worker tests bench
-	$(VENV)/bin/ruff format --check service worker tests bench
-	$(VENV)/bin/mypy service worker
+	$(VENV)/bin/ruff check service worker client tests bench
+	$(VENV)/bin/ruff format --check service worker client tests bench
+	$(VENV)/bin/mypy service worker client
 
 openapi: install
 	$(PY) -m service.openapi openapi/openapi.json
 
 tiny-model: install
 	$(PY) -m worker.tiny_model tiny-model
+
+# Evaluator calibration on random real CIFAR-10 subsets (long on a CPU; see BENCHMARKS.md).
+bench-eval: install
+	$(PY) bench/eval_calibration.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data tiny-model

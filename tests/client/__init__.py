@@ -1,0 +1,63 @@
+"""Tests of the Python client and the ``distill`` command line against the real stack.
+
+``live_api`` starts ``python -m service`` on a free port, on the session's Redis, queue and
+data directory (so the session's ``worker`` runs its jobs), with API keys on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from service.config import Settings
+from service.redis_server import free_port
+from tests.conftest import ROOT, settings_env
+
+API_KEY = "client-test-key"
+OTHER_KEY = "client-other-key"
+
+
+@contextmanager
+def live_api(settings: Settings, model: Path, log: Path, **env: str) -> Iterator[str]:
+    """The API as a subprocess on a free port; yields its base URL. ``env`` adds variables."""
+    port = free_port()
+    environment = {
+        **settings_env(settings, model),
+        "DISTILL_PORT": str(port),
+        "DISTILL_LOG_LEVEL": "WARNING",
+        "DISTILL_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        **env,
+    }
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            env=environment,
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the API did not start:\n{log.read_text()}") from None
+                time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
