@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis import Redis
 
-from service import errors
+from service import errors, ui
 from service.api import health_router, router
 from service.config import Settings, get_settings
 from service.guards import BodyGuard
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     app.include_router(health_router)
+    app.include_router(ui.router)
     errors.install(app)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     return app

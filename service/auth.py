@@ -22,13 +22,21 @@ PUBLIC = "public"
 def owner_for(request: Request) -> str:
     """The caller's owner id; raises ``Unauthorized`` when keys are on and this one is not."""
     settings: Settings = request.app.state.settings
+    if not api_key_list(settings):
+        return PUBLIC
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+    return owner_for_key(settings, token.strip())
+
+
+def owner_for_key(settings: Settings, token: str | None) -> str:
+    """The owner id of ``token``; PUBLIC when keys are off; ``Unauthorized`` when unknown."""
     keys = api_key_list(settings)
     if not keys:
         return PUBLIC
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+    if not token:
+        raise Unauthorized("an API key is required")
     matched = False
     for key in keys:  # no early exit: the time taken does not say which key matched
         matched |= hmac.compare_digest(token.encode(), key.encode())

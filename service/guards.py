@@ -26,7 +26,8 @@ class BodyGuard:
         length = headers.get("content-length")
         has_body = (length is not None and length != "0") or "transfer-encoding" in headers
         media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if has_body and media != "application/json" and not media.endswith("+json"):
+        json_api = scope["path"].startswith("/v1/")
+        if json_api and has_body and media != "application/json" and not media.endswith("+json"):
             shown = media or "none"
             media_error = UnsupportedMediaType(f"send the body as application/json (got {shown})")
             await self._refuse(scope, receive, send, media_error)
