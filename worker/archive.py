@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import unicodedata
 import zipfile
 from dataclasses import dataclass
@@ -94,7 +96,10 @@ class ArchiveWriter:
         self.partial = Path(partial)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self._zip = zipfile.ZipFile(self.partial, mode="w", compression=zipfile.ZIP_STORED)
-        self._metadata: list[dict[str, Any]] = []
+        # Metadata lines go to a temporary file as they come, so memory stays flat however
+        # many images the job makes; they are copied into the zip on commit.
+        self._metadata = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 - closed in commit/abort
+        self._rows = 0
         self._committed = False
 
     def __enter__(self) -> ArchiveWriter:
@@ -115,15 +120,19 @@ class ArchiveWriter:
         info.external_attr = 0o644 << 16
         self._zip.writestr(info, data)
 
+    def _row(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+        self._metadata.write(line.encode("utf-8"))
+        self._rows += 1
+
     def add_image(self, file_name: str, image: np.ndarray, **metadata: Any) -> None:
         """Add ``train/<file_name>`` and its metadata line."""
-        self._write(f"train/{file_name}", encode_png(image))
-        self._metadata.append({"file_name": file_name, **metadata})
+        self.add_png(file_name, encode_png(image), **metadata)
 
     def add_png(self, file_name: str, png: bytes, **metadata: Any) -> None:
         """Add already-encoded ``train/<file_name>`` and its metadata line."""
         self._write(f"train/{file_name}", png)
-        self._metadata.append({"file_name": file_name, **metadata})
+        self._row({"file_name": file_name, **metadata})
 
     def add_file(self, name: str, data: bytes, *, compress: bool = False) -> None:
         """Add another member (tensor files, say) at ``name``."""
@@ -131,12 +140,14 @@ class ArchiveWriter:
 
     def commit(self, manifest: dict[str, Any]) -> ArchiveInfo:
         """Finish the zip, make it durable, hash it and move it to its final name."""
-        if self._metadata:
-            lines = "".join(
-                json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
-                for row in self._metadata
-            )
-            self._write("train/metadata.jsonl", lines.encode("utf-8"), compress=True)
+        if self._rows:
+            info = zipfile.ZipInfo("train/metadata.jsonl", date_time=_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            self._metadata.seek(0)
+            with self._zip.open(info, mode="w") as member:
+                shutil.copyfileobj(self._metadata, member, 1 << 20)
+        self._metadata.close()
         manifest_bytes = json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")
         self._write("manifest.json", manifest_bytes + b"\n", compress=True)
         self._zip.close()
@@ -154,10 +165,11 @@ class ArchiveWriter:
     def abort(self) -> None:
         """Drop the partial archive."""
         try:
+            self._metadata.close()
             self._zip.close()
         finally:
             self.partial.unlink(missing_ok=True)
 
     @property
     def count(self) -> int:
-        return len(self._metadata)
+        return self._rows
