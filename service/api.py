@@ -15,6 +15,8 @@ from service.auth import OwnerDep, owner_for
 from service.config import Settings
 from service.errors import PROBLEM_JSON, PresetNotFound
 from service.schemas import (
+    Evaluation,
+    EvaluationList,
     Health,
     JobList,
     JobPublic,
@@ -25,6 +27,7 @@ from service.schemas import (
     Readiness,
 )
 from worker import presets
+from worker.evaluations import EvaluationRequest
 from worker.spec import DatasetSpec
 
 
@@ -239,6 +242,56 @@ def download_archive(
 def get_preview(job_id: str, redis: RedisDep, settings: SettingsDep, owner: OwnerDep) -> Response:
     path = jobs.preview_file(redis, settings, job_id, owner=owner)
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private"})
+
+
+@router.post(
+    "/jobs/{job_id}/evaluations",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="createEvaluation",
+    summary="Measure the dataset: train the benchmark ConvNet on it, test on a named test set",
+    response_model=Evaluation,
+    responses=_problems(401, 404, 409, 410, 422, 503),
+)
+def create_evaluation(
+    job_id: str,
+    body: EvaluationRequest,
+    response: Response,
+    request: Request,
+    redis: RedisDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+) -> Evaluation:
+    evaluation = jobs.submit_evaluation(redis, settings, job_id, body, owner=owner)
+    response.headers["Location"] = request.url_for(
+        "get_evaluation", job_id=job_id, eval_id=evaluation.id
+    ).path
+    return evaluation
+
+
+@router.get(
+    "/jobs/{job_id}/evaluations",
+    operation_id="listEvaluations",
+    summary="A job's evaluations",
+    response_model=EvaluationList,
+    responses=_problems(401, 404, 410, 503),
+)
+def list_evaluations(
+    job_id: str, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
+) -> EvaluationList:
+    return EvaluationList(evaluations=jobs.list_evaluations(redis, settings, job_id, owner=owner))
+
+
+@router.get(
+    "/jobs/{job_id}/evaluations/{eval_id}",
+    operation_id="getEvaluation",
+    summary="One evaluation: state, progress, accuracy per run, mean, std, protocol",
+    response_model=Evaluation,
+    responses=_problems(401, 404, 410, 503),
+)
+def get_evaluation(
+    job_id: str, eval_id: str, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
+) -> Evaluation:
+    return jobs.get_evaluation(redis, settings, job_id, eval_id, owner=owner)
 
 
 def _preset_summary(preset: presets.Preset) -> dict[str, object]:

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         None, description="Comma-separated bearer keys; unset: no authentication."
     )
 
+    testsets_dir: Path | None = Field(
+        None, description="Named test sets for evaluations (ImageFolder dirs or zips)."
+    )
+
     # Model and generation.
     model: str = Field("stabilityai/sdxl-turbo", description="Hub id or local pipeline dir.")
     model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
@@ -50,6 +54,10 @@ class Settings(BaseSettings):
         None, ge=64, le=2048, description="Sampling side in px; default the model's own."
     )
     batch_size: int = Field(8, ge=1, le=256, description="Images per pipeline call.")
+    workers: int = Field(1, ge=1, le=64, description="Workers `make run` starts on this machine.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch CPU threads per worker (default: torch's own)."
+    )
     postprocess_workers: int = Field(
         2, ge=1, le=64, description="Augmenting/encoding workers running while the model samples."
     )

@@ -71,7 +71,7 @@ class BadIdempotencyKey(ServiceError):
     title = "Idempotency-Key reused"
 
 
-class InvalidCallback(ServiceError):
+class InvalidField(ServiceError):
     status = 422
     title = "Invalid request"
 

@@ -29,7 +29,7 @@ from service.config import Settings
 from service.errors import (
     ArchiveGone,
     BadIdempotencyKey,
-    InvalidCallback,
+    InvalidField,
     InvalidCursor,
     JobConflict,
     JobExpired,
@@ -39,6 +39,8 @@ from service.errors import (
 )
 from service.schemas import (
     Archive,
+    Evaluation,
+    EvaluationProgress,
     JobError,
     JobPublic,
     JobState,
@@ -46,7 +48,8 @@ from service.schemas import (
     Timings,
     WebhookStatus,
 )
-from worker import records, webhooks
+from worker import evaluations, records, webhooks
+from worker.evaluations import EvaluationRequest
 from worker.spec import DatasetSpec
 
 TASK = "worker.tasks.distill"
@@ -107,7 +110,7 @@ def submit(
     """
     if spec.callback_url:
         if settings.webhook_secret is None:
-            raise InvalidCallback(
+            raise InvalidField(
                 "callback_url: this service has no DISTILL_WEBHOOK_SECRET, so it sends no webhooks"
             )
         try:
@@ -115,7 +118,7 @@ def submit(
                 spec.callback_url, allow_private=settings.webhook_allow_private
             )
         except webhooks.WebhookRefused as exc:
-            raise InvalidCallback(f"callback_url: {exc}") from None
+            raise InvalidField(f"callback_url: {exc}") from None
     if spec.total_images > settings.max_job_images:
         raise TooManyImages(
             f"ipc: classes x ipc = {spec.total_images} images exceeds this service's limit of "
@@ -429,6 +432,77 @@ def preview_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -
     if not path.is_file():
         raise JobNotFound(f"job {job_id} has no preview (yet): it appears when the job succeeds")
     return path
+
+
+def _evaluation_view(eval_id: str, record: dict[str, str]) -> Evaluation:
+    def number(name: str) -> int | None:
+        return int(record[name]) if name in record else None
+
+    return Evaluation(
+        id=eval_id,
+        job_id=record["job_id"],
+        state=record.get("state", "queued"),
+        testset=record["testset"],
+        request=json.loads(record["request"]),
+        progress=EvaluationProgress(
+            run=number("run"), runs=number("runs"), epoch=number("epoch"), epochs=number("epochs")
+        ),
+        result=json.loads(record["result"]) if "result" in record else None,
+        error=record.get("error"),
+        created_at=_time(record["created_at"]) or dt.datetime.now(dt.UTC),
+        finished_at=_time(record.get("finished_at")),
+    )
+
+
+def submit_evaluation(
+    redis: Redis, settings: Settings, job_id: str, request: EvaluationRequest, *, owner: str
+) -> Evaluation:
+    """Queue an evaluation of a succeeded job's archive on a named test set."""
+    job = fetch(redis, settings, job_id, owner=owner, archive_url="")
+    if job.state is not JobState.succeeded:
+        raise JobConflict(
+            f"job {job_id} is {job.state.value}; only a finished dataset is evaluated"
+        )
+    if settings.testsets_dir is not None and not evaluations.testset_path(
+        settings.testsets_dir, request.testset
+    ):
+        known = ", ".join(evaluations.available_testsets(settings.testsets_dir)) or "none"
+        raise InvalidField(f"testset: no test set {request.testset!r} (available: {known})")
+    eval_id = uuid.uuid4().hex
+    evaluations.create(redis, eval_id, job_id=job_id, request=request, ttl=settings.result_ttl)
+    _queue(redis, settings).enqueue(
+        evaluations.TASK,
+        eval_id,
+        job_id=eval_id,
+        job_timeout=settings.job_timeout,
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.result_ttl,
+        on_failure=Callback(evaluations.ON_FAILURE),
+        description=f"evaluate {job_id} on {request.testset}",
+    )
+    return get_evaluation(redis, settings, job_id, eval_id, owner=owner)
+
+
+def get_evaluation(
+    redis: Redis, settings: Settings, job_id: str, eval_id: str, *, owner: str
+) -> Evaluation:
+    _record(redis, job_id, owner)
+    record = evaluations.read(redis, eval_id) if _JOB_ID.match(eval_id) else {}
+    if not record or record.get("job_id") != job_id:
+        raise JobNotFound(f"job {job_id} has no evaluation {eval_id!r}")
+    return _evaluation_view(eval_id, record)
+
+
+def list_evaluations(
+    redis: Redis, settings: Settings, job_id: str, *, owner: str
+) -> list[Evaluation]:
+    _record(redis, job_id, owner)
+    views = []
+    for eval_id in evaluations.for_job(redis, job_id):
+        record = evaluations.read(redis, eval_id)
+        if record:
+            views.append(_evaluation_view(eval_id, record))
+    return views
 
 
 def archive_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> ArchiveFile:

@@ -61,16 +61,27 @@ def main() -> int:
 
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the children
     # in order (API and worker first, Redis last).
+    worker_env = dict(env)
+    if settings.workers > 1:
+        # Several workers on one machine: one torch thread each, so they do not fight over
+        # cores (GPU workers each claim their own GPU anyway).
+        worker_env.setdefault("DISTILL_TORCH_THREADS", "1")
     children: dict[str, subprocess.Popen[bytes]] = {
-        "worker": subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=env, start_new_session=True
-        ),
+        **{
+            f"worker-{n}": subprocess.Popen(
+                [sys.executable, "-m", "worker"], env=worker_env, start_new_session=True
+            )
+            for n in range(1, settings.workers + 1)
+        },
         "api": subprocess.Popen([sys.executable, "-m", "service"], env=env, start_new_session=True),
         "webhooks": subprocess.Popen(
             [sys.executable, "-m", "worker.webhooks"], env=env, start_new_session=True
         ),
     }
-    _say(f"API on http://{settings.host}:{settings.port}  model: {settings.model}  (Ctrl-C stops)")
+    _say(
+        f"API on http://{settings.host}:{settings.port}  model: {settings.model}  "
+        f"workers: {settings.workers}  (Ctrl-C stops)"
+    )
     code = 0
     try:
         while not stopping:

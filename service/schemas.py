@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -94,6 +95,32 @@ class JobPublic(BaseModel):
     webhook: WebhookStatus | None = Field(
         None, description="The callback URL and every delivery attempt so far."
     )
+
+
+class EvaluationProgress(BaseModel):
+    run: int | None = None
+    runs: int | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+
+
+class Evaluation(BaseModel):
+    id: str
+    job_id: str
+    state: str = Field(description="queued, running, succeeded or failed.")
+    testset: str
+    request: dict[str, Any]
+    progress: EvaluationProgress
+    result: dict[str, Any] | None = Field(
+        None, description="accuracies per run, mean, std, protocol, seconds, device."
+    )
+    error: str | None = None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None = None
+
+
+class EvaluationList(BaseModel):
+    evaluations: list[Evaluation]
 
 
 class JobList(BaseModel):

@@ -72,6 +72,11 @@ def settings_env(settings: Settings, model: Path) -> dict[str, str]:
             "DISTILL_MAX_ATTEMPTS": str(settings.max_attempts),
             "DISTILL_RESULT_TTL": str(settings.result_ttl),
             "DISTILL_SWEEP_INTERVAL": str(settings.sweep_interval),
+            **(
+                {"DISTILL_TESTSETS_DIR": str(settings.testsets_dir)}
+                if settings.testsets_dir
+                else {}
+            ),
             "DISTILL_DEVICE": "cpu",
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(ROOT),

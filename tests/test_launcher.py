@@ -43,6 +43,7 @@ def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
             "DISTILL_MODEL": str(tiny_model),
             "DISTILL_PORT": str(port),
             "DISTILL_DATA_DIR": str(tmp_path / "data"),
+            "DISTILL_WORKERS": "2",
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(ROOT),
         }
@@ -59,6 +60,10 @@ def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(base, proc, log)
+        deadline = time.monotonic() + 60
+        while len(httpx.get(f"{base}/readyz", timeout=5).json()["workers"]) < 2:
+            assert time.monotonic() < deadline, "the second worker never became ready"
+            time.sleep(0.2)
         body = {"labels": ["cat", "dog", "ship"], "ipc": 10, "image_size": 32, "seed": 0}
         started = time.perf_counter()
         created = httpx.post(f"{base}/v1/jobs", json=body, timeout=10)

@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         from worker.generator import Generator, ModelLoadError
         from worker.gpus import claim_free_gpu
 
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         device = settings.device
         if device is None:
             claim = claim_free_gpu(redis, owner=name, ttl=settings.heartbeat_ttl)
