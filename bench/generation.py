@@ -52,7 +52,14 @@ def load(args: argparse.Namespace) -> Any:
 
     if args.skeleton:
         return build_skeleton(Path(args.skeleton), args.device)
-    gen = Generator.load(str(args.model), device=args.device, dtype=args.dtype)
+    gen = Generator.load(
+        str(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        vae_dtype=args.vae_dtype,
+        channels_last=args.channels_last,
+        compile_unet=args.compile,
+    )
     if gen.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(gen.device)
     return gen
@@ -97,9 +104,11 @@ def build_skeleton(directory: Path, device: str | None) -> Any:
     pipe = pipe.to(target, dtype)
     pipe.set_progress_bar_config(disable=True)
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    decode = torch.float32 if dtype == torch.float16 else dtype
+    pipe.vae.to(dtype=decode)
     return Generator(
         pipeline=pipe, device=target, dtype=dtype, model=str(directory), revision=None,
-        resolution=native,
+        resolution=native, decode_dtype=decode,
     )  # fmt: skip
 
 
@@ -369,6 +378,9 @@ def main() -> int:
     parser.add_argument("--pool", choices=("processes", "threads"), default="threads")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
+    parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--skeleton", type=Path)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         None, ge=64, le=2048, description="Sampling side in px; default the model's own."
     )
     batch_size: int = Field(8, ge=1, le=256, description="Images per pipeline call.")
+    vae_dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+        None, description="VAE decode dtype; default float32 for SDXL's float16 VAE."
+    )
+    channels_last: bool | None = Field(None, description="channels-last memory; default on CUDA.")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (warm-up at start).")
     workers: int = Field(1, ge=1, le=64, description="Workers `make run` starts on this machine.")
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch CPU threads per worker (default: torch's own)."

@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 revision=settings.model_revision,
                 variant=settings.model_variant,
                 resolution=settings.resolution,
+                vae_dtype=settings.vae_dtype,
+                channels_last=settings.channels_last,
+                compile_unet=settings.compile_unet,
             )
         except ModelLoadError as exc:
             print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)

@@ -150,3 +150,27 @@ def test_real_cuda_out_of_memory_is_survived(tiny_model: Path) -> None:
     cuda = Generator.load(str(tiny_model), device="cuda", resolution=2048)
     out = cuda.render(["a photo of a cat"] * 512, list(range(512)), sizes=(8,))
     assert out[8].shape[0] == 512
+
+
+def test_own_decode_matches_the_stock_pipeline_output(generator: Generator) -> None:
+    seeds = [5, 6]
+    ours = generator.sample(["a photo of a cat"] * 2, seeds)
+    stock = generator.pipeline(
+        prompt=["a photo of a cat"] * 2,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        height=generator.resolution,
+        width=generator.resolution,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="pt",
+    ).images
+    assert torch.allclose(ours.float(), stock.float(), atol=1e-5)
+
+
+def test_bfloat16_decoding_is_close_to_float32(tiny_model: Path, generator: Generator) -> None:
+    bf16 = Generator.load(str(tiny_model), device="cpu", vae_dtype="bfloat16")
+    assert bf16.decode_dtype == torch.bfloat16
+    assert bf16.provenance()["decode_dtype"] == "bfloat16"
+    a = generator.render(["a photo of a dog"], [3], sizes=(16,))[16].astype(int)
+    b = bf16.render(["a photo of a dog"], [3], sizes=(16,))[16].astype(int)
+    assert np.abs(a - b).mean() < 3
