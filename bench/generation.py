@@ -289,10 +289,14 @@ def run_service(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             time.sleep(0.2)
         body = spec_for(args).model_dump(mode="json")
         started = time.perf_counter()
-        job = httpx.post(f"{base}/v1/jobs", json=body, timeout=30).json()
+        # One blocking request (Prefer: wait) instead of polling, which would compete with
+        # the worker for this machine's cores.
+        job = httpx.post(
+            f"{base}/v1/jobs", json=body, headers={"Prefer": "wait=60"}, timeout=90
+        ).json()
         while job["state"] not in ("succeeded", "failed", "canceled"):
-            time.sleep(0.02)
             job = httpx.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
+            time.sleep(0.2)
         seconds = time.perf_counter() - started
         if job["state"] != "succeeded":
             raise RuntimeError(f"service job ended {job['state']}: {job.get('error')}")

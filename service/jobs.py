@@ -336,7 +336,7 @@ def wait_until_terminal(
     delay = 0.05
     while not job.state.is_terminal and time.monotonic() < deadline:
         time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
-        delay = min(delay * 1.5, 0.5)
+        delay = min(delay * 1.5, 0.2)
         job = fetch(redis, settings, job.id, owner=owner, archive_url=archive_url)
     return job
 
