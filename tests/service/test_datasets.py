@@ -79,8 +79,8 @@ def test_wordnet_preset_records_wnids(client: TestClient, worker: subprocess.Pop
     assert manifest["classes"][0]["wnid"] == "n01443537"
     assert manifest["classes"][0]["label"] == "goldfish"
     assert manifest["classes"][0]["prompts"] == ["a photo of a goldfish"]
-    assert not [n for n in zf.namelist() if n.endswith(".png")]
-    assert {"tensors.pt", "normalized.pt", "manifest.json"} == set(zf.namelist())
+    assert not [n for n in zf.namelist() if n.startswith("train/")]
+    assert {"tensors.pt", "normalized.pt", "manifest.json", "preview.png"} == set(zf.namelist())
 
 
 def test_tensors_load_back_and_match_the_pngs(
