@@ -54,7 +54,8 @@ def test_job_end_to_end_archive_matches_request(
 
     zf = zipfile.ZipFile(io.BytesIO(data))
     names = zf.namelist()
-    pngs = [n for n in names if n.endswith(".png")]
+    pngs = [n for n in names if n.startswith("train/") and n.endswith(".png")]
+    assert "preview.png" in names
     assert len(pngs) == 30
     for index, label in enumerate(REQUEST["labels"]):
         folder = f"train/{index:03d}_{label}/"
@@ -113,7 +114,7 @@ def _pixels(data: bytes) -> dict[str, np.ndarray]:
     return {
         n: np.asarray(Image.open(io.BytesIO(zf.read(n))))
         for n in zf.namelist()
-        if n.endswith(".png")
+        if n.startswith("train/") and n.endswith(".png")
     }
 
 
