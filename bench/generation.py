@@ -85,6 +85,10 @@ def build_skeleton(directory: Path, device: str | None) -> Any:
 
     target = pick_device(device)
     dtype = pick_dtype(None, target)
+    # The scheduler builds numpy arrays: make it outside the device context.
+    scheduler = EulerAncestralDiscreteScheduler.from_config(
+        EulerAncestralDiscreteScheduler.load_config(directory / "scheduler")
+    )
     with torch.device(target):
         pipe = StableDiffusionXLPipeline(
             vae=AutoencoderKL.from_config(AutoencoderKL.load_config(directory / "vae")),
@@ -97,9 +101,7 @@ def build_skeleton(directory: Path, device: str | None) -> Any:
             unet=UNet2DConditionModel.from_config(
                 UNet2DConditionModel.load_config(directory / "unet")
             ),
-            scheduler=EulerAncestralDiscreteScheduler.from_config(
-                EulerAncestralDiscreteScheduler.load_config(directory / "scheduler")
-            ),
+            scheduler=scheduler,
         )
     pipe = pipe.to(target, dtype)
     pipe.set_progress_bar_config(disable=True)
