@@ -27,9 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def main() -> int:
     import torch
-    from PIL import Image
-
     from generation import build_skeleton  # type: ignore[import-not-found]
+    from PIL import Image
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("skeleton", type=Path)
@@ -86,7 +85,9 @@ def main() -> int:
     def engine_run() -> None:
         for start in range(0, args.images, args.batch):
             gen.render(
-                prompts[start : start + args.batch], seeds[start : start + args.batch], sizes=(32, 40)
+                prompts[start : start + args.batch],
+                seeds[start : start + args.batch],
+                sizes=(32, 40),
             )
 
     for decode in (torch.float32, torch.bfloat16):

@@ -29,8 +29,8 @@ from service.config import Settings
 from service.errors import (
     ArchiveGone,
     BadIdempotencyKey,
-    InvalidField,
     InvalidCursor,
+    InvalidField,
     JobConflict,
     JobExpired,
     JobNotFound,

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.redis_server import EmbeddedRedis
-from tests.client import API_KEY, live_api
+from tests.client import live_api
 from tests.conftest import ROOT, make_settings, wait_for
 
 HOSTILE = "<script>alert(1)</script>"
