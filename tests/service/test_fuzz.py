@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -25,7 +23,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.redis_server import EmbeddedRedis, free_port
+from service.config import Settings
+from tests.client import live_api as client_live_api
 from tests.conftest import ROOT
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
@@ -36,37 +35,18 @@ schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 
 @pytest.fixture(scope="module")
 def live_api(
-    redis_server: EmbeddedRedis,
+    stack_settings: Settings,
+    tiny_model: Path,
     worker: subprocess.Popen[bytes],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    """`python -m service` on a real port, on a queue no worker drains (the session's worker
-    only makes /readyz answer 200)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DISTILL_REDIS_URL": redis_server.url,
-        "DISTILL_PORT": str(port),
-        "DISTILL_QUEUE_NAME": "fuzz",
-        "DISTILL_DATA_DIR": str(tmp_path_factory.mktemp("fuzz-data")),
-        "DISTILL_LOG_LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=10)
+    """`python -m service` on a real port, without API keys, on a queue no worker drains (the
+    session's worker only makes /readyz answer 200)."""
+    log = tmp_path_factory.mktemp("fuzz") / "api.log"
+    with client_live_api(
+        stack_settings, tiny_model, log, DISTILL_API_KEYS="", DISTILL_QUEUE_NAME="fuzz"
+    ) as base:
+        yield base
 
 
 @schema.parametrize()
