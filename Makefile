@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint openapi tiny-model bench-eval clean
+.PHONY: install run test lint openapi tiny-model bench bench-eval clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ openapi: install
 
 tiny-model: install
 	$(PY) -m worker.tiny_model tiny-model
+
+# Generation benchmark (reference / engine / bare / service / post-processing); see BENCHMARKS.md.
+bench: install
+	$(PY) bench/generation.py $(BENCH_ARGS)
 
 # Evaluator calibration on random real CIFAR-10 subsets (long on a CPU; see BENCHMARKS.md).
 bench-eval: install
