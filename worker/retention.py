@@ -1,4 +1,5 @@
-"""Retention sweep: delete archives past ``DISTILL_RESULT_TTL`` and partial files nobody writes.
+"""Retention sweep: delete archives past ``DISTILL_RESULT_TTL`` (with their preview and evaluated
+manifest copy) and partial files nobody writes.
 
 Workers run it every ``DISTILL_SWEEP_INTERVAL`` seconds. It is idempotent, so any number of
 workers sharing a data directory may sweep it. No torch here.
@@ -27,6 +28,7 @@ def sweep(redis: Redis, data_dir: Path, *, stale_after: float) -> list[Path]:
         if not record or records.expired(record, now):
             path.unlink(missing_ok=True)
             records.preview_path(data_dir, path.stem).unlink(missing_ok=True)
+            (Path(data_dir) / f"{path.stem}.manifest.json").unlink(missing_ok=True)
             removed.append(path)
     for path in Path(data_dir).glob(".*.zip.part"):
         job_id = path.name[1:].removesuffix(".zip.part")
