@@ -220,7 +220,9 @@ def run(
             t0 = time.perf_counter()
             seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
             prompts = [spec.prompt(it.cls, it.sample) for it in batch]
-            images = generator.render(prompts, seeds, sizes=(size, src_size))
+            images = generator.render(
+                prompts, seeds, sizes=(size, src_size), resolution=spec.resolution
+            )
             sampling += time.perf_counter() - t0
             rows: list[postprocess.Row] = [
                 (item.cls, item.sample, seed, prompt, images[size][i], images[src_size][i])

@@ -139,20 +139,24 @@ class Generator:
             )
 
     @torch.inference_mode()
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+    def sample(
+        self, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int | None = None
+    ) -> torch.Tensor:
         """Sample one image per prompt; returns (N, 3, R, R) floats in [0, 1] on the device.
 
-        Each image's starting noise comes from its own CPU generator seeded with its seed,
-        so an image does not depend on the batch it was sampled in or on the device.
+        ``R`` is ``resolution`` or the worker's default. Each image's starting noise comes from
+        its own CPU generator seeded with its seed, so an image does not depend on the batch
+        it was sampled in or on the device.
         """
         self.check_inputs(prompts, seeds)
+        side = resolution or self.resolution
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         out = self.pipeline(
             prompt=list(prompts),
             num_inference_steps=NUM_INFERENCE_STEPS,
             guidance_scale=GUIDANCE_SCALE,
-            height=self.resolution,
-            width=self.resolution,
+            height=side,
+            width=side,
             generator=generators,
             output_type="latent",
         )
@@ -174,7 +178,12 @@ class Generator:
         return (image / 2 + 0.5).clamp(0, 1)
 
     def render(
-        self, prompts: Sequence[str], seeds: Sequence[int], *, sizes: Sequence[int]
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        sizes: Sequence[int],
+        resolution: int | None = None,
     ) -> dict[int, np.ndarray]:
         """Sample and shrink: ``{size: (N, size, size, 3) uint8}`` for each requested size.
 
@@ -188,7 +197,12 @@ class Generator:
             step = min(self.max_batch or len(prompts), len(prompts) - start)
             try:
                 parts.append(
-                    self._render(prompts[start : start + step], seeds[start : start + step], sizes)
+                    self._render(
+                        prompts[start : start + step],
+                        seeds[start : start + step],
+                        sizes,
+                        resolution,
+                    )
                 )
             except torch.OutOfMemoryError:
                 if step == 1:
@@ -210,10 +224,14 @@ class Generator:
 
     @torch.inference_mode()
     def _render(
-        self, prompts: Sequence[str], seeds: Sequence[int], sizes: Sequence[int]
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sizes: Sequence[int],
+        resolution: int | None,
     ) -> dict[int, np.ndarray]:
         """One pipeline call; resizing runs on the device before one copy to the host."""
-        images = self.sample(prompts, seeds).float()
+        images = self.sample(prompts, seeds, resolution=resolution).float()
         result: dict[int, np.ndarray] = {}
         for size in sorted(set(sizes)):
             resized = images

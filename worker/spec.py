@@ -383,6 +383,14 @@ class DatasetSpec(BaseModel):
         description="Output side in pixels; default the preset's native size, else 32.",
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same request + seed = same data.")
+    resolution: int | None = Field(
+        default=None,
+        ge=128,
+        le=1024,
+        multiple_of=64,
+        description="Sampling side in px; default the worker's (512 for SDXL-Turbo). 256 costs "
+        "about a quarter of 512.",
+    )
     prompt_template: (
         Template | Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)]
     ) = Field(

@@ -241,6 +241,7 @@ def _manifest(
         "sampling": {
             "batch_size": runtime.current().settings.batch_size,
             "output_size": spec.size,
+            "resolution": spec.resolution or generator.resolution,
             "copy_source_size": run["source_size"],
             "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
             "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],

@@ -189,3 +189,16 @@ def test_budget_job_balances_classes_and_reports_reached_ipc(
     assert budget["seconds"] == 2 and budget["ipc_reached"] == reached
     assert budget["model_load_counted"] is False and budget["model_load_seconds"] > 0
     print(f"budget 2 s: {sum(per_class)} images, ipc {reached}, used {budget['seconds_used']} s")
+
+
+def test_generation_resolution_is_a_request_option(
+    client: TestClient, worker: subprocess.Popen[bytes]
+) -> None:
+    body = {"labels": ["cat"], "ipc": 2, "image_size": 16, "augment": {"policy": "none"}}
+    _, native = run_job(client, body)
+    _, larger = run_job(client, {**body, "resolution": 128})
+    manifest = json.loads(_zip(larger).read("manifest.json"))
+    assert manifest["sampling"]["resolution"] == 128
+    assert json.loads(_zip(native).read("manifest.json"))["sampling"]["resolution"] == 64
+    first = "train/000_cat/000_00000.png"
+    assert _zip(native).read(first) != _zip(larger).read(first)
