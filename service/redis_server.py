@@ -71,7 +71,11 @@ class EmbeddedRedis:
             "--daemonize", "no",
         ]  # fmt: skip
         log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        # Its own session: a Ctrl-C or SIGTERM sent to our process group must not stop Redis
+        # before the processes that still need it; its owner stops it last.
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         client = Redis.from_url(self.url, socket_connect_timeout=0.5)

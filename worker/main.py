@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT, FieldT
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -227,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
         worker._install_signal_handlers()  # type: ignore[no-untyped-call]
         beacon.update(state="ready", **generator.describe())
-        worker.work(with_scheduler=False, logging_level=settings.log_level)
+        try:
+            worker.work(with_scheduler=False, logging_level=settings.log_level)
+        except RedisConnectionError as exc:
+            # Redis went away for good while shutting down (or never came back).
+            log.error("worker stopped: Redis is unreachable (%s)", exc)
+            return 1
         return 0
     finally:
         beacon.stop()
