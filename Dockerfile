@@ -55,6 +55,6 @@ RUN mkdir -p /cache/huggingface && chown -R distill:distill /cache
 COPY service ./service
 COPY worker ./worker
 USER distill
-# SIGTERM lets the worker finish its current job cleanly (RQ's warm shutdown).
+# SIGTERM: finish the current batch, put the job back at the front of the queue, exit.
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "worker"]
