@@ -16,6 +16,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +47,9 @@ _VERSIONED = (
 )
 
 
+@cache
 def library_versions() -> dict[str, str]:
+    """Versions of what made the archive; looked up once per worker process."""
     versions = {"python": platform.python_version()}
     for name in _VERSIONED:
         try:
@@ -265,7 +268,7 @@ def _manifest(
             ),
             **tensors,
         },
-        "versions": library_versions(),
+        "versions": dict(library_versions()),
     }
     if spec.budget_seconds is not None:
         manifest["budget"] = {
