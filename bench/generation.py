@@ -103,15 +103,14 @@ def build_skeleton(directory: Path, device: str | None) -> Any:
             ),
             scheduler=scheduler,
         )
-    pipe = pipe.to(target, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    decode = torch.float32 if dtype == torch.float16 else dtype
-    pipe.vae.to(dtype=decode)
-    return Generator(
-        pipeline=pipe, device=target, dtype=dtype, model=str(directory), revision=None,
-        resolution=native, decode_dtype=decode,
-    )  # fmt: skip
+    # channels-last off: the recorded GPU figures (BENCHMARKS.md) were measured without it.
+    return Generator.wrap(
+        pipe.to(target, dtype),
+        device=target,
+        dtype=dtype,
+        model=str(directory),
+        channels_last=False,
+    )
 
 
 def spec_for(args: argparse.Namespace) -> Any:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypedDict, Unpack, cast
 from urllib.parse import quote
 
 import httpx
@@ -122,22 +122,28 @@ def _receive(
     return hasher, etag
 
 
+class SpecFields(TypedDict, total=False):
+    """The request's fields as keyword arguments (``Client.submit`` and ``build_spec``)."""
+
+    labels: Sequence[str] | None
+    preset: str | None
+    ipc: int | None
+    budget_seconds: float | None
+    image_size: int | None
+    resolution: int | None
+    seed: int | None
+    prompt_template: str | Sequence[str] | None
+    prompts: Mapping[str, str] | Sequence[Mapping[str, str]] | None
+    augment: Mapping[str, Any] | None
+    policy: str | Sequence[Mapping[str, Any]] | None
+    copies: int | None
+    crop_scale: float | None
+    formats: Sequence[str] | None
+    callback_url: str | None
+
+
 def build_spec(
-    spec: Mapping[str, Any] | None = None,
-    *,
-    labels: Sequence[str] | None = None,
-    preset: str | None = None,
-    ipc: int | None = None,
-    budget_seconds: float | None = None,
-    image_size: int | None = None,
-    seed: int | None = None,
-    prompt_template: str | Sequence[str] | None = None,
-    prompts: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-    augment: Mapping[str, Any] | None = None,
-    policy: str | Sequence[Mapping[str, Any]] | None = None,
-    copies: int | None = None,
-    crop_scale: float | None = None,
-    formats: Sequence[str] | None = None,
+    spec: Mapping[str, Any] | None = None, **fields: Unpack[SpecFields]
 ) -> dict[str, Any]:
     """The JSON body of ``POST /v1/jobs``: ``spec`` (if any) with the given fields on top.
 
@@ -145,34 +151,42 @@ def build_spec(
     ``{label: prompt}`` mapping. ``policy``, ``copies`` and ``crop_scale`` are merged into
     ``augment``. Nothing is validated here: the server answers 422 naming the field.
     """
+    labels = fields.get("labels")
+    formats = fields.get("formats")
+    prompt_template = fields.get("prompt_template")
+    prompts = fields.get("prompts")
+    policy = fields.get("policy")
     body: dict[str, Any] = dict(spec or {})
     if isinstance(labels, str):
         raise TypeError("labels must be a list of class names, not one string")
     if isinstance(formats, str):
         raise TypeError("formats must be a list, e.g. ['imagefolder', 'tensors']")
-    fields: dict[str, Any] = {
-        "labels": None if labels is None else builtins.list(labels),
-        "preset": preset,
-        "ipc": ipc,
-        "budget_seconds": budget_seconds,
-        "image_size": image_size,
-        "seed": seed,
-        "prompt_template": (
-            prompt_template
-            if prompt_template is None or isinstance(prompt_template, str)
-            else builtins.list(prompt_template)
-        ),
-        "formats": None if formats is None else builtins.list(formats),
-    }
-    body.update({k: v for k, v in fields.items() if v is not None})
+    plain: dict[str, Any] = {
+        name: fields.get(name)
+        for name in (
+            "preset", "ipc", "budget_seconds", "image_size", "resolution", "seed", "callback_url"
+        )
+    }  # fmt: skip
+    plain["labels"] = None if labels is None else builtins.list(labels)
+    plain["prompt_template"] = (
+        prompt_template
+        if prompt_template is None or isinstance(prompt_template, str)
+        else builtins.list(prompt_template)
+    )
+    plain["formats"] = None if formats is None else builtins.list(formats)
+    body.update({k: v for k, v in plain.items() if v is not None})
     if prompts is not None:
         if isinstance(prompts, Mapping):
             body["prompts"] = [{"label": k, "prompt": v} for k, v in prompts.items()]
         else:
             body["prompts"] = [dict(p) for p in prompts]
     aug: dict[str, Any] = dict(body.get("augment") or {})
-    aug.update(augment or {})
-    extra = {"policy": policy, "copies": copies, "crop_scale": crop_scale}
+    aug.update(fields.get("augment") or {})
+    extra = {
+        "policy": policy,
+        "copies": fields.get("copies"),
+        "crop_scale": fields.get("crop_scale"),
+    }
     if not isinstance(policy, str | None):
         extra["policy"] = [dict(step) for step in policy]
     aug.update({k: v for k, v in extra.items() if v is not None})
@@ -317,21 +331,9 @@ class Client:
         self,
         spec: Mapping[str, Any] | None = None,
         *,
-        labels: Sequence[str] | None = None,
-        preset: str | None = None,
-        ipc: int | None = None,
-        budget_seconds: float | None = None,
-        image_size: int | None = None,
-        seed: int | None = None,
-        prompt_template: str | Sequence[str] | None = None,
-        prompts: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-        augment: Mapping[str, Any] | None = None,
-        policy: str | Sequence[Mapping[str, Any]] | None = None,
-        copies: int | None = None,
-        crop_scale: float | None = None,
-        formats: Sequence[str] | None = None,
         idempotency_key: str | None = None,
         wait: int | None = None,
+        **fields: Unpack[SpecFields],
     ) -> Job:
         """Request a dataset (``POST /v1/jobs``) and return the job as accepted.
 
@@ -346,22 +348,7 @@ class Client:
         finish (``Prefer: wait=N``); a server that does not wait answers at once, so check
         ``job["state"]`` either way, or call ``wait()``.
         """
-        body = build_spec(
-            spec,
-            labels=labels,
-            preset=preset,
-            ipc=ipc,
-            budget_seconds=budget_seconds,
-            image_size=image_size,
-            seed=seed,
-            prompt_template=prompt_template,
-            prompts=prompts,
-            augment=augment,
-            policy=policy,
-            copies=copies,
-            crop_scale=crop_scale,
-            formats=formats,
-        )
+        body = build_spec(spec, **fields)
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         timeout = None
         if wait is not None and wait > 0:

@@ -56,10 +56,6 @@ class WebhookStatus(BaseModel):
     url: str
     attempts: list[WebhookAttempt] = Field(default_factory=list)
 
-    @property
-    def delivered(self) -> bool:
-        return any(a.status_code is not None and 200 <= a.status_code < 300 for a in self.attempts)
-
 
 class JobError(BaseModel):
     type: str = Field(description="worker_lost, timeout, disk_full, invalid_request or internal.")

@@ -98,16 +98,45 @@ class Generator:
             text = " ".join(str(exc).split()) or type(exc).__name__
             reason = text.split(" Please check out the root cause")[0].rstrip(".")
             raise ModelLoadError(f"cannot load model {model!r}: {reason}") from exc
-        pipeline = pipeline.to(target)
+        generator = cls.wrap(
+            pipeline.to(target),
+            device=target,
+            dtype=torch_dtype,
+            model=model,
+            revision=revision,
+            resolution=resolution,
+            vae_dtype=vae_dtype,
+            channels_last=channels_last,
+            compile_unet=compile_unet,
+        )
+        generator.fingerprint = fingerprint(Path(model)) if Path(model).is_dir() else None
+        generator.load_seconds = time.perf_counter() - started
+        return generator
+
+    @classmethod
+    def wrap(
+        cls,
+        pipeline: Any,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        model: str,
+        revision: str | None = None,
+        resolution: int | None = None,
+        vae_dtype: str | None = None,
+        channels_last: bool | None = None,
+        compile_unet: bool = False,
+    ) -> Generator:
+        """Set up a pipeline already on ``device`` (see ``load`` for the options)."""
         pipeline.set_progress_bar_config(disable=True)
         if vae_dtype:
             decode = _DTYPES[vae_dtype]
-        elif torch_dtype == torch.float16 and pipeline.vae.config.get("force_upcast", False):
+        elif dtype == torch.float16 and pipeline.vae.config.get("force_upcast", False):
             decode = torch.float32
         else:
-            decode = torch_dtype
+            decode = dtype
         pipeline.vae.to(dtype=decode)
-        use_channels_last = target.type == "cuda" if channels_last is None else channels_last
+        use_channels_last = device.type == "cuda" if channels_last is None else channels_last
         if use_channels_last:
             pipeline.unet.to(memory_format=torch.channels_last)
             pipeline.vae.to(memory_format=torch.channels_last)
@@ -116,18 +145,16 @@ class Generator:
         native = int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
         generator = cls(
             pipeline=pipeline,
-            device=target,
-            dtype=torch_dtype,
+            device=device,
+            dtype=dtype,
             model=model,
             revision=revision,
             resolution=resolution or native,
-            fingerprint=fingerprint(Path(model)) if Path(model).is_dir() else None,
             decode_dtype=decode,
             options={"channels_last": use_channels_last, "compile_unet": compile_unet},
         )
         if compile_unet:
             generator.sample(["warm-up"], [0])  # pay compilation now, not in the first job
-        generator.load_seconds = time.perf_counter() - started
         return generator
 
     def check_inputs(self, prompts: Sequence[str], seeds: Sequence[int]) -> None:
