@@ -25,6 +25,28 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding queue and jobs.")
     data_dir: Path = Field(Path("data"), description="Archives; shared by API and workers.")
     queue_name: str = Field("distill", description="RQ queue the API fills and workers drain.")
+    storage: str | None = Field(
+        None,
+        description="Where archives live: a directory, or s3://bucket/prefix; default data_dir.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, R2, ...); unset: AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region (e.g. us-east-1).")
+    s3_access_key_id: SecretStr | None = Field(None, description="S3 access key id.")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    presign: bool = Field(
+        False, description="With S3: archive downloads redirect to a presigned URL."
+    )
+    presign_seconds: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="Lifetime of a presigned download URL."
+    )
+    shard_images: int = Field(
+        5000,
+        ge=1,
+        le=100_000,
+        description="Fixed-ipc jobs with more images are split into shards of about this many.",
+    )
 
     # API.
     host: str = Field("127.0.0.1", description="API bind address.")

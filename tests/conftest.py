@@ -72,6 +72,20 @@ def settings_env(settings: Settings, model: Path) -> dict[str, str]:
             "DISTILL_MAX_ATTEMPTS": str(settings.max_attempts),
             "DISTILL_RESULT_TTL": str(settings.result_ttl),
             "DISTILL_SWEEP_INTERVAL": str(settings.sweep_interval),
+            "DISTILL_SHARD_IMAGES": str(settings.shard_images),
+            **{
+                f"DISTILL_{name.upper()}": (
+                    value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+                )
+                for name in (
+                    "storage",
+                    "s3_endpoint_url",
+                    "s3_region",
+                    "s3_access_key_id",
+                    "s3_secret_access_key",
+                )
+                if (value := getattr(settings, name)) is not None
+            },
             **(
                 {"DISTILL_TESTSETS_DIR": str(settings.testsets_dir)}
                 if settings.testsets_dir
