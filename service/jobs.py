@@ -45,10 +45,11 @@ from service.schemas import (
     JobPublic,
     JobState,
     Progress,
+    Shard,
     Timings,
     WebhookStatus,
 )
-from worker import evaluations, records, webhooks
+from worker import evaluations, records, shards, webhooks
 from worker.evaluations import EvaluationRequest
 from worker.spec import DatasetSpec
 
@@ -163,7 +164,14 @@ def submit(
         owner=owner,
         extra=extra,
     )
+    pieces = shards.plan(spec, shard_images=settings.shard_images, batch_size=settings.batch_size)
     try:
+        if pieces:
+            shards.create(redis, job_id, pieces)
+            shards.top_up(redis, settings, job_id)
+            return fetch(
+                redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)
+            ), True
         queue.enqueue(
             TASK,
             payload,
@@ -219,7 +227,11 @@ def fetch(
     """The public view of one job (404 unknown, 410 expired)."""
     record = _record(redis, job_id, owner)
     rq_job = None
-    if "outcome" not in record:
+    if "outcome" not in record and "shards" in record:
+        if "started_at" in record:
+            _reap_abandoned(redis, settings)
+            record = records.read(redis, job_id)
+    elif "outcome" not in record:
         rq_job = _rq_job(redis, job_id)
         if rq_job is not None and rq_job.get_status() == JobStatus.STARTED:
             _reap_abandoned(redis, settings)
@@ -238,8 +250,13 @@ def _view(
     archive_url: str,
 ) -> JobPublic:
     error: JobError | None = None
+    shard_rows = (
+        shards.read_all(redis, job_id, int(record["shards"])) if "shards" in record else None
+    )
     if "outcome" in record:
         state = _OUTCOMES[record["outcome"]]
+    elif shard_rows is not None:
+        state = JobState.running if "started_at" in record else JobState.queued
     elif rq_job is None:
         state = JobState.failed
         error = JobError(type="lost", detail="the job's queue entry expired or was removed")
@@ -255,6 +272,10 @@ def _view(
 
     request = DatasetSpec.model_validate(json.loads(record["request"]))
     written = int(record.get("written", 0))
+    generated = int(record.get("generated", 0))
+    if shard_rows is not None and "outcome" not in record:
+        written = sum(int(row.get("written", 0)) for row in shard_rows)
+        generated = sum(int(row.get("generated", 0)) for row in shard_rows)
     total: int | None = int(record.get("total", 0)) or None
     if total is None and state is JobState.succeeded:
         total = written  # a time-budget job: its size is known once it ends
@@ -280,7 +301,8 @@ def _view(
         )
     position = None
     if state is JobState.queued:
-        position = _queue(redis, settings).get_job_position(job_id)
+        first = shards.shard_job_id(job_id, 0) if shard_rows is not None else job_id
+        position = _queue(redis, settings).get_job_position(first)
 
     return JobPublic(
         id=job_id,
@@ -290,7 +312,7 @@ def _view(
         finished_at=_time(record.get("finished_at")),
         request=request,
         progress=Progress(
-            generated=int(record.get("generated", 0)),
+            generated=generated,
             written=written,
             total=total,
             images_per_second=round(rate, 3) if rate else None,
@@ -300,7 +322,14 @@ def _view(
         queue_position=position,
         cancel_requested="cancel_requested" in record,
         worker=record.get("worker"),
-        attempts=int(record.get("attempts", 0)),
+        attempts=(
+            max((int(row.get("attempts", 0)) for row in shard_rows), default=0)
+            if shard_rows is not None
+            else int(record.get("attempts", 0))
+        ),
+        shards=(
+            [_shard_view(request, row) for row in shard_rows] if shard_rows is not None else None
+        ),
         last_interruption=record.get("last_interruption"),
         webhook=(
             WebhookStatus.model_validate(
@@ -315,10 +344,32 @@ def _view(
             Timings(
                 seconds_total=float(record["seconds_total"]),
                 seconds_sampling=float(record["seconds_sampling"]),
+                seconds_assembling=(
+                    float(record["seconds_assembling"]) if "seconds_assembling" in record else None
+                ),
             )
             if "seconds_total" in record
             else None
         ),
+    )
+
+
+def _shard_view(request: DatasetSpec, row: dict[str, str]) -> Shard:
+    first, last = shards.describe(request, row)
+    return Shard(
+        index=int(row["index"]),
+        state=row.get("state", shards.QUEUED),
+        first_class=first,
+        last_class=last,
+        images=int(row["images"]),
+        generated=int(row.get("generated", 0)),
+        written=int(row.get("written", 0)),
+        worker=row.get("worker"),
+        attempts=int(row.get("attempts", 0)),
+        started_at=_time(row.get("started_at")),
+        finished_at=_time(row.get("finished_at")),
+        last_interruption=row.get("last_interruption"),
+        error=row.get("error"),
     )
 
 
@@ -358,6 +409,14 @@ def cancel(
         return current
     # The flag first: a worker that dequeues the job right now sees it before sampling.
     records.request_cancel(redis, job_id)
+    if current.shards is not None:
+        # Queued shards are dropped now; running ones stop between batches, and the last
+        # to stop records the cancel. With none running, it is canceled here.
+        if shards.stop_all(redis, job_id) == 0 and records.finish(
+            redis, job_id, outcome=records.CANCELED
+        ):
+            shards.enqueue_cleanup(redis, settings.queue_name, job_id)
+        return fetch(redis, settings, job_id, owner=owner, archive_url=archive_url)
     rq_job = _rq_job(redis, job_id)
     if rq_job is not None and rq_job.get_status() != JobStatus.STARTED:
         try:

@@ -42,7 +42,12 @@ class Progress(BaseModel):
 
 class Timings(BaseModel):
     seconds_total: float = Field(description="From the job's start on a worker to its end.")
-    seconds_sampling: float = Field(description="Of which: inside the model (batches).")
+    seconds_sampling: float = Field(
+        description="Of which: inside the model (batches); summed over shards."
+    )
+    seconds_assembling: float | None = Field(
+        None, description="A sharded job: copying its parts into the archive."
+    )
 
 
 class WebhookAttempt(BaseModel):
@@ -68,6 +73,24 @@ class Archive(BaseModel):
     sha256: str
 
 
+class Shard(BaseModel):
+    """One piece of a sharded job: a run of its images, made by one worker."""
+
+    index: int
+    state: str = Field(description="queued, running, succeeded, failed or canceled.")
+    first_class: int = Field(description="Index of the first class this shard makes images of.")
+    last_class: int = Field(description="Index of the last class (inclusive).")
+    images: int = Field(description="Output images (sampled + copies) this shard makes.")
+    generated: int
+    written: int
+    worker: str | None = Field(None, description="Worker that ran or is running the shard.")
+    attempts: int = 0
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    last_interruption: str | None = None
+    error: str | None = None
+
+
 class JobPublic(BaseModel):
     id: str
     state: JobState
@@ -90,6 +113,11 @@ class JobPublic(BaseModel):
     timings: Timings | None = Field(None, description="Set once the job succeeded.")
     webhook: WebhookStatus | None = Field(
         None, description="The callback URL and every delivery attempt so far."
+    )
+    shards: list[Shard] | None = Field(
+        None,
+        description="A large job runs as shards on many workers (DISTILL_SHARD_IMAGES); "
+        "null for a job that runs in one piece.",
     )
 
 

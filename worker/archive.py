@@ -68,6 +68,14 @@ def encode_png(image: np.ndarray) -> bytes:
     return bytes(buffer)
 
 
+def decode_png(data: bytes) -> np.ndarray:
+    """An HxWx3 uint8 RGB array from PNG bytes (the inverse of ``encode_png``)."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("not a PNG image")
+    return np.ascontiguousarray(image[..., ::-1])
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename durable: a crash right after it must not bring the old name back."""
     fd = os.open(directory, os.O_RDONLY)

@@ -73,3 +73,66 @@ def on_failure(
         outcome=records.FAILED,
         fields={"error_type": error_type, "error_detail": detail[:2000]},
     )
+
+
+def on_shard_failure(
+    job: Any,
+    connection: Any,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """A shard (or the assembly) failed: retry it if its worker was lost and runs are left,
+    else fail the whole job with the shard's reason and stop its other shards."""
+    from worker import shards  # no cycle at import time: shards imports records
+
+    job_id, *rest = job.args
+    index: int | None = int(rest[0]) if rest else None
+    where = f"shard {index}" if index is not None else "assembly"
+    if index is not None:
+        row = shards.read(connection, job_id, index)
+    else:
+        row = records.read(connection, job_id)
+    partial = row.get("partial")
+    if partial:
+        Path(partial).unlink(missing_ok=True)
+    worker = row.get("worker", "unknown")
+    attempts = int(row.get("attempts", 1))
+    lost = exc_type is not None and issubclass(exc_type, AbandonedJobError)
+    parent = records.read(connection, job_id)
+    if lost and job.retries_left and not records.ending_record(parent):
+        reason = f"worker {worker} lost on attempt {attempts}"
+        if index is not None:
+            shards.mark_requeued(connection, job_id, index, reason=reason)
+        else:
+            connection.hset(records.job_key(job_id), "assembly", shards.QUEUED)
+        return
+    error_type, detail = describe_failure(exc_type, exc)
+    if lost:
+        detail = f"worker {worker} stopped sending heartbeats (it died); no attempts left"
+    if index is not None:
+        state = shards.CANCELED if records.ending_record(parent) else shards.FAILED
+        shards.mark_stopped(connection, job_id, index, state=state, error=detail)
+    if records.ending_record(parent) and "outcome" not in parent:
+        # Canceled while this shard ran: the job ends canceled once nothing runs.
+        if not shards.still_running(connection, job_id):
+            records.finish(connection, job_id, outcome=records.CANCELED)
+            shards.enqueue_cleanup(connection, job.origin, job_id)
+        return
+    if index is not None:
+        classes = ""
+        request = parent.get("request")
+        if request:
+            from worker.spec import DatasetSpec
+
+            first, last = shards.describe(DatasetSpec.model_validate_json(request), row)
+            classes = f", classes {first}-{last}" if last != first else f", class {first}"
+        where = f"shard {index}{classes}"
+    if records.finish(
+        connection,
+        job_id,
+        outcome=records.FAILED,
+        fields={"error_type": error_type, "error_detail": f"{where}: {detail}"[:2000]},
+    ):
+        shards.stop_all(connection, job_id)
+        shards.enqueue_cleanup(connection, job.origin, job_id)

@@ -102,21 +102,31 @@ class Outputs:
     preview: PreviewCollector = field(default_factory=PreviewCollector)
     _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
+    def wants_pixels(self, class_index: int, number: int) -> bool:
+        """Whether ``add`` needs this image's array (tensors, or a preview tile)."""
+        per_sample = self.spec.augment.n_copies + 1
+        return "tensors" in self.spec.formats or self.preview.wants(
+            class_index=class_index, sample=number // per_sample, copy=number % per_sample
+        )
+
     def add(self, done: postprocess.Finished) -> None:
         per_sample = self.spec.augment.n_copies + 1
-        self.preview.offer(
-            class_index=done.cls.index,
-            label=done.cls.label,
-            sample=done.number // per_sample,
-            copy=done.number % per_sample,
-            image=done.image,
-        )
+        if done.image is not None:
+            self.preview.offer(
+                class_index=done.cls.index,
+                label=done.cls.label,
+                sample=done.number // per_sample,
+                copy=done.number % per_sample,
+                image=done.image,
+            )
         if done.png is not None:
             name = image_name(done.cls.index, done.cls.label, done.number)
             self.writer.add_png(
                 name, done.png, label=done.cls.index, label_name=done.cls.label, **done.meta
             )
         if "tensors" in self.spec.formats:
+            if done.image is None:
+                raise ValueError(f"tensors need the pixels of image {done.number}")
             self._kept.append((done.cls.index, done.number, done.image))
         self.count += 1
         self.per_class[done.cls.index] = self.per_class.get(done.cls.index, 0) + 1
@@ -159,8 +169,11 @@ def run(
     hooks: Hooks,
     pool: Executor | None = None,
     workers: int = 2,
+    items: Sequence[Item] | None = None,
 ) -> dict[str, Any] | None:
-    """Make every image of ``spec`` into ``outputs``; None when canceled.
+    """Make every image of ``spec`` (or only ``items``, one shard's) into ``outputs``.
+
+    Returns None when canceled.
 
     ``pool`` does the CPU side (a worker keeps one for its lifetime; ``workers`` is its size,
     and each batch is split into that many tasks); without one, a pool of ``workers`` threads.
@@ -176,6 +189,7 @@ def run(
                 hooks=hooks,
                 pool=own,
                 workers=workers,
+                items=items,
             )
     size = spec.size
     src_size = source_size(spec.augment, image_size=size)
@@ -199,7 +213,7 @@ def run(
                 added=(sampled, outputs.count - before),
             )
 
-    iterator = iter(plan(spec))
+    iterator = iter(items if items is not None else plan(spec))
     try:
         while True:
             batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]

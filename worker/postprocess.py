@@ -31,7 +31,8 @@ class Finished:
 
     cls: ClassInfo
     number: int
-    image: np.ndarray
+    #: None only when an archive is assembled from parts and nothing needs the pixels.
+    image: np.ndarray | None
     png: bytes | None
     meta: dict[str, Any]
 

@@ -34,10 +34,14 @@ class PreviewCollector:
 
     rows: dict[int, tuple[str, dict[int, list[np.ndarray]]]] = field(default_factory=dict)
 
+    def wants(self, *, class_index: int, sample: int, copy: int) -> bool:
+        """Whether the sheet shows this image."""
+        return class_index < MAX_ROWS and sample < SAMPLES and copy <= COPIES
+
     def offer(
         self, *, class_index: int, label: str, sample: int, copy: int, image: np.ndarray
     ) -> None:
-        if class_index >= MAX_ROWS or sample >= SAMPLES or copy > COPIES:
+        if not self.wants(class_index=class_index, sample=sample, copy=copy):
             return
         _, samples = self.rows.setdefault(class_index, (label, {}))
         group = samples.setdefault(sample, [])

@@ -48,6 +48,16 @@ def archive_path(data_dir: Path, job_id: str) -> Path:
     return Path(data_dir) / f"{job_id}.zip"
 
 
+def archive_key(job_id: str) -> str:
+    """The finished archive's key in the store (``DISTILL_STORAGE``)."""
+    return f"{job_id}.zip"
+
+
+def preview_key(job_id: str) -> str:
+    """The contact sheet's key in the store."""
+    return f"{job_id}.preview.png"
+
+
 def preview_path(data_dir: Path, job_id: str) -> Path:
     """A finished job's contact sheet (also inside the archive as preview.png)."""
     return Path(data_dir) / f"{job_id}.preview.png"
@@ -167,6 +177,16 @@ def cancel_requested(redis: Redis, job_id: str) -> bool:
     return bool(redis.hexists(job_key(job_id), "cancel_requested"))
 
 
+def ending_record(record: Mapping[str, str]) -> bool:
+    """Canceled, or already ended (a sharded job another shard failed): stop working on it."""
+    return "cancel_requested" in record or "outcome" in record
+
+
+def ending(redis: Redis, job_id: str) -> bool:
+    cancel, outcome = redis.hmget(job_key(job_id), ["cancel_requested", "outcome"])
+    return cancel is not None or outcome is not None
+
+
 def finish(
     redis: Redis,
     job_id: str,
@@ -183,9 +203,17 @@ def finish(
     if not redis.hsetnx(key, "outcome", outcome):
         return False
     now = time.time()
-    ttl_raw, started_raw, written_raw, callback, hook_queue, hook_retry = redis.hmget(
+    ttl_raw, started_raw, written_raw, callback, hook_queue, hook_retry, shard_count = redis.hmget(
         key,
-        ["ttl", "started_at", "written", "callback_url", "webhook_queue", "webhook_retry_seconds"],
+        [
+            "ttl",
+            "started_at",
+            "written",
+            "callback_url",
+            "webhook_queue",
+            "webhook_retry_seconds",
+            "shards",
+        ],
     )
     seconds = max(now - float(started_raw), 1e-6) if started_raw is not None else None
     with redis.pipeline() as pipe:
@@ -197,6 +225,10 @@ def finish(
         mapping.update(fields or {})
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, ttl + TOMBSTONE_S)
+        if shard_count is not None:
+            from worker import shards  # a sharded job's bookkeeping goes with its record
+
+            shards.expire_with_job(pipe, job_id, int(shard_count), ttl + TOMBSTONE_S)
         stats.incr(pipe, f"jobs_{outcome}")
         if seconds is not None:
             stats.observe(pipe, "job_duration", seconds)

@@ -24,6 +24,7 @@ class Runtime:
 _current: Runtime | None = None
 _stop = threading.Event()
 _interrupted: set[str] = set()
+_rate: list[float] = []
 
 
 def install(runtime: Runtime) -> None:
@@ -51,6 +52,15 @@ def take_interrupted(job_id: str) -> bool:
         _interrupted.discard(job_id)
         return True
     return False
+
+
+def record_rate(images_per_second: float) -> None:
+    """Output images per second of the last job or shard (advertised in the heartbeat)."""
+    _rate[:] = [images_per_second]
+
+
+def last_rate() -> float | None:
+    return _rate[0] if _rate else None
 
 
 def current() -> Runtime:

@@ -11,11 +11,13 @@ class ends within one sampled image of the others).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -26,11 +28,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
-from worker import engine, presets, records, runtime
-from worker.archive import ArchiveWriter, class_dir
+from worker import engine, postprocess, presets, records, runtime, shards
+from worker.archive import ArchiveWriter, class_dir, decode_png
+from worker.augment import source_size
 from worker.errors import InsufficientSpace
 from worker.generator import Generator
+from worker.presets import ClassInfo
 from worker.spec import DatasetSpec
+from worker.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,12 +91,13 @@ def patiently(call: Callable[[], T]) -> T:
 SPACE_MARGIN_BYTES = 16 * 2**20
 
 
-def estimate_bytes(spec: DatasetSpec) -> int:
-    """An upper estimate of a fixed-ipc job's archive size (0 for a time-budget job).
+def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
+    """An upper estimate of a fixed-ipc job's archive size (0 for a time-budget job), or of
+    ``images`` of its images (one shard's).
 
     PNG of noisy pixels is about the raw size; zip headers add about 100 bytes a member.
     """
-    images = spec.total_images
+    images = spec.total_images if images is None else images
     raw = spec.size * spec.size * 3
     total = 0
     if "imagefolder" in spec.formats:
@@ -101,9 +107,10 @@ def estimate_bytes(spec: DatasetSpec) -> int:
     return total
 
 
-def check_space(spec: DatasetSpec, directory: Path) -> None:
+def check_space(spec: DatasetSpec, directory: Path, *, images: int | None = None) -> None:
     """Fail before sampling when the archive cannot fit (ENOSPC is still caught on write)."""
-    needed = estimate_bytes(spec) + SPACE_MARGIN_BYTES
+    directory.mkdir(parents=True, exist_ok=True)
+    needed = estimate_bytes(spec, images) + SPACE_MARGIN_BYTES
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise InsufficientSpace(
@@ -152,16 +159,30 @@ def distill(payload: dict[str, Any]) -> dict[str, Any]:
         raise
 
 
+def _targets(store: Storage, key: str, scratch: Path) -> tuple[Path, Path]:
+    """(final, partial) local files for an archive stored under ``key``.
+
+    A directory store gets both beside the key's own path (one rename publishes it); an object
+    store gets them in the worker's scratch directory, uploaded once complete.
+    """
+    local = store.local_path(key)
+    if local is not None:
+        return local, local.with_name(f".{local.name}.part")
+    stem = key.replace("/", "-")
+    return scratch / f".{stem}.upload", scratch / f".{stem}.part"
+
+
 def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
     rt = runtime.current()
     settings = rt.settings
     redis: Redis = job.connection
     spec = DatasetSpec.model_validate(payload)
     generator = rt.generator
-    final = records.archive_path(settings.data_dir, job.id)
-    partial = records.partial_path(settings.data_dir, job.id)
+    store = open_storage(settings)
+    key = records.archive_key(job.id)
+    final, partial = _targets(store, key, settings.data_dir)
     patiently(lambda: records.mark_started(redis, job.id, worker=rt.worker_name, partial=partial))
-    check_space(spec, settings.data_dir)
+    check_space(spec, partial.parent)
 
     started = time.time()
     with ArchiveWriter(final=final, partial=partial) as writer:
@@ -185,13 +206,12 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
         finished = time.time()
         manifest = _manifest(spec, generator=generator, outputs=outputs, tensors=tensors, run=run)
         info = writer.commit(manifest)
-        # Beside the archive too, so the API can show it without opening the zip.
-        preview_file = records.preview_path(settings.data_dir, job.id)
-        preview_file.write_bytes(sheet)
+    _publish(store, key, info.path, sheet, job_id=job.id)
+    runtime.record_rate(outputs.count / max(finished - started, 1e-6))
 
     ipc_reached = min(outputs.per_class.get(c.index, 0) for c in spec.classes())
     succeeded: dict[str, str | int | float] = {
-        "archive_path": str(info.path),
+        "archive_key": key,
         "archive_size": info.size_bytes,
         "archive_sha256": info.sha256,
         "written": outputs.count,
@@ -201,7 +221,252 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
         "seconds_total": round(finished - started, 3),
     }
     patiently(lambda: records.finish(redis, job.id, outcome=records.SUCCEEDED, fields=succeeded))
-    return {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}
+    return {"key": key, "size_bytes": info.size_bytes, "sha256": info.sha256}
+
+
+def _publish(store: Storage, key: str, local: Path, sheet: bytes, *, job_id: str) -> None:
+    """Put a committed archive and its contact sheet (shown without the zip) in the store."""
+    patiently(lambda: store.put(key, local))
+    patiently(lambda: store.put_bytes(records.preview_key(job_id), sheet))
+
+
+class ShardHooks:
+    """A shard stops when its job is canceled or has failed (another shard's error)."""
+
+    def __init__(self, redis: Redis, job_id: str, index: int) -> None:
+        self.redis = redis
+        self.job_id = job_id
+        self.index = index
+
+    def should_cancel(self) -> bool:
+        return patiently(lambda: records.ending(self.redis, self.job_id))
+
+    def should_stop(self) -> bool:
+        return runtime.stopping()
+
+    def on_batch(self, *, generated: int, written: int, added: tuple[int, int]) -> None:
+        patiently(
+            lambda: shards.save_progress(
+                self.redis,
+                self.job_id,
+                self.index,
+                generated=generated,
+                written=written,
+                added=added,
+            )
+        )
+
+
+def distill_shard(job_id: str, index: int) -> dict[str, Any]:
+    """Make one shard of a sharded job into a part archive in the store."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("distill_shard() runs as an RQ job")
+    try:
+        return _distill_shard(job, job_id, index)
+    except engine.Interrupted:
+        worker = runtime.current().worker_name
+        shards.mark_requeued(job.connection, job_id, index, reason=f"worker {worker} shut down")
+        runtime.mark_interrupted(job.id)
+        return {"interrupted": True}
+    except Exception:
+        job.retries_left = 0
+        raise
+
+
+def _distill_shard(job: Any, job_id: str, index: int) -> dict[str, Any]:
+    rt = runtime.current()
+    settings = rt.settings
+    redis: Redis = job.connection
+    record = patiently(lambda: records.read(redis, job_id))
+    if not record or records.ending_record(record):
+        shards.mark_stopped(redis, job_id, index, state=shards.CANCELED)
+        settle(redis, job_id)
+        return {"canceled": True}
+    spec = DatasetSpec.model_validate(json.loads(record["request"]))
+    # A part always holds PNGs (lossless): assembly decodes them for tensor formats.
+    part_spec = spec.model_copy(update={"formats": ["imagefolder"]})
+    bounds = shards.read(redis, job_id, index)
+    start, stop = int(bounds["start"]), int(bounds["stop"])
+    store = open_storage(settings)
+    key = shards.part_key(job_id, index)
+    final, partial = _targets(store, key, settings.data_dir)
+    patiently(
+        lambda: shards.mark_running(redis, job_id, index, worker=rt.worker_name, partial=partial)
+    )
+    check_space(spec, partial.parent, images=int(bounds["images"]))
+    started = time.time()
+    hooks = ShardHooks(redis, job_id, index)
+    with ArchiveWriter(final=final, partial=partial) as writer:
+        outputs = engine.Outputs(spec=part_spec, writer=writer)
+        run = engine.run(
+            part_spec,
+            rt.generator,
+            outputs,
+            batch_size=settings.batch_size,
+            pool=rt.pool,
+            workers=settings.postprocess_workers,
+            hooks=hooks,
+            items=engine.fixed_plan(spec)[start:stop],
+        )
+        if run is None or hooks.should_cancel():
+            shards.mark_stopped(redis, job_id, index, state=shards.CANCELED)
+            settle(redis, job_id)
+            return {"canceled": True}
+        info = writer.commit(
+            {
+                "format": "distill-service/part-v1",
+                "job_id": job_id,
+                "shard": index,
+                "samples": [start, stop],
+                "images": outputs.count,
+            }
+        )
+    size = patiently(lambda: store.put(key, info.path))
+    seconds = time.time() - started
+    runtime.record_rate(outputs.count / max(seconds, 1e-6))
+    patiently(
+        lambda: shards.mark_done(
+            redis,
+            job_id,
+            index,
+            fields={
+                "written": outputs.count,
+                "generated": run["generated"],
+                "seconds_sampling": round(run["seconds_sampling"], 3),
+                "part_size": size,
+            },
+        )
+    )
+    if patiently(lambda: records.ending(redis, job_id)):
+        settle(redis, job_id)
+        return {"canceled": True}
+    patiently(lambda: shards.top_up(redis, settings, job_id))
+    patiently(lambda: shards.maybe_assemble(redis, settings, job_id))
+    return {"key": key, "size_bytes": size, "images": outputs.count}
+
+
+def settle(redis: Redis, job_id: str) -> None:
+    """A canceled (or failed) sharded job whose shards have all stopped: record the end and
+    remove its parts."""
+    if patiently(lambda: shards.still_running(redis, job_id)):
+        return
+    record = patiently(lambda: records.read(redis, job_id))
+    if "outcome" not in record and "cancel_requested" in record:
+        patiently(lambda: records.finish(redis, job_id, outcome=records.CANCELED))
+    if "outcome" in patiently(lambda: records.read(redis, job_id)):
+        discard_parts(job_id)
+
+
+def discard_parts(job_id: str) -> int:
+    """Remove a sharded job's part archives from the store; returns how many."""
+    store = open_storage(runtime.current().settings)
+    removed = patiently(lambda: store.delete_prefix(shards.parts_prefix(job_id)))
+    shards.forget(get_redis(), job_id)
+    return removed
+
+
+def get_redis() -> Redis:
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("runs as an RQ job")
+    connection: Redis = job.connection
+    return connection
+
+
+def assemble(job_id: str) -> dict[str, Any]:
+    """Copy every shard's part, in shard order, into the job's archive; publish it."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("assemble() runs as an RQ job")
+    try:
+        return _assemble(job, job_id)
+    except Exception:
+        job.retries_left = 0
+        raise
+
+
+def _assemble(job: Any, job_id: str) -> dict[str, Any]:
+    rt = runtime.current()
+    settings = rt.settings
+    redis: Redis = job.connection
+    record = patiently(lambda: records.read(redis, job_id))
+    if not record or "outcome" in record:
+        return {"skipped": True}
+    spec = DatasetSpec.model_validate(json.loads(record["request"]))
+    count = int(record["shards"])
+    store = open_storage(settings)
+    key = records.archive_key(job_id)
+    final, partial = _targets(store, key, settings.data_dir)
+    patiently(
+        lambda: redis.hset(
+            records.job_key(job_id),
+            mapping={"assembly": shards.RUNNING, "worker": rt.worker_name, "partial": str(partial)},
+        )
+    )
+    check_space(spec, partial.parent)
+    started = time.perf_counter()
+    classes = spec.classes()
+    rows = shards.read_all(redis, job_id, count)
+    with ArchiveWriter(final=final, partial=partial) as writer:
+        outputs = engine.Outputs(spec=spec, writer=writer)
+        for index in range(count):
+            if patiently(lambda: records.ending(redis, job_id)):
+                patiently(lambda: redis.hset(records.job_key(job_id), "assembly", shards.CANCELED))
+                settle(redis, job_id)
+                return {"canceled": True}
+            with store.local_copy(shards.part_key(job_id, index)) as path:
+                _copy_part(path, outputs, classes)
+        tensors = outputs.write_tensors()
+        sheet = outputs.preview.render(spec.size)
+        writer.add_file("preview.png", sheet)
+        run = {
+            "generated": sum(int(r.get("generated", 0)) for r in rows),
+            "source_size": source_size(spec.augment, image_size=spec.size),
+        }
+        manifest = _manifest(
+            spec, generator=rt.generator, outputs=outputs, tensors=tensors, run=run
+        )
+        info = writer.commit(manifest)
+    _publish(store, key, info.path, sheet, job_id=job_id)
+    assembling = time.perf_counter() - started
+    finished = time.time()
+    first_start = min(float(r["started_at"]) for r in rows if r.get("started_at"))
+    succeeded: dict[str, str | int | float] = {
+        "archive_key": key,
+        "archive_size": info.size_bytes,
+        "archive_sha256": info.sha256,
+        "written": outputs.count,
+        "generated": run["generated"],
+        "ipc_reached": min(outputs.per_class.get(c.index, 0) for c in classes),
+        "seconds_sampling": round(sum(float(r.get("seconds_sampling", 0)) for r in rows), 3),
+        "seconds_total": round(finished - first_start, 3),
+        "seconds_assembling": round(assembling, 3),
+        "assembly": shards.SUCCEEDED,
+    }
+    patiently(lambda: records.finish(redis, job_id, outcome=records.SUCCEEDED, fields=succeeded))
+    discard_parts(job_id)
+    return {"key": key, "size_bytes": info.size_bytes, "sha256": info.sha256}
+
+
+def _copy_part(path: Path, outputs: engine.Outputs, classes: Sequence[ClassInfo]) -> None:
+    """Append one part's images, in their order, to the archive being assembled.
+
+    PNG bytes and metadata lines are copied as they are; pixels are decoded only where the
+    tensor files or the contact sheet need them.
+    """
+    with zipfile.ZipFile(path) as part:
+        lines = part.read("train/metadata.jsonl").decode("utf-8").splitlines()
+        for line in lines:
+            row = json.loads(line)
+            name = row.pop("file_name")
+            cls = classes[int(row.pop("label"))]
+            row.pop("label_name")
+            number = int(name.rsplit("_", 1)[1].removesuffix(".png"))
+            png = part.read(f"train/{name}")
+            image = decode_png(png) if outputs.wants_pixels(cls.index, number) else None
+            keep_png = png if "imagefolder" in outputs.spec.formats else None
+            outputs.add(postprocess.Finished(cls, number, image, keep_png, row))
 
 
 def _manifest(
