@@ -33,7 +33,7 @@ from rq.registry import StartedJobRegistry
 
 from service import logs
 from service.config import Settings, settings_or_exit
-from worker import records, retention, runtime
+from worker import records, retention, runtime, shards
 
 if TYPE_CHECKING:
     from worker.gpus import GpuClaim
@@ -44,6 +44,11 @@ LOAD_HINT = (
     "set DISTILL_MODEL to a local directory holding a diffusers StableDiffusionXLPipeline "
     "(a copy of stabilityai/sdxl-turbo, or `python -m worker.tiny_model DIR` for a smoke test)"
 )
+
+
+#: How often a worker looks after sharded jobs: fills their windows when workers joined,
+#: enqueues an assembly a dead worker missed, settles a cancel nobody finished.
+TEND_INTERVAL_S = 2.0
 
 
 class DistillWorker(SimpleWorker):
@@ -143,17 +148,33 @@ class StatusBeacon:
             log.warning("heartbeat failed (%s); retrying", exc)
 
     def _sweep(self) -> None:
+        from worker.storage import open_storage
+
         try:
+            # One store per configuration (open_storage caches it), shared with the tasks.
             retention.sweep(
-                self.redis, self.settings.data_dir, stale_after=self.settings.heartbeat_ttl
+                self.redis,
+                open_storage(self.settings),
+                self.settings.data_dir,
+                stale_after=self.settings.heartbeat_ttl,
             )
         except Exception as exc:  # noqa: BLE001 - a failed sweep is retried next interval
             log.warning("retention sweep failed (%s)", exc)
 
+    def _tend(self) -> None:
+        try:
+            shards.tend(self.redis, self.settings)
+        except Exception as exc:  # noqa: BLE001 - retried at the next beat
+            log.warning("tending sharded jobs failed (%s)", exc)
+
     def _run(self) -> None:
         next_sweep = time.monotonic()
+        next_tend = time.monotonic()
         while not self._stop.wait(self.settings.heartbeat_interval):
             self._beat()
+            if self.worker is not None and time.monotonic() >= next_tend:
+                self._tend()
+                next_tend = time.monotonic() + TEND_INTERVAL_S
             if self.worker is not None and time.monotonic() >= next_sweep:
                 self._sweep()
                 next_sweep = time.monotonic() + self.settings.sweep_interval
@@ -224,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         worker.heartbeat_ttl = settings.heartbeat_ttl
         beacon.worker = worker
-        beacon.probe = lambda: {"gpu_memory_bytes": generator.gpu_memory_bytes()}
+        beacon.probe = lambda: {
+            "gpu_memory_bytes": generator.gpu_memory_bytes(),
+            "images_per_second": runtime.last_rate(),
+        }
         # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
         worker._install_signal_handlers()  # type: ignore[no-untyped-call]
         beacon.update(state="ready", **generator.describe())
