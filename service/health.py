@@ -29,6 +29,12 @@ def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
                 state=fields.get("state", "unknown"),
                 model=fields.get("model", ""),
                 device=fields.get("device"),
+                images_per_second=(
+                    round(float(fields["images_per_second"]), 2)
+                    if fields.get("images_per_second") not in (None, "", "None")
+                    else None
+                ),
+                current_job=fields.get("current_job") or None,
                 seconds_since_heartbeat=round(max(age, 0.0), 2),
             )
         )

@@ -105,6 +105,11 @@ class DistillCollector(Collector):
             "GPU memory allocated by a worker's tensors",
             labels=["worker", "device"],
         )
+        throughput = GaugeMetricFamily(
+            "distill_worker_images_per_second",
+            "Output images per second of a worker's last job or shard",
+            labels=["worker", "device"],
+        )
         for key in self.redis.scan_iter(match=records.WORKER_PATTERN, count=100):
             fields = _decode(self.redis.hgetall(key))  # type: ignore[arg-type]
             beat = float(fields.get("last_heartbeat", 0))
@@ -117,11 +122,17 @@ class DistillCollector(Collector):
                     [fields.get("name", ""), fields.get("device", "")],
                     float(fields["gpu_memory_bytes"]),
                 )
+            rate = fields.get("images_per_second")
+            if rate and rate != "None":
+                throughput.add_metric(
+                    [fields.get("name", ""), fields.get("device", "")], float(rate)
+                )
         yield GaugeMetricFamily("distill_workers_alive", "Workers beating", value=alive)
         yield GaugeMetricFamily(
             "distill_workers_ready", "Workers with their model loaded", value=ready
         )
         yield memory
+        yield throughput
 
 
 def registry_for(redis: Redis, settings: Settings) -> CollectorRegistry:

@@ -206,6 +206,10 @@ class WorkerStatus(BaseModel):
     state: str
     model: str
     device: str | None = None
+    images_per_second: float | None = Field(
+        None, description="Output images per second of its last job or shard."
+    )
+    current_job: str | None = Field(None, description="RQ job it runs now (a job or a shard).")
     seconds_since_heartbeat: float
 
 

@@ -26,6 +26,7 @@ from service.config import Settings, api_key_list
 from service.errors import JobExpired, JobNotFound, Unauthorized
 from service.schemas import JobPublic
 from worker import records
+from worker.storage import StorageError, open_object, open_storage
 
 COOKIE = "distill_key"
 PAGE_SIZE = 50
@@ -182,9 +183,12 @@ def job_page(job_id: str, request: Request, owner: UiOwner) -> Response:
         return _page("job", f"<h1>Job</h1><p>{_e(exc.detail)}</p>", refresh=False)
     summary = ""
     if job.archive is not None:
-        path = records.archive_path(settings.data_dir, job.id)
         try:
-            with zipfile.ZipFile(path) as zf:
+            # Reads only the zip's directory and the manifest, even from a remote store.
+            with (
+                open_object(open_storage(settings), f"{job.id}.zip") as handle,
+                zipfile.ZipFile(handle) as zf,
+            ):
                 manifest = json.loads(zf.read("manifest.json"))
             counts = manifest.get("counts", {})
             model = manifest.get("model", {})
@@ -200,7 +204,7 @@ def job_page(job_id: str, request: Request, owner: UiOwner) -> Response:
                 f'<h2>Preview</h2><p><img alt="preview of {_e(job.id)}" '
                 f'src="/v1/jobs/{_e(job.id)}/preview.png" style="max-width:100%"></p>'
             )
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, StorageError):
             summary = '<p class="muted">archive not readable here</p>'
     error = (
         f'<p class="failed">{_e(job.error.type)}: {_e(job.error.detail)}</p>' if job.error else ""
@@ -212,9 +216,25 @@ def job_page(job_id: str, request: Request, owner: UiOwner) -> Response:
         f"<p>attempts {job.attempts}; worker <code>{_e(job.worker or '—')}</code>"
         f"{'; ' + _e(job.last_interruption) if job.last_interruption else ''}</p>"
         f"{summary}<h2>Request</h2><pre>{_e(request_json)}</pre>"
-        "<h2>Shards</h2><p class=muted>This job ran as one shard.</p>"
+        f"{_shard_table(job)}"
     )
     return _page(f"job {job.id}", body, refresh=not job.state.is_terminal)
+
+
+def _shard_table(job: JobPublic) -> str:
+    if not job.shards:
+        return "<h2>Shards</h2><p class=muted>This job runs in one piece.</p>"
+    rows = "".join(
+        f"<tr><td>{s.index}</td><td class={_e(s.state)}>{_e(s.state)}</td>"
+        f"<td>{s.first_class}-{s.last_class}</td><td>{s.written}/{s.images}</td>"
+        f"<td><code>{_e(s.worker or '—')}</code></td><td>{s.attempts}</td>"
+        f"<td>{_e(s.error or s.last_interruption or '')}</td></tr>"
+        for s in job.shards
+    )
+    return (
+        f"<h2>Shards ({len(job.shards)})</h2><table><tr><th>#</th><th>state</th><th>classes</th>"
+        f"<th>images</th><th>worker</th><th>attempts</th><th>note</th></tr>{rows}</table>"
+    )
 
 
 @router.post("/ui/key")

@@ -7,6 +7,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,14 @@ def test_metrics_count_a_real_job(client: TestClient, worker: subprocess.Popen[b
     assert delta("distill_job_duration_seconds_sum") > 0
     assert after["distill_last_job_images_per_second"] > 0
     assert after["distill_workers_alive"] >= 1 and after["distill_workers_ready"] >= 1
+    # Each worker advertises its own throughput (device-labelled), read through its heartbeat.
+    deadline = time.monotonic() + 10
+    while not any(k.startswith("distill_worker_images_per_second{") for k in after):
+        assert time.monotonic() < deadline, "no per-worker throughput in /metrics"
+        time.sleep(0.2)
+        after = scrape(client)
+    rates = {k: v for k, v in after.items() if k.startswith("distill_worker_images_per_second{")}
+    assert all('device="cpu"' in k and v > 0 for k, v in rates.items()), rates
     assert after['distill_jobs{state="running"}'] == 0
     assert "distill_queue_depth" in after
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from worker import engine, shards
@@ -29,7 +31,7 @@ def test_shards_cover_the_plan_once_in_order_on_batch_boundaries(
     plan = shards.plan(spec, shard_images=shard_images, batch_size=batch)
     assert len(plan) >= 2
     assert plan[0].start == 0 and plan[-1].stop == spec.total_generated
-    for before, after in zip(plan, plan[1:], strict=False):
+    for before, after in itertools.pairwise(plan):
         assert before.stop == after.start
     assert all(s.start % batch == 0 for s in plan)
     assert [s.index for s in plan] == list(range(len(plan)))
