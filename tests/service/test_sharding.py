@@ -178,9 +178,7 @@ def test_a_small_job_is_not_starved_by_a_large_one(pair: Stack) -> None:
         assert small_done["state"] == "succeeded"
         assert big_now["state"] == "running", "the large job ended before the small one"
         waiting = [s for s in big_now["shards"] if s["state"] == "queued"]
-        waited = (
-            dt_seconds(small_done["started_at"]) - dt_seconds(small_done["created_at"])
-        )
+        waited = dt_seconds(small_done["started_at"]) - dt_seconds(small_done["created_at"])
         print(
             f"small job waited {waited:.2f} s behind a {len(big_now['shards'])}-shard job; "
             f"{len(waiting)} of its shards were still waiting"
@@ -242,3 +240,47 @@ def test_a_killed_worker_s_shard_is_retried_or_fails_the_job(
     finally:
         for proc in stack.workers:
             stop_worker(proc)
+
+
+def test_workers_join_and_leave_while_a_sharded_job_runs(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A worker that joins picks up shards within seconds; one stopped with SIGTERM puts its
+    shard back at the front of the queue and the job still completes, identical."""
+    settings = _settings(redis_server, tmp_path / "data", "elastic")
+    first = start_worker(settings, tiny_model, tmp_path / "first.log")
+    second = None
+    body = {**JOB, "ipc": 50, "augment": {"policy": "none"}}  # 1,000 images, 25 shards
+    try:
+        with TestClient(create_app(settings)) as client:
+            job = client.post("/v1/jobs", json=body).json()
+            wait_for(client.get, job["id"], until=lambda j: j["progress"]["written"] > 0)
+            second = start_worker(settings, tiny_model, tmp_path / "second.log")
+            joined = wait_for(client.get, job["id"], until=_two_running_workers, timeout=60)
+            assert joined["state"] == "running"
+
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=60) == 0
+            final = wait_for(client.get, job["id"], timeout=180)
+            assert final["state"] == "succeeded", final
+            interrupted = [
+                s for s in final["shards"] if "shut down" in (s["last_interruption"] or "")
+            ]
+            ran = {s["worker"] for s in final["shards"]}
+            with TestClient(
+                create_app(settings.model_copy(update={"shard_images": 100_000}))
+            ) as whole:
+                ref = whole.post("/v1/jobs", json=body).json()
+                ref = wait_for(whole.get, ref["id"], timeout=180)
+        assert ref["archive"]["sha256"] == final["archive"]["sha256"]
+        assert len(ran) == 2, ran
+        print(f"{len(interrupted)} shard(s) interrupted by the SIGTERM and run again elsewhere")
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop_worker(proc)
+
+
+def _two_running_workers(job: dict[str, Any]) -> bool:
+    running = {s["worker"] for s in job["shards"] if s["state"] == "running"}
+    return len(running) == 2
