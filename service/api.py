@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 
-from service import health, jobs
+from service import downloads, health, jobs
 from service.auth import OwnerDep, owner_for
 from service.config import Settings
 from service.errors import PROBLEM_JSON, PresetNotFound
@@ -211,6 +211,8 @@ def cancel_job(
         200: {"content": {"application/zip": {}}, "description": "The archive"},
         206: {"content": {"application/zip": {}}, "description": "Part of the archive"},
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
+        307: {"description": "With DISTILL_PRESIGN and S3 storage: a presigned download URL"},
+        416: {"description": "The Range asks for no byte of the archive"},
         **_problems(401, 404, 409, 410, 503),
     },
 )
@@ -218,14 +220,12 @@ def download_archive(
     job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
 ) -> Response:
     found = jobs.archive_file(redis, settings, job_id, owner=owner)
-    etag = f'"{found.sha256}"'
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(
-        found.path,
-        media_type="application/zip",
+    return downloads.serve_archive(
+        found,
+        request,
         filename=f"distill-{job_id}.zip",
-        headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"},
+        presign=settings.presign,
+        presign_seconds=settings.presign_seconds,
     )
 
 
@@ -240,8 +240,7 @@ def download_archive(
     },
 )
 def get_preview(job_id: str, redis: RedisDep, settings: SettingsDep, owner: OwnerDep) -> Response:
-    path = jobs.preview_file(redis, settings, job_id, owner=owner)
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private"})
+    return downloads.serve_preview(jobs.preview_file(redis, settings, job_id, owner=owner))
 
 
 @router.post(

@@ -14,8 +14,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from redis import Redis
 from rq import Callback, Queue, Retry
@@ -26,6 +24,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from service.auth import PUBLIC
 from service.config import Settings
+from service.downloads import StoredFile
 from service.errors import (
     ArchiveGone,
     BadIdempotencyKey,
@@ -76,13 +75,6 @@ _OUTCOMES = {
     records.FAILED: JobState.failed,
     records.CANCELED: JobState.canceled,
 }
-
-
-@dataclass(frozen=True)
-class ArchiveFile:
-    path: Path
-    size_bytes: int
-    sha256: str
 
 
 def _queue(redis: Redis, settings: Settings) -> Queue:
@@ -490,13 +482,13 @@ def list_page(
     return found, _encode_cursor(float(high), str(after_id))
 
 
-def preview_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> Path:
-    """The job's contact sheet; 404 until it exists (the job succeeded)."""
+def preview_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> StoredFile:
+    """The job's contact sheet in storage; 404 until it exists (the job succeeded)."""
     _record(redis, job_id, owner)
-    path = records.preview_path(settings.data_dir, job_id)
-    if not path.is_file():
+    found = StoredFile.find(settings, f"{job_id}.preview.png")
+    if found is None:
         raise JobNotFound(f"job {job_id} has no preview (yet): it appears when the job succeeds")
-    return path
+    return found
 
 
 def _evaluation_view(eval_id: str, record: dict[str, str]) -> Evaluation:
@@ -570,14 +562,14 @@ def list_evaluations(
     return views
 
 
-def archive_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> ArchiveFile:
-    """The finished archive on disk; 409 until the job succeeded, 410 if it was removed."""
+def archive_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> StoredFile:
+    """The finished archive in storage; 409 until the job succeeded, 410 if it was removed."""
     job = fetch(redis, settings, job_id, owner=owner, archive_url="")
     if job.state is not JobState.succeeded or job.archive is None:
         raise JobConflict(
             f"job {job_id} is {job.state.value}; the archive exists once it succeeded"
         )
-    path = records.archive_path(settings.data_dir, job_id)
-    if not path.is_file():
-        raise ArchiveGone(f"the archive of job {job_id} is no longer on disk")
-    return ArchiveFile(path=path, size_bytes=job.archive.size_bytes, sha256=job.archive.sha256)
+    found = StoredFile.find(settings, f"{job_id}.zip", sha256=job.archive.sha256)
+    if found is None:
+        raise ArchiveGone(f"the archive of job {job_id} is no longer in storage")
+    return found

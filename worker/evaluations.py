@@ -23,6 +23,7 @@ from redis import Redis
 from redis.typing import EncodableT, FieldT
 
 from worker import records
+from worker.storage import open_storage
 
 log = logging.getLogger("distill.jobs")
 
@@ -119,7 +120,8 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
     redis: Redis = job.connection
     record = read(redis, eval_id)
     request = EvaluationRequest.model_validate_json(record["request"])
-    archive = records.archive_path(settings.data_dir, record["job_id"])
+    job_id = record["job_id"]
+    storage = open_storage(settings)
     testset = testset_path(settings.testsets_dir, request.testset)
     if testset is None:
         raise FileNotFoundError(f"test set {request.testset!r} is not on this worker")
@@ -128,30 +130,35 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
     def progress(p: Progress) -> None:
         _set(redis, eval_id, run=p.run, runs=p.runs, epoch=p.epoch, epochs=p.epochs)
 
-    result = evaluate(
-        archive,
-        testset,
-        runs=request.runs,
-        epochs=request.epochs,
-        profile=request.profile,
-        progress=progress,
-    ).to_dict()
-    result["testset"] = request.testset
-    # A copy of the manifest with the evaluation in it, beside the archive.
     import zipfile
 
-    with zipfile.ZipFile(archive) as zf:
-        manifest = json.loads(zf.read("manifest.json"))
-    copy = settings.data_dir / f"{record['job_id']}.manifest.json"
-    existing = json.loads(copy.read_text()) if copy.exists() else manifest
+    # A file on this machine whatever the store (a download when it is remote, removed after).
+    with storage.local_copy(f"{job_id}.zip") as archive:
+        with zipfile.ZipFile(archive) as zf:
+            manifest = json.loads(zf.read("manifest.json"))
+        result = evaluate(
+            archive,
+            testset,
+            runs=request.runs,
+            epochs=request.epochs,
+            profile=request.profile,
+            progress=progress,
+        ).to_dict()
+    result["testset"] = request.testset
+    # A copy of the manifest with the evaluation in it, beside the archive.
+    copy = f"{job_id}.manifest.json"
+    try:
+        existing = json.loads(storage.get_bytes(copy))
+    except FileNotFoundError:
+        existing = manifest
     existing.setdefault("evaluations", []).append({"id": eval_id, **result})
-    copy.write_text(json.dumps(existing, indent=2, ensure_ascii=False))
+    storage.put_bytes(copy, json.dumps(existing, indent=2, ensure_ascii=False).encode())
     _set(
         redis, eval_id, state="succeeded", finished_at=repr(time.time()), result=json.dumps(result)
     )
     log.info(
         "evaluation succeeded",
-        extra={"job_id": record["job_id"], "evaluation_id": eval_id, "mean": result["mean"]},
+        extra={"job_id": job_id, "evaluation_id": eval_id, "mean": result["mean"]},
     )
     return result
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
 from worker import stats
@@ -200,50 +201,62 @@ def finish(
     as a tombstone for ``TOMBSTONE_S`` more, so callers get 410 rather than 404.
     """
     key = job_key(job_id)
-    if not redis.hsetnx(key, "outcome", outcome):
-        return False
-    now = time.time()
-    ttl_raw, started_raw, written_raw, callback, hook_queue, hook_retry, shard_count = redis.hmget(
-        key,
-        [
-            "ttl",
-            "started_at",
-            "written",
-            "callback_url",
-            "webhook_queue",
-            "webhook_retry_seconds",
-            "shards",
-        ],
-    )
-    seconds = max(now - float(started_raw), 1e-6) if started_raw is not None else None
+    # One transaction: readers never see the outcome without its fields (an archive, say).
     with redis.pipeline() as pipe:
-        ttl = int(ttl_raw or DEFAULT_TTL)
-        mapping: dict[FieldT, EncodableT] = {
-            "finished_at": repr(now),
-            "expires_at": repr(now + ttl),
-        }
-        mapping.update(fields or {})
-        pipe.hset(key, mapping=mapping)
-        pipe.expire(key, ttl + TOMBSTONE_S)
-        if shard_count is not None:
-            from worker import shards  # a sharded job's bookkeeping goes with its record
-
-            shards.expire_with_job(pipe, job_id, int(shard_count), ttl + TOMBSTONE_S)
-        stats.incr(pipe, f"jobs_{outcome}")
-        if seconds is not None:
-            stats.observe(pipe, "job_duration", seconds)
-            written = int((fields or {}).get("written", written_raw or 0))
-            if outcome == SUCCEEDED:
-                pipe.hset(
-                    stats.LAST_JOB,
-                    mapping={
-                        "images_per_second": written / seconds,
-                        "seconds": seconds,
-                        "images": written,
-                        "finished_at": repr(now),
-                    },
+        while True:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                if pipe.hexists(key, "outcome"):
+                    pipe.reset()
+                    return False
+                now = time.time()
+                ttl_raw, started_raw, written_raw, callback, hook_queue, hook_retry, shard_count = (
+                    pipe.hmget(
+                        key,
+                        [
+                            "ttl",
+                            "started_at",
+                            "written",
+                            "callback_url",
+                            "webhook_queue",
+                            "webhook_retry_seconds",
+                            "shards",
+                        ],
+                    )
                 )
-        pipe.execute()
+                seconds = max(now - float(started_raw), 1e-6) if started_raw is not None else None
+                ttl = int(ttl_raw or DEFAULT_TTL)
+                mapping: dict[FieldT, EncodableT] = {
+                    "outcome": outcome,
+                    "finished_at": repr(now),
+                    "expires_at": repr(now + ttl),
+                }
+                mapping.update(fields or {})
+                pipe.multi()
+                pipe.hset(key, mapping=mapping)
+                pipe.expire(key, ttl + TOMBSTONE_S)
+                if shard_count is not None:
+                    from worker import shards  # a sharded job's bookkeeping goes with its record
+
+                    shards.expire_with_job(pipe, job_id, int(shard_count), ttl + TOMBSTONE_S)
+                stats.incr(pipe, f"jobs_{outcome}")
+                if seconds is not None:
+                    stats.observe(pipe, "job_duration", seconds)
+                    written = int((fields or {}).get("written", written_raw or 0))
+                    if outcome == SUCCEEDED:
+                        pipe.hset(
+                            stats.LAST_JOB,
+                            mapping={
+                                "images_per_second": written / seconds,
+                                "seconds": seconds,
+                                "images": written,
+                                "finished_at": repr(now),
+                            },
+                        )
+                pipe.execute()
+                break
+            except WatchError:
+                continue  # the record changed (progress, a cancel flag): read it again
     if callback and hook_queue:
         from worker import webhooks  # the event goes out from the webhook worker, not from here
 

@@ -3,8 +3,8 @@ manifest copy), shards of jobs that ended, and partial files nobody writes.
 
 Workers run it every ``DISTILL_SWEEP_INTERVAL`` seconds. It is idempotent, so any number of
 workers sharing a store may sweep it. Stored objects are found through the store's listing
-(local directory or bucket); partial files are each worker's own scratch in its data directory.
-No torch here.
+(local directory or bucket); partial files are in each worker's data directory (and, for a
+directory store, beside the objects they become). No torch here.
 """
 
 from __future__ import annotations
@@ -17,19 +17,24 @@ from pathlib import Path
 from redis import Redis
 
 from worker import records
-from worker.storage import Storage
+from worker.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 
 #: The per-job objects at the store's root.
 _JOB_OBJECT = re.compile(r"^(?P<job>[^/.]+)\.(?:zip|preview\.png|manifest\.json)$")
 _PART = re.compile(r"^parts/(?P<job>[^/]+)/")
+#: Files being written or waiting for upload: ``.<job>.zip.part`` and ``.<job>.zip.upload``,
+#: and for shards ``.parts-<job>-<shard>.zip.part`` (and ``.upload``).
+_SCRATCH = re.compile(
+    r"^\.(?:(?P<shard>parts-)(?P<sjob>[^-/]+)-\d+|(?P<job>[^./]+))\.zip\.(?:part|upload)$"
+)
 
 
 def sweep(redis: Redis, storage: Storage, data_dir: Path, *, stale_after: float) -> list[str]:
     """Remove expired or orphaned archives (and their preview and manifest copy), shards of
-    jobs that are finished or unknown, and partial files in ``data_dir`` of jobs that are not
-    running and untouched for ``stale_after`` seconds. Returns the keys and paths removed."""
+    jobs that are finished or unknown, and partial files of jobs that are not running and
+    untouched for ``stale_after`` seconds. Returns the keys and paths removed."""
     now = time.time()
     removed: list[str] = []
     seen: dict[str, dict[str, str]] = {}
@@ -39,7 +44,7 @@ def sweep(redis: Redis, storage: Storage, data_dir: Path, *, stale_after: float)
             seen[job_id] = records.read(redis, job_id)
         return seen[job_id]
 
-    finished_parts: set[str] = set()
+    with_parts: set[str] = set()
     for obj in storage.list():
         if match := _JOB_OBJECT.match(obj.key):
             found = record(match["job"])
@@ -47,27 +52,41 @@ def sweep(redis: Redis, storage: Storage, data_dir: Path, *, stale_after: float)
                 storage.delete(obj.key)
                 removed.append(obj.key)
         elif match := _PART.match(obj.key):
-            found = record(match["job"])
-            # Shards exist only to be joined into the archive; once the job ended, or is
-            # forgotten, nobody will join them.
-            if not found or "outcome" in found:
-                finished_parts.add(match["job"])
-    for job_id in sorted(finished_parts):
-        prefix = f"parts/{job_id}/"
-        if storage.delete_prefix(prefix):
-            removed.append(prefix)
+            with_parts.add(match["job"])
+    scratch_dirs = {Path(data_dir).absolute()}
+    if isinstance(storage, LocalStorage):
+        scratch_dirs.add(storage.root)
+        # A shard still being written is only a dot-file there, which the listing skips.
+        parts = storage.root / "parts"
+        if parts.is_dir():
+            with_parts.update(p.name for p in parts.iterdir() if p.is_dir())
+    for job_id in sorted(with_parts):
+        found = record(job_id)
+        # Shards exist only to be joined into the archive; once the job ended, or is
+        # forgotten, nobody will join them.
+        if not found or "outcome" in found:
+            prefix = f"parts/{job_id}/"
+            if storage.delete_prefix(prefix):
+                removed.append(prefix)
 
-    for path in Path(data_dir).glob(".*.zip.part"):
-        job_id = path.name[1:].removesuffix(".zip.part")
-        found = records.read(redis, job_id)
-        running = bool(found) and "outcome" not in found and "started_at" in found
-        try:
-            idle = now - path.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if not running and idle > stale_after:
-            path.unlink(missing_ok=True)
-            removed.append(str(path))
+    for directory in sorted(scratch_dirs):
+        for path in directory.glob(".*.zip.*"):
+            match = _SCRATCH.match(path.name)
+            if match is None:
+                continue
+            # Read afresh: the job may have started since the listing above.
+            found = records.read(redis, match["job"] or match["sjob"])
+            active = bool(found) and "outcome" not in found
+            # A whole job that was put back in the queue loses ``started_at``; its file is
+            # left over. A shard's progress is kept elsewhere: its file lives as long as the job.
+            running = active and (bool(match["shard"]) or "started_at" in found)
+            try:
+                idle = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if not running and idle > stale_after:
+                path.unlink(missing_ok=True)
+                removed.append(str(path))
     if removed:
         log.info("retention sweep removed %d item(s)", len(removed), extra={"files": len(removed)})
     return removed

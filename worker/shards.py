@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
+from redis.typing import EncodableT, FieldT
 from rq import Callback, Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -217,10 +218,10 @@ def top_up(redis: Redis, settings: Settings, job_id: str) -> int:
         )
         if total is None or outcome is not None or cancel is not None:
             return added
-        done = int(redis.scard(DONE_KEY.format(job_id)))  # type: ignore[arg-type]
+        done = int(redis.scard(DONE_KEY.format(job_id)))
         if int(enqueued or 0) >= int(total) or int(enqueued or 0) - done >= window:
             return added
-        index = int(redis.hincrby(key, "shards_enqueued", 1)) - 1  # type: ignore[arg-type]
+        index = int(redis.hincrby(key, "shards_enqueued", 1)) - 1
         if index >= int(total):
             return added
         queue.enqueue(
@@ -296,11 +297,10 @@ def mark_done(
     redis: Redis, job_id: str, index: int, *, fields: Mapping[str, str | int | float]
 ) -> None:
     """The shard's part is in the store."""
+    mapping: dict[FieldT, EncodableT] = {"state": SUCCEEDED, "finished_at": repr(time.time())}
+    mapping.update(fields)
     with redis.pipeline() as pipe:
-        pipe.hset(
-            shard_key(job_id, index),
-            mapping={"state": SUCCEEDED, "finished_at": repr(time.time()), **fields},
-        )
+        pipe.hset(shard_key(job_id, index), mapping=mapping)
         pipe.sadd(DONE_KEY.format(job_id), index)
         pipe.execute()
     log.info("shard succeeded", extra={"job_id": job_id, "shard": index, "state": SUCCEEDED})
@@ -310,7 +310,7 @@ def mark_stopped(
     redis: Redis, job_id: str, index: int, *, state: str, error: str | None = None
 ) -> None:
     """The shard ended without a part (canceled, or failed with ``error``)."""
-    mapping: dict[str, str] = {"state": state, "finished_at": repr(time.time())}
+    mapping: dict[FieldT, EncodableT] = {"state": state, "finished_at": repr(time.time())}
     if error:
         mapping["error"] = error[:2000]
     redis.hset(shard_key(job_id, index), mapping=mapping)
@@ -320,18 +320,18 @@ def maybe_assemble(redis: Redis, settings: Settings, job_id: str) -> bool:
     """Enqueue the assembly once every shard is done; True if this call enqueued it.
 
     A transaction: the claim and the enqueue land together or not at all, so a worker that
-    dies between a shard's end and this call leaves nothing half-done (the sweep calls it again).
+    dies between a shard's end and this call leaves nothing half-done (``tend`` calls it again).
     """
     key = records.job_key(job_id)
     done_key = DONE_KEY.format(job_id)
     queue = Queue(settings.queue_name, connection=redis)
     with redis.pipeline() as pipe:
         try:
-            pipe.watch(key, done_key)
+            pipe.watch(key, done_key)  # type: ignore[no-untyped-call]
             total, claimed, outcome = pipe.hmget(key, ["shards", "assembly", "outcome"])
             if total is None or claimed is not None or outcome is not None:
                 return False
-            if int(pipe.scard(done_key)) < int(total):  # type: ignore[arg-type]
+            if int(pipe.scard(done_key)) < int(total):
                 return False
             options = _enqueue_options(settings)
             job = queue.create_job(

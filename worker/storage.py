@@ -94,7 +94,7 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-def _attachment(filename: str) -> str:
+def attachment(filename: str) -> str:
     """A Content-Disposition value, as Starlette's FileResponse writes it."""
     quoted = quote(filename)
     if quoted != filename:
@@ -209,17 +209,25 @@ class LocalStorage:
     def delete_prefix(self, prefix: str) -> int:
         if not prefix:
             raise ValueError("delete_prefix needs a prefix")
+        if not prefix.endswith("/"):
+            removed = 0
+            for obj in list(self.list(prefix)):
+                with contextlib.suppress(FileNotFoundError):
+                    self._path(obj.key).unlink()
+                    removed += 1
+            return removed
+        # A whole directory: unfinished dot-files in it go too (nothing will finish them).
+        top = self._path(prefix.rstrip("/"))
+        if not top.is_dir():
+            return 0
         removed = 0
-        for obj in list(self.list(prefix)):
-            with contextlib.suppress(FileNotFoundError):
-                self._path(obj.key).unlink()
-                removed += 1
-        if prefix.endswith("/"):
-            top = self._path(prefix.rstrip("/"))
-            if top.is_dir():
-                for directory, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(directory)
+        for directory, _, files in os.walk(top, topdown=False):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         return removed
 
     def list(self, prefix: str = "") -> Iterator[StoredObject]:
@@ -494,7 +502,7 @@ class S3Storage:
                 Params={
                     "Bucket": self.bucket,
                     "Key": self._key(key),
-                    "ResponseContentDisposition": _attachment(filename),
+                    "ResponseContentDisposition": attachment(filename),
                 },
                 ExpiresIn=seconds,
             )

@@ -21,7 +21,7 @@ from redis import Redis
 from service.app import create_app
 from service.config import Settings
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, start_worker, stop_worker, wait_for
+from tests.conftest import S3Server, make_settings, start_worker, stop_worker, wait_for
 
 LABELS = [f"class {i}" for i in range(20)]
 #: 20 classes x ipc 10 (2 sampled + 8 copies each) = 200 images; 40 per shard = 5 shards.
@@ -284,3 +284,37 @@ def test_workers_join_and_leave_while_a_sharded_job_runs(
 def _two_running_workers(job: dict[str, Any]) -> bool:
     running = {s["worker"] for s in job["shards"] if s["state"] == "running"}
     return len(running) == 2
+
+
+def test_sharded_job_through_an_s3_store(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path, s3_server: S3Server
+) -> None:
+    """Shards upload parts to a real S3 server, assembly publishes the archive there, the API
+    streams it back; no parts or scratch files remain."""
+    settings = _settings(
+        redis_server, tmp_path / "scratch", "s3-shards", **s3_server.settings_overrides("sharded")
+    )
+    stack = _start(settings, tiny_model, tmp_path, 2)
+    try:
+        with stack.api() as client, stack.api(shard_images=100_000) as whole:
+            job = client.post("/v1/jobs", json=JOB).json()
+            done = wait_for(client.get, job["id"], timeout=180)
+            assert done["state"] == "succeeded", done
+            assert len({s["worker"] for s in done["shards"]}) == 2
+            data = _archive(client, done)
+            ranged = client.get(
+                f"/v1/jobs/{job['id']}/archive", headers={"Range": "bytes=100-1099"}
+            )
+            assert ranged.status_code == 206 and ranged.content == data[100:1100]
+
+            ref = whole.post("/v1/jobs", json=JOB).json()
+            ref = wait_for(whole.get, ref["id"], timeout=180)
+            assert ref["archive"]["sha256"] == done["archive"]["sha256"]
+        bucket = s3_server.root / s3_server.bucket / "sharded"
+        stored = sorted(p.relative_to(bucket).as_posix() for p in bucket.rglob("*") if p.is_file())
+        assert f"{job['id']}.zip" in stored and f"{job['id']}.preview.png" in stored
+        assert not [k for k in stored if k.startswith("parts/")], stored
+        assert not [p for p in settings.data_dir.rglob("*") if p.is_file()]
+    finally:
+        for proc in stack.workers:
+            stop_worker(proc)
