@@ -159,7 +159,7 @@ def submit(
     pieces = shards.plan(spec, shard_images=settings.shard_images, batch_size=settings.batch_size)
     try:
         if pieces:
-            shards.create(redis, job_id, pieces)
+            shards.create(redis, job_id, pieces, queue=settings.queue_name)
             shards.top_up(redis, settings, job_id)
             return fetch(
                 redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)

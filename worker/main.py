@@ -96,6 +96,7 @@ class StatusBeacon:
             "pid": os.getpid(),
             "state": "loading",
             "model": settings.model,
+            "queue": settings.queue_name,
             "started_at": time.time(),
         }
         self.worker: DistillWorker | None = None

@@ -145,10 +145,13 @@ def describe(spec: DatasetSpec, shard: Mapping[str, Any]) -> tuple[int, int]:
     return int(shard["start"]) // per_class, (int(shard["stop"]) - 1) // per_class
 
 
-def create(redis: Redis, job_id: str, shards: list[Shard]) -> None:
-    """Record a sharded job's shards (call before enqueuing any)."""
+def create(redis: Redis, job_id: str, shards: list[Shard], *, queue: str) -> None:
+    """Record a sharded job's shards, run from ``queue`` (call before enqueuing any)."""
     with redis.pipeline() as pipe:
-        pipe.hset(records.job_key(job_id), mapping={"shards": len(shards), "shards_enqueued": 0})
+        pipe.hset(
+            records.job_key(job_id),
+            mapping={"shards": len(shards), "shards_enqueued": 0, "queue": queue},
+        )
         for shard in shards:
             pipe.hset(
                 shard_key(job_id, shard.index),
@@ -181,13 +184,18 @@ def read(redis: Redis, job_id: str, index: int) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-def ready_workers(redis: Redis, *, heartbeat_ttl: float) -> int:
-    """Workers with a loaded model that beat within ``heartbeat_ttl`` seconds."""
+def ready_workers(redis: Redis, *, heartbeat_ttl: float, queue: str) -> int:
+    """Workers on ``queue`` with a loaded model that beat within ``heartbeat_ttl`` seconds."""
     now = time.time()
     count = 0
     for key in redis.scan_iter(match=records.WORKER_PATTERN, count=100):
-        state, beat = redis.hmget(key, ["state", "last_heartbeat"])
-        if state == b"ready" and beat is not None and now - float(beat) <= heartbeat_ttl:
+        state, beat, their_queue = redis.hmget(key, ["state", "last_heartbeat", "queue"])
+        if (
+            state == b"ready"
+            and their_queue == queue.encode()
+            and beat is not None
+            and now - float(beat) <= heartbeat_ttl
+        ):
             count += 1
     return count
 
@@ -208,7 +216,9 @@ def top_up(redis: Redis, settings: Settings, job_id: str) -> int:
 
     Returns how many were enqueued. Safe to call from anywhere, any number of times.
     """
-    window = max(ready_workers(redis, heartbeat_ttl=settings.heartbeat_ttl), 1)
+    window = max(
+        ready_workers(redis, heartbeat_ttl=settings.heartbeat_ttl, queue=settings.queue_name), 1
+    )
     queue = Queue(settings.queue_name, connection=redis)
     key = records.job_key(job_id)
     added = 0
@@ -439,14 +449,17 @@ def enqueue_cleanup(redis: Redis, queue_name: str, job_id: str) -> None:
 def tend(redis: Redis, settings: Settings) -> None:
     """Look after every sharded job in flight (workers call this every few seconds).
 
-    Fills each job's window (workers may have joined), enqueues an assembly that a dead worker
-    missed, and ends a canceled job whose shards have all stopped.
+    Only jobs of this worker's queue. Fills each job's window (workers may have joined),
+    enqueues an assembly that a dead worker missed, and ends a canceled job whose shards have
+    all stopped.
     """
     for job_id in active(redis):
         record = records.read(redis, job_id)
         if not record or "outcome" in record:
             redis.srem(ACTIVE, job_id)
             continue
+        if record.get("queue") != settings.queue_name:
+            continue  # another deployment's job (its own workers look after it)
         if records.ending_record(record):
             if not still_running(redis, job_id) and records.finish(
                 redis, job_id, outcome=records.CANCELED
