@@ -32,7 +32,16 @@ from client.errors import (
     WaitTimeout,
     WebhookVerificationError,
 )
-from client.types import TERMINAL_STATES, Archive, Job, JobError, JobState, Preset, Progress
+from client.types import (
+    TERMINAL_STATES,
+    Archive,
+    Job,
+    JobError,
+    JobState,
+    Preset,
+    Progress,
+    Shard,
+)
 from client.webhooks import sign_webhook, verify_webhook
 
 __version__ = VERSION
@@ -59,6 +68,7 @@ __all__ = [
     "Progress",
     "ServerError",
     "ServerUnreachable",
+    "Shard",
     "Unauthorized",
     "Unavailable",
     "WaitTimeout",

@@ -78,11 +78,12 @@ def _classes(request: dict[str, Any]) -> str:
 
 
 def _shards(job: Job) -> str | None:
-    shards = dict(job).get("shards")
-    if not isinstance(shards, list) or not shards:
+    shards = job.get("shards")
+    if not shards:
         return None
-    done = sum(1 for s in shards if isinstance(s, dict) and s.get("state") == "succeeded")
-    return f"shards {done}/{len(shards)}"
+    done = sum(1 for s in shards if s["state"] == "succeeded")
+    running = sum(1 for s in shards if s["state"] == "running")
+    return f"shards {done}/{len(shards)} ({running} running)"
 
 
 def progress_line(job: Job, *, width: int = 24) -> str:

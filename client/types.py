@@ -45,6 +45,25 @@ class Timings(TypedDict):
 
     seconds_total: float
     seconds_sampling: float
+    seconds_assembling: NotRequired[float | None]
+
+
+class Shard(TypedDict):
+    """One piece of a large job, made by one worker (``Job["shards"]``)."""
+
+    index: int
+    state: str
+    first_class: int
+    last_class: int
+    images: int
+    generated: int
+    written: int
+    worker: NotRequired[str | None]
+    attempts: NotRequired[int]
+    started_at: NotRequired[str | None]
+    finished_at: NotRequired[str | None]
+    last_interruption: NotRequired[str | None]
+    error: NotRequired[str | None]
 
 
 class Job(TypedDict):
@@ -65,6 +84,7 @@ class Job(TypedDict):
     attempts: NotRequired[int]
     cancel_requested: NotRequired[bool]
     last_interruption: NotRequired[str | None]
+    shards: NotRequired[list[Shard] | None]
 
 
 class Preset(TypedDict):

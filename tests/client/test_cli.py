@@ -227,7 +227,7 @@ def test_progress_line_shows_rate_eta_and_shards() -> None:
     }
     line = progress_line(cast(Job, job))
     assert "120/400 images" in line and "35.2 img/s" in line
-    assert "ETA 2m05s" in line and "shards 1/2" in line
+    assert "ETA 2m05s" in line and "shards 1/2 (1 running)" in line
     assert "[#######" in line
     queued = progress_line(cast(Job, {**job, "state": "queued", "queue_position": 2}))
     assert "position 2" in queued
