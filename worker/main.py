@@ -158,6 +158,7 @@ class StatusBeacon:
                 open_storage(self.settings),
                 self.settings.data_dir,
                 stale_after=self.settings.heartbeat_ttl,
+                downloads_after=self.settings.job_timeout,
             )
         except Exception as exc:  # noqa: BLE001 - a failed sweep is retried next interval
             log.warning("retention sweep failed (%s)", exc)

@@ -31,10 +31,18 @@ _SCRATCH = re.compile(
 )
 
 
-def sweep(redis: Redis, storage: Storage, data_dir: Path, *, stale_after: float) -> list[str]:
+def sweep(
+    redis: Redis,
+    storage: Storage,
+    data_dir: Path,
+    *,
+    stale_after: float,
+    downloads_after: float = 24 * 3600,
+) -> list[str]:
     """Remove expired or orphaned archives (and their preview and manifest copy), shards of
-    jobs that are finished or unknown, and partial files of jobs that are not running and
-    untouched for ``stale_after`` seconds. Returns the keys and paths removed."""
+    jobs that are finished or unknown, partial files of jobs that are not running and
+    untouched for ``stale_after`` seconds, and downloaded copies older than
+    ``downloads_after``. Returns the keys and paths removed."""
     now = time.time()
     removed: list[str] = []
     seen: dict[str, dict[str, str]] = {}
@@ -85,6 +93,16 @@ def sweep(redis: Redis, storage: Storage, data_dir: Path, *, stale_after: float)
             except FileNotFoundError:
                 continue
             if not running and idle > stale_after:
+                path.unlink(missing_ok=True)
+                removed.append(str(path))
+        # Archives fetched from an object store for assembly or evaluation, left by a worker
+        # that died: nothing keeps one longer than a job may run.
+        for path in directory.glob(".download-*.tmp"):
+            try:
+                idle = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if idle > downloads_after:
                 path.unlink(missing_ok=True)
                 removed.append(str(path))
     if removed:

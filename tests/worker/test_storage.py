@@ -276,13 +276,18 @@ def test_retention_sweep_over_the_store(
         os.utime(scratch / name, (old, old))
     fresh = scratch / f".{uuid.uuid4().hex}.zip.part"
     fresh.write_bytes(b"just started")
+    # Copies fetched from an object store: an abandoned one goes, one in use stays.
+    abandoned, in_use = scratch / ".download-abc.tmp", scratch / ".download-def.tmp"
+    abandoned.write_bytes(b"zip")
+    os.utime(abandoned, (old, old))
+    in_use.write_bytes(b"zip")
     if isinstance(store, LocalStorage):
         # Shards being written into a directory store, before their rename.
         (store.root / "parts" / unknown / ".0001.zip.part").write_bytes(b"orphan")
         (store.root / "parts" / running / ".0001.zip.part").write_bytes(b"in progress")
     try:
-        removed = retention.sweep(redis, store, scratch, stale_after=60)
-        again = retention.sweep(redis, store, scratch, stale_after=60)
+        removed = retention.sweep(redis, store, scratch, stale_after=60, downloads_after=600)
+        again = retention.sweep(redis, store, scratch, stale_after=60, downloads_after=600)
     finally:
         for job in (expired, kept, running):
             redis.delete(f"distill:job:{job}")
@@ -301,6 +306,7 @@ def test_retention_sweep_over_the_store(
     for name, stays in files.items():
         assert (scratch / name).exists() is stays, name
     assert fresh.exists()
+    assert not abandoned.exists() and in_use.exists()
     assert again == []
     if isinstance(store, LocalStorage):
         assert not (store.root / "parts" / unknown).exists()
