@@ -9,6 +9,7 @@ from redis import Redis
 from service.config import Settings
 from service.schemas import Readiness, WorkerStatus
 from worker import records
+from worker.storage import StorageError, open_storage
 
 
 def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
@@ -41,8 +42,36 @@ def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
     return sorted(found, key=lambda w: w.name)
 
 
+#: How long one answer about the archive store is reused (probes come every few seconds).
+STORE_CHECK_TTL_S = 10.0
+_store_checks: dict[str, tuple[float, str]] = {}
+
+
+def store_status(settings: Settings) -> str:
+    """``ok``, or why the archive store (``DISTILL_STORAGE``) cannot be used."""
+    try:
+        store = open_storage(settings)
+    except StorageError as exc:
+        return f"unusable: {exc}"
+    # The same bucket URL can be another store at another endpoint.
+    key = f"{store.url} {settings.s3_endpoint_url}"
+    cached = _store_checks.get(key)
+    if cached is not None and time.monotonic() - cached[0] < STORE_CHECK_TTL_S:
+        return cached[1]
+    check = getattr(store, "check", None)
+    answer = "ok"
+    if check is not None:
+        try:
+            check()
+        except StorageError as exc:
+            answer = f"unreachable: {exc}"
+    _store_checks[key] = (time.monotonic(), answer)
+    return answer
+
+
 def readiness(redis: Redis, settings: Settings) -> Readiness:
-    """Ready when Redis answers and at least one worker has its model loaded."""
+    """Ready when Redis answers, the archive store is usable and at least one worker has its
+    model loaded."""
     try:
         redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said plainly
@@ -53,10 +82,23 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
             detail=("Redis is unreachable"),
         )
     seen = workers(redis, settings)
+    storage = store_status(settings)
+    if storage != "ok":
+        return Readiness(
+            status="unavailable",
+            redis="ok",
+            storage=storage,
+            workers=seen,
+            detail="the archive store (DISTILL_STORAGE) cannot be used",
+        )
     loaded = [w for w in seen if w.state == "ready"]
     if loaded:
         return Readiness(
-            status="ready", redis="ok", workers=seen, detail=f"{len(loaded)} worker(s) ready"
+            status="ready",
+            redis="ok",
+            storage=storage,
+            workers=seen,
+            detail=f"{len(loaded)} worker(s) ready",
         )
     loading = len(seen)
     detail = (
@@ -64,4 +106,4 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
         if loading
         else "no worker has sent a heartbeat recently"
     )
-    return Readiness(status="unavailable", redis="ok", workers=seen, detail=detail)
+    return Readiness(status="unavailable", redis="ok", storage=storage, workers=seen, detail=detail)

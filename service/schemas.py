@@ -216,5 +216,8 @@ class WorkerStatus(BaseModel):
 class Readiness(BaseModel):
     status: str = Field(description="ready or unavailable")
     redis: str
+    storage: str | None = Field(
+        None, description="ok, or why the archive store cannot be used (unset if Redis is down)."
+    )
     workers: list[WorkerStatus]
     detail: str

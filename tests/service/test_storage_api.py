@@ -215,6 +215,12 @@ def test_an_unreachable_store_is_a_503(s3_stack: S3Stack) -> None:
     settings = s3_stack.settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{port}"})
     with TestClient(create_app(settings)) as client:
         response = client.get(f"/v1/jobs/{s3_stack.job['id']}/archive")
+        ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["storage"].startswith("unreachable: ")
+    assert "DISTILL_STORAGE" in ready.json()["detail"]
+    with TestClient(create_app(s3_stack.settings)) as client:
+        assert client.get("/readyz").json()["storage"] == "ok"
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
     assert "DISTILL_S3_ENDPOINT_URL" in response.json()["detail"]
