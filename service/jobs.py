@@ -48,7 +48,7 @@ from service.schemas import (
     Timings,
     WebhookStatus,
 )
-from worker import evaluations, records, shards, webhooks
+from worker import evaluations, queueing, records, shards, webhooks
 from worker.evaluations import EvaluationRequest
 from worker.spec import DatasetSpec
 
@@ -176,6 +176,7 @@ def submit(
             retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
             description=f"distill {spec.preset or len(spec.classes())} classes",
         )
+        queueing.place(redis, queue.key, job_id, owner)
     except Exception:
         redis.delete(records.job_key(job_id))
         redis.zrem(records.jobs_index(owner), job_id)

@@ -44,7 +44,7 @@ from rq import Callback, Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from worker import records, stats
+from worker import queueing, records, stats
 from worker.spec import DatasetSpec
 
 if TYPE_CHECKING:
@@ -223,8 +223,8 @@ def top_up(redis: Redis, settings: Settings, job_id: str) -> int:
     key = records.job_key(job_id)
     added = 0
     while True:
-        total, enqueued, outcome, cancel = redis.hmget(
-            key, ["shards", "shards_enqueued", "outcome", "cancel_requested"]
+        total, enqueued, outcome, cancel, owner = redis.hmget(
+            key, ["shards", "shards_enqueued", "outcome", "cancel_requested", "owner"]
         )
         if total is None or outcome is not None or cancel is not None:
             return added
@@ -242,6 +242,9 @@ def top_up(redis: Redis, settings: Settings, job_id: str) -> int:
             description=f"distill {job_id} shard {index}",
             **_enqueue_options(settings),
         )
+        # Behind whatever other callers queued meanwhile (worker/queueing.py).
+        who = owner.decode() if isinstance(owner, bytes) else str(owner or "")
+        queueing.place(redis, queue.key, shard_job_id(job_id, index), who)
         added += 1
 
 

@@ -184,3 +184,65 @@ def test_expired_jobs_answer_410_and_their_archives_are_swept(
             assert not archive.exists() and not orphan.exists()
     finally:
         stop_worker(worker)
+
+
+def test_callers_take_turns_in_the_queue(keyed: TestClient) -> None:
+    """A caller's first job waits behind one job of each other caller, not all of them."""
+
+    def submit(key: str) -> str:
+        response = keyed.post("/v1/jobs", json=BODY, headers=_auth(key))
+        assert response.status_code == 202, response.text
+        return str(response.json()["id"])
+
+    def position(key: str, job_id: str) -> int:
+        return int(keyed.get(f"/v1/jobs/{job_id}", headers=_auth(key)).json()["queue_position"])
+
+    alice = [submit(ALICE) for _ in range(3)]
+    bob = [submit(BOB)]
+    assert [position(ALICE, j) for j in alice] == [0, 2, 3]
+    assert position(BOB, bob[0]) == 1
+    alice.append(submit(ALICE))  # Alice's round 3: last
+    bob.append(submit(BOB))  # Bob's round 1: before Alice's round 2
+    order = sorted(
+        [(position(ALICE, j), "a") for j in alice] + [(position(BOB, j), "b") for j in bob]
+    )
+    assert "".join(who for _, who in order) == "ababaa"
+    # Taking turns never loses or duplicates an entry.
+    assert len({p for p, _ in order}) == 6 and max(p for p, _ in order) == 5
+
+
+def test_a_worker_serves_callers_in_turns(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Real dequeues while entries move: every job runs once, and a caller who queued less
+    is served alongside one who queued much more instead of after them."""
+    settings = make_settings(
+        redis_server.url,
+        tmp_path / "data",
+        queue_name=f"turns-{uuid.uuid4().hex[:6]}",
+        api_keys=f"{ALICE}, {BOB}",
+    )
+    proc = start_worker(settings, tiny_model, tmp_path / "worker.log")
+    body = {"labels": ["cat", "dog"], "ipc": 20, "augment": {"policy": "none"}}
+    try:
+        with TestClient(create_app(settings)) as client:
+            alice = [
+                client.post("/v1/jobs", json=body, headers=_auth(ALICE)).json()["id"]
+                for _ in range(12)
+            ]
+            bob = [
+                client.post("/v1/jobs", json=body, headers=_auth(BOB)).json()["id"]
+                for _ in range(3)
+            ]
+            done = {
+                **{j: wait_for(lambda p: client.get(p, headers=_auth(ALICE)), j) for j in alice},
+                **{j: wait_for(lambda p: client.get(p, headers=_auth(BOB)), j) for j in bob},
+            }
+    finally:
+        stop_worker(proc)
+    assert all(job["state"] == "succeeded" and job["attempts"] == 1 for job in done.values())
+    order = sorted(done, key=lambda j: done[j]["started_at"])
+    # Bob's three jobs ran among Alice's first few, not after her twelve (FIFO: index 14).
+    pattern = "".join("b" if j in bob else "a" for j in order)
+    print(f"start order: {pattern}")
+    assert max(order.index(j) for j in bob) <= 10, pattern  # FIFO would make it 14
