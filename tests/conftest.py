@@ -134,6 +134,7 @@ def start_worker(settings: Settings, model: Path, log: Path) -> subprocess.Popen
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a child process (a worker, or any server the tests started): TERM, then KILL."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -290,9 +291,4 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_worker(proc)

@@ -29,6 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from worker.storage import fsync_dir
+
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SLUG_CHARS = 40
 #: Names Windows refuses as file names whatever the extension.
@@ -74,15 +76,6 @@ def decode_png(data: bytes) -> np.ndarray:
     if image is None:
         raise ValueError("not a PNG image")
     return np.ascontiguousarray(image[..., ::-1])
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: a crash right after it must not bring the old name back."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -166,7 +159,7 @@ class ArchiveWriter:
             os.fsync(handle.fileno())
         size = self.partial.stat().st_size
         os.replace(self.partial, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         self._committed = True
         return ArchiveInfo(path=self.final, size_bytes=size, sha256=digest.hexdigest())
 

@@ -151,12 +151,13 @@ def requeued(redis: Redis, job_id: str, *, reason: str) -> None:
 
 
 def save_progress(
-    redis: Redis, job_id: str, *, generated: int, written: int, added: tuple[int, int]
+    redis: Redis, key: str, *, generated: int, written: int, added: tuple[int, int]
 ) -> None:
-    """Totals so far; ``added`` = (generated, written) since the last call, for the counters."""
+    """Totals so far into hash ``key`` (a job's record, or a shard's); ``added`` =
+    (generated, written) since the last call, for the counters."""
     with redis.pipeline() as pipe:
         pipe.hset(
-            job_key(job_id),
+            key,
             mapping={"generated": generated, "written": written, "updated_at": repr(time.time())},
         )
         stats.incr(pipe, "images_generated", added[0])

@@ -277,19 +277,6 @@ def mark_running(redis: Redis, job_id: str, index: int, *, worker: str, partial:
     )
 
 
-def save_progress(
-    redis: Redis, job_id: str, index: int, *, generated: int, written: int, added: tuple[int, int]
-) -> None:
-    with redis.pipeline() as pipe:
-        pipe.hset(
-            shard_key(job_id, index),
-            mapping={"generated": generated, "written": written, "updated_at": repr(time.time())},
-        )
-        stats.incr(pipe, "images_generated", added[0])
-        stats.incr(pipe, "images_written", added[1])
-        pipe.execute()
-
-
 def mark_requeued(redis: Redis, job_id: str, index: int, *, reason: str) -> None:
     """The shard goes back to the queue (its worker died or shut down); it starts over."""
     with redis.pipeline() as pipe:

@@ -102,7 +102,8 @@ def attachment(filename: str) -> str:
     return f'attachment; filename="{filename}"'
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: a crash right after it must not bring the old name back."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -155,7 +156,7 @@ class LocalStorage:
             finally:
                 tmp.unlink(missing_ok=True)
             source.unlink()
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return size
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -170,7 +171,7 @@ class LocalStorage:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)

@@ -120,14 +120,17 @@ def check_space(spec: DatasetSpec, directory: Path, *, images: int | None = None
 
 
 class RedisHooks:
-    """Progress into the job record; cancel flag and worker shutdown checked between batches."""
+    """Progress into the job's record (or one shard's); the job's cancel flag or end and the
+    worker's shutdown are checked between batches."""
 
-    def __init__(self, redis: Redis, job_id: str) -> None:
+    def __init__(self, redis: Redis, job_id: str, *, progress_key: str | None = None) -> None:
         self.redis = redis
         self.job_id = job_id
+        self.progress_key = progress_key or records.job_key(job_id)
 
     def should_cancel(self) -> bool:
-        return patiently(lambda: records.cancel_requested(self.redis, self.job_id))
+        # A shard also stops when another shard's failure ended the job.
+        return patiently(lambda: records.ending(self.redis, self.job_id))
 
     def should_stop(self) -> bool:
         return runtime.stopping()
@@ -135,28 +138,46 @@ class RedisHooks:
     def on_batch(self, *, generated: int, written: int, added: tuple[int, int]) -> None:
         patiently(
             lambda: records.save_progress(
-                self.redis, self.job_id, generated=generated, written=written, added=added
+                self.redis, self.progress_key, generated=generated, written=written, added=added
             )
         )
 
 
-def distill(payload: dict[str, Any]) -> dict[str, Any]:
-    """Generate the dataset ``payload`` describes; returns the archive's path, size and digest."""
+def _current_job() -> Any:
     job = get_current_job()
     if job is None:
-        raise RuntimeError("distill() runs as an RQ job")
+        raise RuntimeError("this runs as an RQ job, inside `python -m worker`")
+    return job
+
+
+def _as_job(
+    body: Callable[[Any], dict[str, Any]], requeue: Callable[[Any, str], None]
+) -> dict[str, Any]:
+    """Run ``body(job)`` for the current RQ job with the shared fault rules.
+
+    A worker shutdown (``Interrupted``) records the re-queue (``requeue(job, reason)``) and
+    has the worker put the job back at the front. Any other error fails it at once: the
+    job's own error would repeat on another worker, so only a lost worker (RQ's
+    abandoned-job cleanup) uses the retries.
+    """
+    job = _current_job()
     try:
-        return _distill(job, payload)
+        return body(job)
     except engine.Interrupted:
-        worker = runtime.current().worker_name
-        records.requeued(job.connection, job.id, reason=f"worker {worker} shut down")
+        requeue(job, f"worker {runtime.current().worker_name} shut down")
         runtime.mark_interrupted(job.id)
         return {"interrupted": True}
     except Exception:
-        # The job's own error would repeat on another worker: fail now. Only a lost worker
-        # (RQ's abandoned-job cleanup) uses the retries.
         job.retries_left = 0
         raise
+
+
+def distill(payload: dict[str, Any]) -> dict[str, Any]:
+    """Generate the dataset ``payload`` describes; returns the archive's key, size and digest."""
+    return _as_job(
+        lambda job: _distill(job, payload),
+        lambda job, reason: records.requeued(job.connection, job.id, reason=reason),
+    )
 
 
 def _targets(store: Storage, key: str, scratch: Path) -> tuple[Path, Path]:
@@ -230,48 +251,12 @@ def _publish(store: Storage, key: str, local: Path, sheet: bytes, *, job_id: str
     patiently(lambda: store.put_bytes(records.preview_key(job_id), sheet))
 
 
-class ShardHooks:
-    """A shard stops when its job is canceled or has failed (another shard's error)."""
-
-    def __init__(self, redis: Redis, job_id: str, index: int) -> None:
-        self.redis = redis
-        self.job_id = job_id
-        self.index = index
-
-    def should_cancel(self) -> bool:
-        return patiently(lambda: records.ending(self.redis, self.job_id))
-
-    def should_stop(self) -> bool:
-        return runtime.stopping()
-
-    def on_batch(self, *, generated: int, written: int, added: tuple[int, int]) -> None:
-        patiently(
-            lambda: shards.save_progress(
-                self.redis,
-                self.job_id,
-                self.index,
-                generated=generated,
-                written=written,
-                added=added,
-            )
-        )
-
-
 def distill_shard(job_id: str, index: int) -> dict[str, Any]:
     """Make one shard of a sharded job into a part archive in the store."""
-    job = get_current_job()
-    if job is None:
-        raise RuntimeError("distill_shard() runs as an RQ job")
-    try:
-        return _distill_shard(job, job_id, index)
-    except engine.Interrupted:
-        worker = runtime.current().worker_name
-        shards.mark_requeued(job.connection, job_id, index, reason=f"worker {worker} shut down")
-        runtime.mark_interrupted(job.id)
-        return {"interrupted": True}
-    except Exception:
-        job.retries_left = 0
-        raise
+    return _as_job(
+        lambda job: _distill_shard(job, job_id, index),
+        lambda job, reason: shards.mark_requeued(job.connection, job_id, index, reason=reason),
+    )
 
 
 def _distill_shard(job: Any, job_id: str, index: int) -> dict[str, Any]:
@@ -296,7 +281,7 @@ def _distill_shard(job: Any, job_id: str, index: int) -> dict[str, Any]:
     )
     check_space(spec, partial.parent, images=int(bounds["images"]))
     started = time.time()
-    hooks = ShardHooks(redis, job_id, index)
+    hooks = RedisHooks(redis, job_id, progress_key=shards.shard_key(job_id, index))
     with ArchiveWriter(final=final, partial=partial) as writer:
         outputs = engine.Outputs(spec=part_spec, writer=writer)
         run = engine.run(
@@ -362,28 +347,14 @@ def discard_parts(job_id: str) -> int:
     """Remove a sharded job's part archives from the store; returns how many."""
     store = open_storage(runtime.current().settings)
     removed = patiently(lambda: store.delete_prefix(shards.parts_prefix(job_id)))
-    shards.forget(get_redis(), job_id)
+    shards.forget(_current_job().connection, job_id)
     return removed
-
-
-def get_redis() -> Redis:
-    job = get_current_job()
-    if job is None:
-        raise RuntimeError("runs as an RQ job")
-    connection: Redis = job.connection
-    return connection
 
 
 def assemble(job_id: str) -> dict[str, Any]:
     """Copy every shard's part, in shard order, into the job's archive; publish it."""
-    job = get_current_job()
-    if job is None:
-        raise RuntimeError("assemble() runs as an RQ job")
-    try:
-        return _assemble(job, job_id)
-    except Exception:
-        job.retries_left = 0
-        raise
+    # Assembly does not check for shutdown: it finishes, then the worker stops.
+    return _as_job(lambda job: _assemble(job, job_id), lambda job, reason: None)
 
 
 def _assemble(job: Any, job_id: str) -> dict[str, Any]:
