@@ -58,13 +58,11 @@ def store_status(settings: Settings) -> str:
     cached = _store_checks.get(key)
     if cached is not None and time.monotonic() - cached[0] < STORE_CHECK_TTL_S:
         return cached[1]
-    check = getattr(store, "check", None)
     answer = "ok"
-    if check is not None:
-        try:
-            check()
-        except StorageError as exc:
-            answer = f"unreachable: {exc}"
+    try:
+        store.check()
+    except StorageError as exc:
+        answer = f"unreachable: {exc}"
     _store_checks[key] = (time.monotonic(), answer)
     return answer
 

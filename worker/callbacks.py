@@ -8,6 +8,7 @@ lost job ends ``failed`` with a reason instead of staying ``running``.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,6 +39,15 @@ def describe_failure(
     return "internal", f"{name}: {text}"
 
 
+def _drop_partial(row: Mapping[str, str], exc_type: type[BaseException] | None) -> bool:
+    """Remove the failed run's partial file (its path is in its record, since the process
+    running the callback may not be the one that ran the job); True if the worker was lost."""
+    partial = row.get("partial")
+    if partial:
+        Path(partial).unlink(missing_ok=True)
+    return exc_type is not None and issubclass(exc_type, AbandonedJobError)
+
+
 def on_failure(
     job: Any,
     connection: Any,
@@ -45,18 +55,11 @@ def on_failure(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Drop the partial archive, then record the failure, or the re-queue of a lost job.
-
-    The partial file's path comes from the job's record, not from this process's settings:
-    the process running the callback may not be the one that ran the job.
-    """
+    """Drop the partial archive, then record the failure, or the re-queue of a lost job."""
     record = records.read(connection, job.id)
-    partial = record.get("partial")
-    if partial:
-        Path(partial).unlink(missing_ok=True)
+    lost = _drop_partial(record, exc_type)
     worker = record.get("worker", "unknown")
     attempts = int(record.get("attempts", 1))
-    lost = exc_type is not None and issubclass(exc_type, AbandonedJobError)
     if lost and job.retries_left:
         # RQ re-queues it right after this callback (the job's Retry policy).
         records.requeued(connection, job.id, reason=f"worker {worker} lost on attempt {attempts}")
@@ -88,18 +91,11 @@ def on_shard_failure(
 
     job_id, *rest = job.args
     index: int | None = int(rest[0]) if rest else None
-    where = f"shard {index}" if index is not None else "assembly"
-    if index is not None:
-        row = shards.read(connection, job_id, index)
-    else:
-        row = records.read(connection, job_id)
-    partial = row.get("partial")
-    if partial:
-        Path(partial).unlink(missing_ok=True)
+    parent = records.read(connection, job_id)
+    row = shards.read(connection, job_id, index) if index is not None else parent
+    lost = _drop_partial(row, exc_type)
     worker = row.get("worker", "unknown")
     attempts = int(row.get("attempts", 1))
-    lost = exc_type is not None and issubclass(exc_type, AbandonedJobError)
-    parent = records.read(connection, job_id)
     if lost and job.retries_left and not records.ending_record(parent):
         reason = f"worker {worker} lost on attempt {attempts}"
         if index is not None:
@@ -115,10 +111,10 @@ def on_shard_failure(
         shards.mark_stopped(connection, job_id, index, state=state, error=detail)
     if records.ending_record(parent) and "outcome" not in parent:
         # Canceled while this shard ran: the job ends canceled once nothing runs.
-        if not shards.still_running(connection, job_id):
-            records.finish(connection, job_id, outcome=records.CANCELED)
+        if shards.end_if_stopped(connection, job_id):
             shards.enqueue_cleanup(connection, job.origin, job_id)
         return
+    where = "assembly"
     if index is not None:
         classes = ""
         request = parent.get("request")

@@ -14,9 +14,27 @@ only shortens the wait. It runs on submit and whenever a sharded job enqueues it
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from redis import Redis
+from rq import Callback, Retry
 
 from worker import records
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+
+def enqueue_options(settings: Settings, *, on_failure: str) -> dict[str, Any]:
+    """RQ options every distill entry (a job, a shard, an assembly) is enqueued with."""
+    return {
+        "job_timeout": settings.job_timeout,
+        "result_ttl": settings.result_ttl,
+        "failure_ttl": settings.result_ttl,
+        "on_failure": Callback(on_failure),
+        # Only a lost worker is retried: the tasks clear retries on their own errors.
+        "retry": Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
+    }
 
 
 def _parent(entry: str) -> str:

@@ -40,7 +40,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
-from rq import Callback, Queue, Retry
+from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -200,17 +200,6 @@ def ready_workers(redis: Redis, *, heartbeat_ttl: float, queue: str) -> int:
     return count
 
 
-def _enqueue_options(settings: Settings) -> dict[str, Any]:
-    return {
-        "job_timeout": settings.job_timeout,
-        "result_ttl": settings.result_ttl,
-        "failure_ttl": settings.result_ttl,
-        "on_failure": Callback(ON_FAILURE),
-        # Only a lost worker is retried: the task clears retries on its own errors.
-        "retry": Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
-    }
-
-
 def top_up(redis: Redis, settings: Settings, job_id: str) -> int:
     """Enqueue the job's next shards until its window (ready workers) is full.
 
@@ -240,7 +229,7 @@ def top_up(redis: Redis, settings: Settings, job_id: str) -> int:
             index,
             job_id=shard_job_id(job_id, index),
             description=f"distill {job_id} shard {index}",
-            **_enqueue_options(settings),
+            **queueing.enqueue_options(settings, on_failure=ON_FAILURE),
         )
         # Behind whatever other callers queued meanwhile (worker/queueing.py).
         who = owner.decode() if isinstance(owner, bytes) else str(owner or "")
@@ -333,7 +322,7 @@ def maybe_assemble(redis: Redis, settings: Settings, job_id: str) -> bool:
                 return False
             if int(pipe.scard(done_key)) < int(total):
                 return False
-            options = _enqueue_options(settings)
+            options = queueing.enqueue_options(settings, on_failure=ON_FAILURE)
             job = queue.create_job(
                 ASSEMBLE_TASK,
                 args=(job_id,),
@@ -404,6 +393,20 @@ def still_running(redis: Redis, job_id: str) -> bool:
     return any(row.get("state") == RUNNING for row in read_all(redis, job_id, count))
 
 
+def end_if_stopped(redis: Redis, job_id: str) -> bool:
+    """Once no shard of a canceled job runs, record it canceled. True when the job has ended
+    (canceled, or failed by a shard) and nothing runs: its parts can go."""
+    if still_running(redis, job_id):
+        return False
+    record = records.read(redis, job_id)
+    if "outcome" in record:
+        return True
+    if "cancel_requested" not in record:
+        return False
+    records.finish(redis, job_id, outcome=records.CANCELED)  # once, whoever gets here first
+    return True
+
+
 def forget(redis: Redis, job_id: str) -> None:
     """The job ended: the sweep no longer needs to look at it."""
     redis.srem(ACTIVE, job_id)
@@ -451,9 +454,7 @@ def tend(redis: Redis, settings: Settings) -> None:
         if record.get("queue") != settings.queue_name:
             continue  # another deployment's job (its own workers look after it)
         if records.ending_record(record):
-            if not still_running(redis, job_id) and records.finish(
-                redis, job_id, outcome=records.CANCELED
-            ):
+            if end_if_stopped(redis, job_id):
                 enqueue_cleanup(redis, settings.queue_name, job_id)
             continue
         top_up(redis, settings, job_id)

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
 from worker import engine, postprocess, presets, records, runtime, shards
-from worker.archive import ArchiveWriter, class_dir, decode_png
+from worker.archive import ArchiveInfo, ArchiveWriter, class_dir, decode_png
 from worker.augment import source_size
 from worker.errors import InsufficientSpace
 from worker.generator import Generator
@@ -230,18 +230,43 @@ def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
     _publish(store, key, info.path, sheet, job_id=job.id)
     runtime.record_rate(outputs.count / max(finished - started, 1e-6))
 
-    ipc_reached = min(outputs.per_class.get(c.index, 0) for c in spec.classes())
-    succeeded: dict[str, str | int | float] = {
+    return _succeed(
+        redis,
+        job.id,
+        key=key,
+        info=info,
+        outputs=outputs,
+        generated=run["generated"],
+        seconds_sampling=run["seconds_sampling"],
+        seconds_total=finished - started,
+    )
+
+
+def _succeed(
+    redis: Redis,
+    job_id: str,
+    *,
+    key: str,
+    info: ArchiveInfo,
+    outputs: engine.Outputs,
+    generated: int,
+    seconds_sampling: float,
+    seconds_total: float,
+    **extra: str | int | float,
+) -> dict[str, Any]:
+    """Record a published archive as the job's success; returns the task's result."""
+    fields: dict[str, str | int | float] = {
         "archive_key": key,
         "archive_size": info.size_bytes,
         "archive_sha256": info.sha256,
         "written": outputs.count,
-        "generated": run["generated"],
-        "ipc_reached": ipc_reached,
-        "seconds_sampling": round(run["seconds_sampling"], 3),
-        "seconds_total": round(finished - started, 3),
+        "generated": generated,
+        "ipc_reached": min(outputs.per_class.get(c.index, 0) for c in outputs.spec.classes()),
+        "seconds_sampling": round(seconds_sampling, 3),
+        "seconds_total": round(seconds_total, 3),
+        **extra,
     }
-    patiently(lambda: records.finish(redis, job.id, outcome=records.SUCCEEDED, fields=succeeded))
+    patiently(lambda: records.finish(redis, job_id, outcome=records.SUCCEEDED, fields=fields))
     return {"key": key, "size_bytes": info.size_bytes, "sha256": info.sha256}
 
 
@@ -334,12 +359,7 @@ def _distill_shard(job: Any, job_id: str, index: int) -> dict[str, Any]:
 def settle(redis: Redis, job_id: str) -> None:
     """A canceled (or failed) sharded job whose shards have all stopped: record the end and
     remove its parts."""
-    if patiently(lambda: shards.still_running(redis, job_id)):
-        return
-    record = patiently(lambda: records.read(redis, job_id))
-    if "outcome" not in record and "cancel_requested" in record:
-        patiently(lambda: records.finish(redis, job_id, outcome=records.CANCELED))
-    if "outcome" in patiently(lambda: records.read(redis, job_id)):
+    if patiently(lambda: shards.end_if_stopped(redis, job_id)):
         discard_parts(job_id)
 
 
@@ -403,21 +423,20 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
     assembling = time.perf_counter() - started
     finished = time.time()
     first_start = min(float(r["started_at"]) for r in rows if r.get("started_at"))
-    succeeded: dict[str, str | int | float] = {
-        "archive_key": key,
-        "archive_size": info.size_bytes,
-        "archive_sha256": info.sha256,
-        "written": outputs.count,
-        "generated": run["generated"],
-        "ipc_reached": min(outputs.per_class.get(c.index, 0) for c in classes),
-        "seconds_sampling": round(sum(float(r.get("seconds_sampling", 0)) for r in rows), 3),
-        "seconds_total": round(finished - first_start, 3),
-        "seconds_assembling": round(assembling, 3),
-        "assembly": shards.SUCCEEDED,
-    }
-    patiently(lambda: records.finish(redis, job_id, outcome=records.SUCCEEDED, fields=succeeded))
+    result = _succeed(
+        redis,
+        job_id,
+        key=key,
+        info=info,
+        outputs=outputs,
+        generated=run["generated"],
+        seconds_sampling=sum(float(r.get("seconds_sampling", 0)) for r in rows),
+        seconds_total=finished - first_start,
+        seconds_assembling=round(assembling, 3),
+        assembly=shards.SUCCEEDED,
+    )
     discard_parts(job_id)
-    return {"key": key, "size_bytes": info.size_bytes, "sha256": info.sha256}
+    return result
 
 
 def _copy_part(path: Path, outputs: engine.Outputs, classes: Sequence[ClassInfo]) -> None:

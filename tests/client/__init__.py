@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from service.config import Settings
 from service.redis_server import free_port
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT, settings_env, stop_worker, wait_until_serving
 
 API_KEY = "client-test-key"
 OTHER_KEY = "client-other-key"
@@ -44,20 +41,7 @@ def live_api(settings: Settings, model: Path, log: Path, **env: str) -> Iterator
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the API did not start:\n{log.read_text()}") from None
-                time.sleep(0.05)
+        wait_until_serving(f"{base}/healthz", proc, log)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_worker(proc)

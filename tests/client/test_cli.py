@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,23 +18,10 @@ import pytest
 
 from client import Job
 from client.cli import ProgressDisplay, main, progress_line
-from service.config import Settings
-from tests.client import API_KEY, live_api
+from tests.client import API_KEY
 from tests.conftest import ROOT
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture(scope="module")
-def api(
-    worker: subprocess.Popen[bytes],
-    stack_settings: Settings,
-    tiny_model: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("cli-api") / "api.log"
-    with live_api(stack_settings, tiny_model, log) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")

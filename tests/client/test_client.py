@@ -118,18 +118,6 @@ class CutFirstDownload(Recording):
 
 
 @pytest.fixture(scope="module")
-def api(
-    worker: subprocess.Popen[bytes],
-    stack_settings: Settings,
-    tiny_model: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("client-api") / "api.log"
-    with live_api(stack_settings, tiny_model, log) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
 def distill(api: str) -> Iterator[Client]:
     with Client(api, API_KEY, timeout=30) as client:
         yield client

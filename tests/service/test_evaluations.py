@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, start_worker, stop_worker, wait_for
+from tests.conftest import make_settings, start_worker, stop_worker, unpack_testset, wait_for
 
 
 def test_evaluation_flow_on_a_tiny_archive(
@@ -35,12 +35,7 @@ def test_evaluation_flow_on_a_tiny_archive(
             data = client.get(f"/v1/jobs/{job['id']}/archive").content
 
             # A test set in ImageFolder form with the same class names (here: the same images).
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                for name in zf.namelist():
-                    if name.endswith(".png") and name.startswith("train/"):
-                        target = testsets / "tiny" / name.removeprefix("train/")
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(zf.read(name))
+            unpack_testset(data, testsets / "tiny")
 
             missing = client.post(f"/v1/jobs/{job['id']}/evaluations", json={"testset": "nothere"})
             assert missing.status_code == 422 and "tiny" in missing.json()["detail"]

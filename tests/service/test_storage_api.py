@@ -21,13 +21,14 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from service.redis_server import EmbeddedRedis
+from service.redis_server import EmbeddedRedis, free_port
 from tests.conftest import (
     TERMINAL,
     S3Server,
     make_settings,
     start_worker,
     stop_worker,
+    unpack_testset,
     wait_for,
 )
 from worker.storage import S3Storage, open_storage
@@ -182,12 +183,7 @@ def test_evaluation_reads_the_archive_and_stores_the_manifest_copy(s3_stack: S3S
     testsets = s3_stack.settings.testsets_dir
     assert testsets is not None
     data = client.get(f"/v1/jobs/{job['id']}/archive").content
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for name in zf.namelist():
-            if name.endswith(".png") and name.startswith("train/"):
-                target = testsets / "tiny" / name.removeprefix("train/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(zf.read(name))
+    unpack_testset(data, testsets / "tiny")
     created = client.post(
         f"/v1/jobs/{job['id']}/evaluations",
         json={"testset": "tiny", "profile": "fast", "epochs": 2, "runs": 1},
@@ -207,11 +203,7 @@ def test_evaluation_reads_the_archive_and_stores_the_manifest_copy(s3_stack: S3S
 
 
 def test_an_unreachable_store_is_a_503(s3_stack: S3Stack) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     settings = s3_stack.settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{port}"})
     with TestClient(create_app(settings)) as client:
         response = client.get(f"/v1/jobs/{s3_stack.job['id']}/archive")
