@@ -44,11 +44,6 @@ def job_key(job_id: str) -> str:
     return JOB_KEY.format(job_id)
 
 
-def archive_path(data_dir: Path, job_id: str) -> Path:
-    """Where a finished job's archive lives."""
-    return Path(data_dir) / f"{job_id}.zip"
-
-
 def archive_key(job_id: str) -> str:
     """The finished archive's key in the store (``DISTILL_STORAGE``)."""
     return f"{job_id}.zip"
@@ -59,13 +54,9 @@ def preview_key(job_id: str) -> str:
     return f"{job_id}.preview.png"
 
 
-def preview_path(data_dir: Path, job_id: str) -> Path:
-    """A finished job's contact sheet (also inside the archive as preview.png)."""
-    return Path(data_dir) / f"{job_id}.preview.png"
-
-
 def partial_path(data_dir: Path, job_id: str) -> Path:
-    """Where a running job writes; never served, removed on failure or cancel."""
+    """Where a running one-piece job writes with the default directory store (the layout
+    ``worker.tasks`` uses for any key); never served, removed on failure or cancel."""
     return Path(data_dir) / f".{job_id}.zip.part"
 
 

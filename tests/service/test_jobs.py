@@ -226,7 +226,7 @@ def test_running_job_cancels_between_batches_and_leaves_no_files(
     assert final["state"] == "canceled"
     assert final["progress"]["written"] < 100 * 100
     assert not partial.exists()
-    assert not records.archive_path(stack_settings.data_dir, job["id"]).exists()
+    assert not (stack_settings.data_dir / records.archive_key(job["id"])).exists()
     assert client.get(f"/v1/jobs/{job['id']}/archive").status_code == 409
     assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "canceled"
 
