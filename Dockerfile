@@ -33,8 +33,11 @@ PY
 RUN pip install -r /tmp/requirements-api.txt
 
 FROM base AS api
+# The API runs core/ and service/; of worker/ only the webhook sender (compose runs it from
+# this image), so no model code is in it.
+COPY core ./core
 COPY service ./service
-COPY worker ./worker
+COPY worker/__init__.py worker/webhooks.py ./worker/
 USER distill
 EXPOSE 8000
 CMD ["python", "-m", "service"]
@@ -52,7 +55,7 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
 # SDXL-Turbo's weights (about 7 GB) land here once; mount a volume to keep them.
 ENV HF_HOME=/cache/huggingface
 RUN mkdir -p /cache/huggingface && chown -R distill:distill /cache
-COPY service ./service
+COPY core ./core
 COPY worker ./worker
 USER distill
 # SIGTERM: finish the current batch, put the job back at the front of the queue, exit.

@@ -21,9 +21,9 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check service worker client tests bench
-	$(VENV)/bin/ruff format --check service worker client tests bench
-	$(VENV)/bin/mypy service worker client
+	$(VENV)/bin/ruff check core service worker client tests bench
+	$(VENV)/bin/ruff format --check core service worker client tests bench
+	$(VENV)/bin/mypy core service worker client
 
 openapi: install
 	$(PY) -m service.openapi openapi/openapi.json

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from worker import presets
+from core import presets
 from worker.archive import ArchiveWriter, class_dir, image_name
 from worker.evaluate import evaluate
 from worker.evaluate.progress import TextBar

@@ -114,7 +114,7 @@ def build_skeleton(directory: Path, device: str | None) -> Any:
 
 
 def spec_for(args: argparse.Namespace) -> Any:
-    from worker.spec import DatasetSpec
+    from core.spec import DatasetSpec
 
     labels = [f"class {i}" for i in range(args.classes)]
     return DatasetSpec(labels=labels, ipc=args.ipc, image_size=args.size)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.spec import AugmentSpec, derive_seed
 from worker.augment import augment, build_transform, source_size
-from worker.spec import AugmentSpec, derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse"]

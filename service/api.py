@@ -10,9 +10,12 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 
+from core import presets
+from core.evaluations import EvaluationRequest
+from core.settings import Settings
+from core.spec import DatasetSpec
 from service import downloads, health, jobs
 from service.auth import OwnerDep, owner_for
-from service.config import Settings
 from service.errors import PROBLEM_JSON, PresetNotFound
 from service.schemas import (
     Evaluation,
@@ -26,9 +29,6 @@ from service.schemas import (
     Problem,
     Readiness,
 )
-from worker import presets
-from worker.evaluations import EvaluationRequest
-from worker.spec import DatasetSpec
 
 
 def get_settings_dep(request: Request) -> Settings:

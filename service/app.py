@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis import Redis
 
+from core.settings import Settings, get_settings
 from service import errors, ui
 from service.api import health_router, router
-from service.config import Settings, get_settings
 from service.guards import BodyGuard
 from service.metrics import registry_for
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.config import Settings, api_key_list
+from core.settings import Settings, api_key_list
 from service.errors import Unauthorized
 
 PUBLIC = "public"

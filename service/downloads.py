@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from fastapi import Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
-from service.config import Settings
+from core.settings import Settings
+from core.storage import Storage, StorageError, attachment, open_storage
 from service.errors import ArchiveGone, JobNotFound, Unavailable
-from worker.storage import Storage, StorageError, attachment, open_storage
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 ARCHIVE_CACHE = "private, max-age=0, must-revalidate"

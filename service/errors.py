@@ -29,8 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.spec import POLICY_TAGS
 from service.schemas import FieldError, Problem
-from worker.spec import POLICY_TAGS
 
 log = logging.getLogger(__name__)
 

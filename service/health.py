@@ -6,10 +6,10 @@ import time
 
 from redis import Redis
 
-from service.config import Settings
+from core import records
+from core.settings import Settings
+from core.storage import StorageError, open_storage
 from service.schemas import Readiness, WorkerStatus
-from worker import records
-from worker.storage import StorageError, open_storage
 
 
 def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:

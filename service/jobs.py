@@ -22,8 +22,11 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
+from core import evaluations, queueing, records, shards, webhooks
+from core.evaluations import EvaluationRequest
+from core.settings import Settings
+from core.spec import DatasetSpec
 from service.auth import PUBLIC
-from service.config import Settings
 from service.downloads import StoredFile
 from service.errors import (
     ArchiveGone,
@@ -48,12 +51,9 @@ from service.schemas import (
     Timings,
     WebhookStatus,
 )
-from worker import evaluations, queueing, records, shards, webhooks
-from worker.evaluations import EvaluationRequest
-from worker.spec import DatasetSpec
 
 TASK = "worker.tasks.distill"
-ON_FAILURE = "worker.callbacks.on_failure"
+ON_FAILURE = "core.failures.on_failure"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Most index entries one page request reads while filtering by state.
 MAX_SCAN = 2000

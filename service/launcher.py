@@ -15,7 +15,7 @@ import sys
 import time
 from types import FrameType
 
-from service.config import settings_or_exit
+from core.settings import settings_or_exit
 from service.redis_server import EmbeddedRedis
 
 GRACE_SECONDS = 30.0

@@ -9,9 +9,9 @@ from __future__ import annotations
 import uvicorn
 from fastapi import FastAPI
 
-from service import logs
+from core import logs
+from core.settings import settings_or_exit
 from service.app import create_app
-from service.config import settings_or_exit
 
 
 def app_factory() -> FastAPI:

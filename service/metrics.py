@@ -1,6 +1,6 @@
 """``GET /metrics``: Prometheus text built on each scrape from what Redis holds.
 
-Workers write their numbers to Redis (``worker.stats`` counters and histograms, their status
+Workers write their numbers to Redis (``core.stats`` counters and histograms, their status
 hashes), so one scrape of the API covers every worker on every machine.
 """
 
@@ -21,8 +21,8 @@ from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from service.config import Settings
-from worker import records, stats
+from core import records, stats
+from core.settings import Settings
 
 _OUTCOMES = (records.SUCCEEDED, records.FAILED, records.CANCELED)
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.settings import Settings
 from service.app import create_app
-from service.config import Settings
 
 
 def document() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""HTTP models: what the API answers. The request body is ``worker.spec.DatasetSpec``."""
+"""HTTP models: what the API answers. The request body is ``core.spec.DatasetSpec``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from worker.spec import DatasetSpec
+from core.spec import DatasetSpec
 
 
 class JobState(StrEnum):

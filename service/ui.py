@@ -20,13 +20,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from redis import Redis
 from rq import Queue
 
+from core import records
+from core.settings import Settings, api_key_list
+from core.storage import StorageError, open_object, open_storage
 from service import health, jobs
 from service.auth import owner_for_key
-from service.config import Settings, api_key_list
 from service.errors import JobExpired, JobNotFound, Unauthorized
 from service.schemas import JobPublic
-from worker import records
-from worker.storage import StorageError, open_object, open_storage
 
 COOKIE = "distill_key"
 PAGE_SIZE = 50

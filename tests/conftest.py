@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from core.settings import Settings
 from service.app import create_app
-from service.config import Settings
 from service.redis_server import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from service.config import Settings
+from core.settings import Settings
 from tests.conftest import ROOT
 
 
@@ -112,13 +112,18 @@ def test_dockerfile_targets_copy_what_their_entry_points_import() -> None:
     assert {"base", "api", "worker"} <= set(stages)
     for target, module in (("api", "service"), ("worker", "worker")):
         body = "\n".join(stages[target])
-        assert "COPY service ./service" in body and "COPY worker ./worker" in body
+        assert "COPY core ./core" in body
+        assert f"COPY {module} ./{module}" in body
         assert f'CMD ["python", "-m", "{module}"]' in body
         assert re.search(r"^USER (?!root)\S+", body, re.MULTILINE), target
     worker = "\n".join(stages["worker"])
     assert "STOPSIGNAL SIGTERM" in worker and "HF_HOME=" in worker
     assert "requirements-worker" in worker
-    assert "requirements-worker" not in "\n".join(stages["api"])
+    api = "\n".join(stages["api"])
+    assert "requirements-worker" not in api
+    # The API image holds no model code: of worker/ only the webhook sender it runs.
+    assert "COPY worker ./worker" not in api
+    assert "COPY worker/__init__.py worker/webhooks.py ./worker/" in api
     assert "pyproject.toml" in "\n".join(stages["base"])
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv/", "data/", ".git/"} <= set(ignored)

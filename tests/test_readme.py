@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from service.config import Settings
+from core.settings import Settings
 from tests.client import API_KEY, live_api
 from tests.conftest import ROOT
 

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from worker.storage import fsync_dir
+from core.storage import fsync_dir
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SLUG_CHARS = 40

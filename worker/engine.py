@@ -19,13 +19,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from worker import formats, postprocess, presets
+from core import presets
+from core.presets import ClassInfo
+from core.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
+from worker import formats, postprocess
 from worker.archive import ArchiveWriter, image_name
 from worker.augment import source_size
 from worker.generator import Generator
-from worker.presets import ClassInfo
 from worker.preview import PreviewCollector
-from worker.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
 
 #: Batches whose post-processing may be in flight while the next one is sampled.
 MAX_PENDING_BATCHES = 2
@@ -33,7 +34,7 @@ MAX_PENDING_BATCHES = 2
 SEED_SCHEME = (
     "image seed = blake2b-64(job seed, class key, n); its copies k = 1..copies come in order from"
     " one albumentations RNG seeded with blake2b-64(job seed, class key, n, 'copies');"
-    " class key = wnid if the class has one, else its label (worker/spec.py)"
+    " class key = wnid if the class has one, else its label (core/spec.py)"
 )
 
 

@@ -1,120 +1,32 @@
-"""Evaluation jobs: train the benchmark ConvNet on a finished archive, test on a named test set.
+"""The evaluation task: train the benchmark ConvNet on a finished archive, test on a named set.
 
-Records (no torch here; the task imports the evaluator lazily)::
-
-    distill:eval:<id>          hash   job_id, testset, request, state, progress, result, error
-    distill:job:<id>:evals     list   evaluation ids of a job, oldest first
-
-Test sets live in ``DISTILL_TESTSETS_DIR`` (one ImageFolder directory or zip per name); a
-request names one, never a path.
+Its records, request and test-set lookup are in ``core.evaluations``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from pathlib import Path
-from typing import Any, Literal
+import zipfile
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
-from redis.typing import EncodableT, FieldT
+from rq import get_current_job
 
-from worker import records
-from worker.storage import open_storage
+from core.evaluations import EvaluationRequest, read, set_fields, testset_path
+from core.storage import open_storage
+from worker import runtime
 
 log = logging.getLogger("distill.jobs")
-
-EVAL_KEY = "distill:eval:{}"
-JOB_EVALS = "distill:job:{}:evals"
-TESTSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-TASK = "worker.evaluations.run_evaluation"
-ON_FAILURE = "worker.evaluations.on_failure"
-
-
-class EvaluationRequest(BaseModel):
-    """``POST /v1/jobs/{id}/evaluations``."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
-
-    testset: str = Field(
-        min_length=1,
-        max_length=64,
-        pattern=TESTSET_NAME.pattern,
-        description="Name of a test set in the worker's DISTILL_TESTSETS_DIR.",
-    )
-    profile: Literal["full", "fast"] = Field(
-        "full", description="full: the challenge's 1000 epochs x 3 runs; fast: a smoke check."
-    )
-    runs: int | None = Field(None, ge=1, le=10, description="Default: the profile's.")
-    epochs: int | None = Field(None, ge=1, le=5000, description="Default: the profile's.")
-
-
-def testset_path(directory: Path | None, name: str) -> Path | None:
-    """The test set called ``name`` (a directory or ``name.zip``), or None."""
-    if directory is None or not TESTSET_NAME.match(name):
-        return None
-    for candidate in (Path(directory) / name, Path(directory) / f"{name}.zip"):
-        if candidate.exists() and candidate.resolve().parent == Path(directory).resolve():
-            return candidate
-    return None
-
-
-def available_testsets(directory: Path | None) -> list[str]:
-    if directory is None or not Path(directory).is_dir():
-        return []
-    names = {p.name.removesuffix(".zip") for p in Path(directory).iterdir()}
-    return sorted(n for n in names if TESTSET_NAME.match(n))
-
-
-def create(
-    redis: Redis, eval_id: str, *, job_id: str, request: EvaluationRequest, ttl: int
-) -> None:
-    with redis.pipeline() as pipe:
-        pipe.hset(
-            EVAL_KEY.format(eval_id),
-            mapping={
-                "job_id": job_id,
-                "testset": request.testset,
-                "request": request.model_dump_json(),
-                "state": "queued",
-                "created_at": repr(time.time()),
-            },
-        )
-        pipe.expire(EVAL_KEY.format(eval_id), ttl + records.TOMBSTONE_S)
-        pipe.rpush(JOB_EVALS.format(job_id), eval_id)
-        pipe.expire(JOB_EVALS.format(job_id), ttl + records.TOMBSTONE_S)
-        pipe.execute()
-    log.info("evaluation queued", extra={"job_id": job_id, "evaluation_id": eval_id})
-
-
-def read(redis: Redis, eval_id: str) -> dict[str, str]:
-    raw: dict[bytes, bytes] = redis.hgetall(EVAL_KEY.format(eval_id))  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def for_job(redis: Redis, job_id: str) -> list[str]:
-    ids: list[bytes] = redis.lrange(JOB_EVALS.format(job_id), 0, -1)  # type: ignore[assignment]
-    return [i.decode() for i in ids]
-
-
-def _set(redis: Redis, eval_id: str, **fields: str | int | float) -> None:
-    mapping: dict[FieldT, EncodableT] = {}
-    mapping.update(fields)
-    redis.hset(EVAL_KEY.format(eval_id), mapping=mapping)
 
 
 def run_evaluation(eval_id: str) -> dict[str, Any]:
     """The RQ job: evaluate the job's archive on the named test set."""
-    from worker import runtime
     from worker.evaluate import Progress, evaluate
 
     rt = runtime.current()
     settings = rt.settings
-    from rq import get_current_job
-
     job = get_current_job()
     assert job is not None
     redis: Redis = job.connection
@@ -125,12 +37,10 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
     testset = testset_path(settings.testsets_dir, request.testset)
     if testset is None:
         raise FileNotFoundError(f"test set {request.testset!r} is not on this worker")
-    _set(redis, eval_id, state="running", started_at=repr(time.time()), worker=rt.worker_name)
+    set_fields(redis, eval_id, state="running", started_at=repr(time.time()), worker=rt.worker_name)
 
     def progress(p: Progress) -> None:
-        _set(redis, eval_id, run=p.run, runs=p.runs, epoch=p.epoch, epochs=p.epochs)
-
-    import zipfile
+        set_fields(redis, eval_id, run=p.run, runs=p.runs, epoch=p.epoch, epochs=p.epochs)
 
     # A file on this machine whatever the store (a download when it is remote, removed after).
     with storage.local_copy(f"{job_id}.zip") as archive:
@@ -153,7 +63,7 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
         existing = manifest
     existing.setdefault("evaluations", []).append({"id": eval_id, **result})
     storage.put_bytes(copy, json.dumps(existing, indent=2, ensure_ascii=False).encode())
-    _set(
+    set_fields(
         redis, eval_id, state="succeeded", finished_at=repr(time.time()), result=json.dumps(result)
     )
     log.info(
@@ -161,9 +71,3 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
         extra={"job_id": job_id, "evaluation_id": eval_id, "mean": result["mean"]},
     )
     return result
-
-
-def on_failure(job: Any, connection: Any, exc_type: Any, exc: Any, tb: Any) -> None:
-    """RQ failure callback: the evaluation failed, with its reason."""
-    detail = f"{getattr(exc_type, '__name__', 'Error')}: {exc}".strip()
-    _set(connection, job.id, state="failed", finished_at=repr(time.time()), error=detail[:2000])

@@ -31,9 +31,9 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from service import logs
-from service.config import Settings, settings_or_exit
-from worker import records, retention, runtime, shards
+from core import logs, records, retention, shards
+from core.settings import Settings, settings_or_exit
+from worker import runtime
 
 if TYPE_CHECKING:
     from worker.gpus import GpuClaim
@@ -149,7 +149,7 @@ class StatusBeacon:
             log.warning("heartbeat failed (%s); retrying", exc)
 
     def _sweep(self) -> None:
-        from worker.storage import open_storage
+        from core.storage import open_storage
 
         try:
             # One store per configuration (open_storage caches it), shared with the tasks.

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import albumentations as A
 import numpy as np
 
+from core.presets import ClassInfo
+from core.spec import DatasetSpec, derive_seed
 from worker.archive import encode_png, image_name
 from worker.augment import augment_copies, build_transform
-from worker.presets import ClassInfo
-from worker.spec import DatasetSpec, derive_seed
 
 _local = threading.local()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from core.settings import Settings
     from worker.generator import Generator
 
 

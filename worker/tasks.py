@@ -28,14 +28,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
-from worker import engine, postprocess, presets, records, runtime, shards
+from core import presets, records, shards
+from core.errors import InsufficientSpace
+from core.presets import ClassInfo
+from core.spec import DatasetSpec
+from core.storage import Storage, open_storage
+from worker import engine, postprocess, runtime
 from worker.archive import ArchiveInfo, ArchiveWriter, class_dir, decode_png
 from worker.augment import source_size
-from worker.errors import InsufficientSpace
 from worker.generator import Generator
-from worker.presets import ClassInfo
-from worker.spec import DatasetSpec
-from worker.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,135 +1,39 @@
-"""Signed job events to a caller's ``callback_url``, from a lightweight worker of their own.
+"""The webhook sender: ``python -m worker.webhooks`` drains ``DISTILL_WEBHOOK_QUEUE_NAME``.
 
-``python -m worker.webhooks`` drains ``DISTILL_WEBHOOK_QUEUE_NAME``; GPU workers never
-deliver, so a slow or dead receiver cannot delay jobs or cancellation. Events are signed per
-Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64
-HMAC-SHA256>``) with ``DISTILL_WEBHOOK_SECRET``, and retried with exponential backoff (RQ's
-scheduler) for up to ``DISTILL_WEBHOOK_RETRY_SECONDS``. Every attempt is recorded on the job.
-No torch here.
+GPU workers never deliver, so a slow or dead receiver cannot delay jobs or cancellation.
+What an event holds and how it is signed: ``core.webhooks``. No torch here.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
-import socket
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from redis import Redis
-from rq import Queue, Retry, SimpleWorker
+from rq import Queue, SimpleWorker
 
-from service.config import Settings, settings_or_exit
-from worker import records
+from core import records
+from core.settings import settings_or_exit
+from core.webhooks import (
+    ATTEMPTS_KEY,
+    TIMEOUT_S,
+    WebhookRefused,
+    check_destination,
+    event,
+    queue_name,
+    sign,
+)
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS_KEY = "distill:job:{}:webhook"
-TIMEOUT_S = 10.0
-
-
-class WebhookRefused(ValueError):
-    """The callback URL points somewhere the service will not call."""
-
-
-def queue_name(settings: Settings) -> str:
-    return settings.webhook_queue_name
-
-
-def secret_bytes(secret: str) -> bytes:
-    """A Standard Webhooks secret: ``whsec_<base64>``, or any other string as UTF-8 bytes."""
-    if secret.startswith("whsec_"):
-        return base64.b64decode(secret.removeprefix("whsec_"))
-    return secret.encode()
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value for one message."""
-    content = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret_bytes(secret), content, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
-
-
-def check_destination(url: str, *, allow_private: bool) -> None:
-    """Refuse URLs whose host resolves to loopback, private, link-local or reserved addresses."""
-    host = urlsplit(url).hostname or ""
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise WebhookRefused(f"callback host {host!r} does not resolve: {exc}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if (
-            address.is_loopback
-            or address.is_private
-            or address.is_link_local
-            or address.is_reserved
-            or address.is_multicast
-            or address.is_unspecified
-        ):
-            raise WebhookRefused(
-                f"callback host {host!r} resolves to a non-public address ({address}); "
-                "set DISTILL_WEBHOOK_ALLOW_PRIVATE to allow it"
-            )
-
-
-def retry_policy(retry_seconds: int) -> Retry:
-    """Doubling intervals from 1 s until their sum reaches ``retry_seconds``."""
-    intervals: list[int] = []
-    step = 1
-    while sum(intervals) + step <= retry_seconds:
-        intervals.append(step)
-        step = min(step * 2, 3600)
-    return Retry(max=max(len(intervals), 1), interval=intervals or [1])
-
-
-def record_fields(settings: Settings, callback_url: str) -> dict[str, str | int]:
-    """What a job record keeps so that whoever ends the job can queue its event."""
-    return {
-        "callback_url": callback_url,
-        "webhook_queue": queue_name(settings),
-        "webhook_retry_seconds": settings.webhook_retry_seconds,
-    }
-
-
-def enqueue(redis: Redis, job_id: str, *, queue: str, retry_seconds: int, ttl: int) -> None:
-    """Queue the delivery of a job's terminal event."""
-    Queue(queue, connection=redis).enqueue(
-        "worker.webhooks.deliver",
-        job_id,
-        job_timeout=int(TIMEOUT_S * 3),
-        result_ttl=ttl,
-        failure_ttl=ttl,
-        retry=retry_policy(retry_seconds),
-    )
-
-
-def event(record: dict[str, str], job_id: str) -> dict[str, Any]:
-    state = record.get("outcome", "unknown")
-    data: dict[str, Any] = {"id": job_id, "state": state}
-    if state == records.SUCCEEDED:
-        data["archive"] = {
-            "url": record.get("archive_url", ""),
-            "size_bytes": int(record.get("archive_size", 0)),
-            "sha256": record.get("archive_sha256", ""),
-        }
-    if record.get("error_type"):
-        data["error"] = {"type": record["error_type"], "detail": record.get("error_detail", "")}
-    return {"type": f"job.{state}", "timestamp": record.get("finished_at"), "data": data}
 
 
 def deliver(job_id: str) -> int:
     """POST the job's event to its callback URL; raises (so RQ retries) unless it got a 2xx."""
-    from service.config import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     redis = Redis.from_url(settings.redis_url)
@@ -171,14 +75,9 @@ def deliver(job_id: str) -> int:
     return int(attempt["status_code"])
 
 
-def attempts(redis: Redis, job_id: str) -> list[dict[str, Any]]:
-    raw: list[bytes] = redis.lrange(ATTEMPTS_KEY.format(job_id), 0, -1)  # type: ignore[assignment]
-    return [json.loads(x) for x in raw]
-
-
 def main() -> int:
     """The webhook worker: many can run; each delivers one event at a time."""
-    from service import logs
+    from core import logs
 
     settings = settings_or_exit("distill webhooks")
     logs.configure(settings.log_level)

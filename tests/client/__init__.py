@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.config import Settings
+from core.settings import Settings
 from service.redis_server import free_port
 from tests.conftest import ROOT, settings_env, stop_worker, wait_until_serving
 

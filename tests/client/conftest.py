@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
+from core.settings import Settings
 from tests.client import live_api
 
 

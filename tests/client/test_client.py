@@ -38,7 +38,7 @@ from client import (
     sign_webhook,
     verify_webhook,
 )
-from service.config import Settings
+from core.settings import Settings
 from tests.client import API_KEY, OTHER_KEY, live_api
 from tests.conftest import ROOT
 

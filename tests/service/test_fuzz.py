@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.config import Settings
+from core.settings import Settings
 from tests.client import live_api as client_live_api
 from tests.conftest import ROOT
 

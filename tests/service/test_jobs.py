@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from service.config import Settings
+from core import records
+from core.settings import Settings
 from tests.conftest import wait_for
-from worker import records
 
 REQUEST = {
     "labels": ["cat", "dog", "ship"],

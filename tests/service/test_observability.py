@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import logs
+from core import logs
 from tests.conftest import ROOT, wait_for
 
 

@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from core.settings import Settings
 from service.app import create_app
-from service.config import Settings
 from service.redis_server import EmbeddedRedis
 from tests.conftest import S3Server, make_settings, start_worker, stop_worker, wait_for
 

@@ -19,8 +19,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from core.settings import Settings
+from core.storage import S3Storage, open_storage
 from service.app import create_app
-from service.config import Settings
 from service.redis_server import EmbeddedRedis, free_port
 from tests.conftest import (
     TERMINAL,
@@ -31,7 +32,6 @@ from tests.conftest import (
     unpack_testset,
     wait_for,
 )
-from worker.storage import S3Storage, open_storage
 
 BODY = {"labels": ["cat", "dog"], "ipc": 5, "image_size": 32}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from core.settings import Settings
 from service.app import create_app
-from service.config import Settings
 from service.redis_server import EmbeddedRedis
 from tests.client import live_api
 from tests.conftest import ROOT, make_settings, wait_for

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from core.settings import Settings
 from service.app import create_app
-from service.config import Settings
 from service.redis_server import EmbeddedRedis
 from tests.conftest import ROOT, make_settings, settings_env, wait_for
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.spec import AugmentSpec
 from tests.conftest import CIFAR10_TEST
 from worker.augment import augment, build_transform, source_size
-from worker.spec import AugmentSpec
 
 
 def _photos(count: int) -> list[np.ndarray]:
@@ -67,7 +67,7 @@ def test_rotation_mirrors_borders_unless_asked_for_constant() -> None:
 
 
 def test_every_whitelisted_transform_builds_and_runs() -> None:
-    from worker.spec import TRANSFORM_PARAMS
+    from core.spec import TRANSFORM_PARAMS
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)

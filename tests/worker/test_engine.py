@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from core.spec import DatasetSpec
 from worker import engine
 from worker.archive import ArchiveWriter
 from worker.generator import Generator
 from worker.postprocess import make_pool
-from worker.spec import DatasetSpec
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from worker.presets import PRESETS, get
-from worker.spec import DatasetSpec
+from core.presets import PRESETS, get
+from core.spec import DatasetSpec
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

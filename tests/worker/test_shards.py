@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
-from worker import engine, shards
-from worker.spec import DatasetSpec
+from core import shards
+from core.spec import DatasetSpec
+from worker import engine
 
 
 def _spec(**fields: object) -> DatasetSpec:

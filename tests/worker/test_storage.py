@@ -12,10 +12,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from service.redis_server import EmbeddedRedis
-from tests.conftest import S3Server, make_settings
-from worker import retention
-from worker.storage import (
+from core import retention
+from core.storage import (
     LocalStorage,
     S3Storage,
     Storage,
@@ -23,6 +21,8 @@ from worker.storage import (
     open_object,
     open_storage,
 )
+from service.redis_server import EmbeddedRedis
+from tests.conftest import S3Server, make_settings
 
 MiB = 1024 * 1024
 

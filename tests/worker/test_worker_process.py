@@ -10,10 +10,10 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from core import records
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
 from tests.conftest import make_settings, start_worker, stop_worker, wait_for
-from worker import records
 
 LONG_JOB = {"labels": [f"c{i}" for i in range(100)], "ipc": 100, "augment": {"policy": "none"}}
 

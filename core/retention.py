@@ -16,8 +16,8 @@ from pathlib import Path
 
 from redis import Redis
 
-from worker import records
-from worker.storage import LocalStorage, Storage
+from core import records
+from core.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from worker import presets
-from worker.presets import ClassInfo, PresetName
+from core import presets
+from core.presets import ClassInfo, PresetName
 
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 100

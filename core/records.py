@@ -24,7 +24,7 @@ from redis import Redis
 from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
-from worker import stats
+from core import stats
 
 JOB_KEY = "distill:job:{}"
 JOBS_INDEX = "distill:jobs:{}"
@@ -228,7 +228,7 @@ def finish(
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, ttl + TOMBSTONE_S)
                 if shard_count is not None:
-                    from worker import shards  # a sharded job's bookkeeping goes with its record
+                    from core import shards  # a sharded job's bookkeeping goes with its record
 
                     shards.expire_with_job(pipe, job_id, int(shard_count), ttl + TOMBSTONE_S)
                 stats.incr(pipe, f"jobs_{outcome}")
@@ -250,7 +250,7 @@ def finish(
             except WatchError:
                 continue  # the record changed (progress, a cancel flag): read it again
     if callback and hook_queue:
-        from worker import webhooks  # the event goes out from the webhook worker, not from here
+        from core import webhooks  # the event goes out from the webhook worker, not from here
 
         webhooks.enqueue(
             redis,

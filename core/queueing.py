@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from rq import Callback, Retry
 
-from worker import records
+from core import records
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from core.settings import Settings
 
 
 def enqueue_options(settings: Settings, *, on_failure: str) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from core.settings import Settings
 
 CHUNK = 1024 * 1024
 #: Files above this size are uploaded in parts of ``MULTIPART_CHUNKSIZE``, several at once.

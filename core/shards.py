@@ -44,11 +44,11 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from worker import queueing, records, stats
-from worker.spec import DatasetSpec
+from core import queueing, records, stats
+from core.spec import DatasetSpec
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from core.settings import Settings
 
 log = logging.getLogger("distill.jobs")
 
@@ -58,7 +58,7 @@ ACTIVE = "distill:sharded"
 SHARD_TASK = "worker.tasks.distill_shard"
 ASSEMBLE_TASK = "worker.tasks.assemble"
 CLEANUP_TASK = "worker.tasks.discard_parts"
-ON_FAILURE = "worker.callbacks.on_shard_failure"
+ON_FAILURE = "core.failures.on_shard_failure"
 #: More shards than this and each one grows instead (bookkeeping stays small).
 MAX_SHARDS = 1000
 

@@ -1,6 +1,6 @@
 """Label presets: standard class lists shipped as data files, in each dataset's class-index order.
 
-``worker/presets/<name>.tsv`` holds one class per line, line *i* being class index *i*:
+``core/presets/<name>.tsv`` holds one class per line, line *i* being class index *i*:
 CIFAR files hold the label name; ImageNet-style files hold ``wnid<TAB>synonyms``. Order is
 part of the data: a list in another order silently mislabels every image.
 """
@@ -94,7 +94,7 @@ PRESETS: dict[str, Preset] = {
 
 @cache
 def _load(file: str) -> tuple[ClassInfo, ...]:
-    text = resources.files("worker").joinpath("presets", file).read_text(encoding="utf-8")
+    text = resources.files("core").joinpath("presets", file).read_text(encoding="utf-8")
     classes = []
     for index, line in enumerate(text.splitlines()):
         columns = line.split("\t")

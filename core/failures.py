@@ -16,8 +16,8 @@ from typing import Any
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from worker import records
-from worker.errors import InsufficientSpace
+from core import records
+from core.errors import InsufficientSpace
 
 
 def describe_failure(
@@ -87,7 +87,7 @@ def on_shard_failure(
 ) -> None:
     """A shard (or the assembly) failed: retry it if its worker was lost and runs are left,
     else fail the whole job with the shard's reason and stop its other shards."""
-    from worker import shards  # no cycle at import time: shards imports records
+    from core import shards  # no cycle at import time: shards imports records
 
     job_id, *rest = job.args
     index: int | None = int(rest[0]) if rest else None
@@ -119,7 +119,7 @@ def on_shard_failure(
         classes = ""
         request = parent.get("request")
         if request:
-            from worker.spec import DatasetSpec
+            from core.spec import DatasetSpec
 
             first, last = shards.describe(DatasetSpec.model_validate_json(request), row)
             classes = f", classes {first}-{last}" if last != first else f", class {first}"
