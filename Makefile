@@ -24,6 +24,7 @@ lint: install
 	$(VENV)/bin/ruff check core service worker client tests bench
 	$(VENV)/bin/ruff format --check core service worker client tests bench
 	$(VENV)/bin/mypy core service worker client
+	$(VENV)/bin/lint-imports
 
 openapi: install
 	$(PY) -m service.openapi openapi/openapi.json

@@ -219,9 +219,9 @@ def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     return {
         "images": outputs.count,
-        "sampled": result["generated"],
+        "sampled": result.generated,
         "seconds": seconds,
-        "seconds_sampling": result["seconds_sampling"],
+        "seconds_sampling": result.seconds_sampling,
         "gpu_peak_mb": gpu_peak_mb(gen),
     }
 
@@ -255,39 +255,26 @@ def run_bare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def run_service(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import httpx
 
+    from core.settings import Settings
     from service.redis_server import EmbeddedRedis, free_port
+    from service.stack import Stack
 
     redis = EmbeddedRedis(work / "redis", persist=False).start()
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DISTILL_REDIS_URL": redis.url,
-        "DISTILL_DATA_DIR": str(work / "data"),
-        "DISTILL_MODEL": str(args.model),
-        "DISTILL_PORT": str(port),
-        "DISTILL_BATCH_SIZE": str(args.batch_size),
-        "DISTILL_POSTPROCESS_WORKERS": str(args.workers),
-        "DISTILL_POSTPROCESS_MODE": args.pool,
-        "DISTILL_LOG_LEVEL": "WARNING",
-        **({"DISTILL_DEVICE": args.device} if args.device else {}),
-    }
-    procs = [
-        subprocess.Popen([sys.executable, "-m", m], env=env, stderr=subprocess.DEVNULL)
-        for m in ("worker", "service")
-    ]
-    base = f"http://127.0.0.1:{port}"
+    settings = Settings(
+        redis_url=redis.url,
+        data_dir=work / "data",
+        model=str(args.model),
+        port=free_port(),
+        batch_size=args.batch_size,
+        postprocess_workers=args.workers,
+        postprocess_mode=args.pool,
+        log_level="WARNING",
+        device=args.device,
+    )
+    stack = Stack(settings, logs=work / "logs")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("service stack did not become ready")
-            time.sleep(0.2)
+        stack.start_worker()
+        base = stack.start_api()
         body = spec_for(args).model_dump(mode="json")
         started = time.perf_counter()
         # One blocking request (Prefer: wait) instead of polling, which would compete with
@@ -309,9 +296,7 @@ def run_service(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "note": "peak RSS is the client's; the worker's is in its own process",
         }
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
+        stack.close()
         redis.stop()
 
 

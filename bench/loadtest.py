@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +29,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.settings import Settings  # noqa: E402
 from service.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from service.stack import Stack  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -99,36 +99,22 @@ def client_loop(base: str, rec: Recorder, stop_at: float, seed: int) -> None:
                 rec.call(client, "GET /v1/jobs", "GET", "/v1/jobs", params={"limit": 20})
 
 
-def start_stack(
-    model: Path, work: Path
-) -> tuple[EmbeddedRedis, subprocess.Popen[bytes], subprocess.Popen[bytes], str]:
+def start_stack(model: Path, work: Path) -> tuple[EmbeddedRedis, Stack, str]:
+    """Redis, one worker and the API (``service.stack``), on the tiny model."""
     redis = EmbeddedRedis(work / "redis", persist=False).start()
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "DISTILL_REDIS_URL": redis.url,
-        "DISTILL_DATA_DIR": str(work / "data"),
-        "DISTILL_MODEL": str(model),
-        "DISTILL_DEVICE": "cpu",
-        "DISTILL_PORT": str(port),
-        "DISTILL_LOG_LEVEL": "WARNING",
-        "DISTILL_MAX_QUEUED_JOBS": "100000",
-    }
-    logs = open(work / "stack.log", "wb")  # noqa: SIM115 - shared by the children
-    worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=logs, stderr=logs)
-    api = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=logs, stderr=logs)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return redis, worker, api, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"stack did not become ready; see {work / 'stack.log'}")
+    settings = Settings(
+        redis_url=redis.url,
+        data_dir=work / "data",
+        model=str(model),
+        device="cpu",
+        port=free_port(),
+        log_level="WARNING",
+        max_queued_jobs=100_000,
+    )
+    stack = Stack(settings, logs=work / "logs", env={"HF_HUB_OFFLINE": "1"})
+    stack.start_worker()
+    base = stack.start_api()
+    return redis, stack, base
 
 
 def all_job_ids(base: str) -> list[str]:
@@ -166,7 +152,7 @@ def main() -> int:
             from worker.tiny_model import build
 
             model = build(work / "tiny-model")
-        redis, worker, api, base = start_stack(model, work)
+        redis, stack, base = start_stack(model, work)
         rec = Recorder()
         try:
             started = time.monotonic()
@@ -200,9 +186,7 @@ def main() -> int:
                     time.sleep(0.5)
             listed = all_job_ids(base)
         finally:
-            for proc in (api, worker):
-                proc.terminate()
-                proc.wait(timeout=60)
+            stack.close()
             redis.stop()
 
     accepted = set(rec.accepted.values())

@@ -15,21 +15,17 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 from redis.typing import EncodableT, FieldT
 
-from core import records
+from core import keys, records
 
 log = logging.getLogger("distill.jobs")
 
-EVAL_KEY = "distill:eval:{}"
-JOB_EVALS = "distill:job:{}:evals"
 TESTSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-TASK = "worker.evaluations.run_evaluation"
-ON_FAILURE = "core.evaluations.on_failure"
 
 
 class EvaluationRequest(BaseModel):
@@ -72,7 +68,7 @@ def create(
 ) -> None:
     with redis.pipeline() as pipe:
         pipe.hset(
-            EVAL_KEY.format(eval_id),
+            keys.evaluation(eval_id),
             mapping={
                 "job_id": job_id,
                 "testset": request.testset,
@@ -81,32 +77,24 @@ def create(
                 "created_at": repr(time.time()),
             },
         )
-        pipe.expire(EVAL_KEY.format(eval_id), ttl + records.TOMBSTONE_S)
-        pipe.rpush(JOB_EVALS.format(job_id), eval_id)
-        pipe.expire(JOB_EVALS.format(job_id), ttl + records.TOMBSTONE_S)
+        pipe.expire(keys.evaluation(eval_id), ttl + records.TOMBSTONE_S)
+        pipe.rpush(keys.job_evaluations(job_id), eval_id)
+        pipe.expire(keys.job_evaluations(job_id), ttl + records.TOMBSTONE_S)
         pipe.execute()
     log.info("evaluation queued", extra={"job_id": job_id, "evaluation_id": eval_id})
 
 
 def read(redis: Redis, eval_id: str) -> dict[str, str]:
-    raw: dict[bytes, bytes] = redis.hgetall(EVAL_KEY.format(eval_id))  # type: ignore[assignment]
+    raw: dict[bytes, bytes] = redis.hgetall(keys.evaluation(eval_id))  # type: ignore[assignment]
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 def for_job(redis: Redis, job_id: str) -> list[str]:
-    ids: list[bytes] = redis.lrange(JOB_EVALS.format(job_id), 0, -1)  # type: ignore[assignment]
+    ids: list[bytes] = redis.lrange(keys.job_evaluations(job_id), 0, -1)  # type: ignore[assignment]
     return [i.decode() for i in ids]
 
 
 def set_fields(redis: Redis, eval_id: str, **fields: str | int | float) -> None:
     mapping: dict[FieldT, EncodableT] = {}
     mapping.update(fields)
-    redis.hset(EVAL_KEY.format(eval_id), mapping=mapping)
-
-
-def on_failure(job: Any, connection: Any, exc_type: Any, exc: Any, tb: Any) -> None:
-    """RQ failure callback: the evaluation failed, with its reason."""
-    detail = f"{getattr(exc_type, '__name__', 'Error')}: {exc}".strip()
-    set_fields(
-        connection, job.id, state="failed", finished_at=repr(time.time()), error=detail[:2000]
-    )
+    redis.hset(keys.evaluation(eval_id), mapping=mapping)

@@ -1,68 +1,101 @@
-"""RQ failure callback: record why a job failed and remove its partial archive. No torch here.
+"""RQ failure callbacks: record why a piece of work failed, remove its partial file.
 
-RQ calls it in the worker when the job raises or times out, and in whichever process cleans
-up the started-job registry when a worker died mid-job (the API does so on every read), so a
-lost job ends ``failed`` with a reason instead of staying ``running``.
+RQ calls them in the worker when an entry raises or times out, and in whichever process
+cleans up a started-job registry when a worker died mid-job (the maintenance loop of any
+process, ``core.maintenance``), so a lost job ends ``failed`` with a reason, or goes back to
+the queue, instead of staying ``running``. One callback serves a job in one piece, a shard
+and an assembly: they differ only in which record holds the attempt. No torch here.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+import logging
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from core import records
+from core import evaluations, keys, records, shards
 from core.errors import InsufficientSpace
+from core.records import JobRecord, Piece, ShardRecord
+from core.spec import DatasetSpec
+from core.states import ErrorType, JobState
+
+log = logging.getLogger("distill.jobs")
 
 
 def describe_failure(
     exc_type: type[BaseException] | None, exc: BaseException | None
-) -> tuple[str, str]:
-    """A public ``(type, detail)`` pair for a job failure."""
+) -> tuple[ErrorType, str]:
+    """A public ``(type, detail)`` pair for a failure."""
     if exc_type is not None and issubclass(exc_type, AbandonedJobError):
-        return "worker_lost", "the worker running this job stopped sending heartbeats (it died)"
+        return ErrorType.worker_lost, "the worker running this job stopped sending heartbeats"
     if exc_type is not None and issubclass(exc_type, JobTimeoutException):
-        return "timeout", f"the job ran longer than its time limit: {exc}"
+        return ErrorType.timeout, f"the job ran longer than its time limit: {exc}"
     if isinstance(exc, InsufficientSpace):
-        return "disk_full", exc.detail
+        return ErrorType.disk_full, exc.detail
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return "disk_full", "no space left on the data volume while writing the archive"
+        return ErrorType.disk_full, "no space left on the data volume while writing the archive"
     if exc_type is not None and exc_type.__name__ == "ValidationError":
-        return "invalid_request", str(exc).strip()
+        return ErrorType.invalid_request, str(exc).strip()
     name = exc_type.__name__ if exc_type is not None else "Error"
     text = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else name
-    return "internal", f"{name}: {text}"
+    return ErrorType.internal, f"{name}: {text}"
 
 
-def _drop_partial(row: Mapping[str, str], exc_type: type[BaseException] | None) -> bool:
-    """Remove the failed run's partial file (its path is in its record, since the process
-    running the callback may not be the one that ran the job); True if the worker was lost."""
-    partial = row.get("partial")
-    if partial:
-        Path(partial).unlink(missing_ok=True)
-    return exc_type is not None and issubclass(exc_type, AbandonedJobError)
+def piece_of(job: Any) -> tuple[Piece, bool]:
+    """The piece an RQ entry runs, and whether it is a sharded job's assembly."""
+    if job.func_name == keys.SHARD_TASK:
+        job_id, index = job.args
+        return Piece(str(job_id), int(index)), False
+    if job.func_name == keys.ASSEMBLE_TASK:
+        return Piece(str(job.args[0])), True
+    return Piece(job.id), False
+
+
+def _where(parent: JobRecord, row: JobRecord | ShardRecord | None, assembly: bool) -> str:
+    """``shard 3, classes 4-5: `` for a shard, ``assembly: `` for an assembly, else nothing."""
+    if assembly:
+        return "assembly: "
+    if not isinstance(row, ShardRecord):
+        return ""
+    first, last = shards.describe(DatasetSpec.model_validate_json(parent.request), row)
+    classes = f"classes {first}-{last}" if last != first else f"class {first}"
+    return f"shard {row.index}, {classes}: "
 
 
 def on_failure(
     job: Any,
-    connection: Any,
+    connection: Redis,
     exc_type: type[BaseException] | None,
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Drop the partial archive, then record the failure, or the re-queue of a lost job."""
-    record = records.read(connection, job.id)
-    lost = _drop_partial(record, exc_type)
-    worker = record.get("worker", "unknown")
-    attempts = int(record.get("attempts", 1))
-    if lost and job.retries_left:
-        # RQ re-queues it right after this callback (the job's Retry policy).
-        records.requeued(connection, job.id, reason=f"worker {worker} lost on attempt {attempts}")
+    """Drop the partial file; re-queue a lost worker's piece while attempts are left, else fail
+    the job with the reason (a shard's failure fails its whole job and stops the others)."""
+    piece, assembly = piece_of(job)
+    parent = records.read(connection, piece.job_id)
+    if parent is None:
+        return  # forgotten meanwhile: nothing to record
+    row = parent if assembly else records.read_piece(connection, piece)
+    if row is not None and row.partial:
+        # Its path is in the record: the process running this may not be the one that ran it.
+        Path(row.partial).unlink(missing_ok=True)
+    lost = exc_type is not None and issubclass(exc_type, AbandonedJobError)
+    worker = (row.worker if row is not None else None) or "unknown"
+    attempts = (row.attempts if row is not None else 0) or 1
+    if lost and job.retries_left and not parent.ending:
+        # RQ re-queues it right after this callback (the entry's Retry policy).
+        reason = f"worker {worker} lost on attempt {attempts}"
+        if assembly:
+            shards.mark_assembly(connection, piece.job_id, JobState.queued)
+        else:
+            records.mark_requeued(connection, piece, reason=reason)
         return
     error_type, detail = describe_failure(exc_type, exc)
     if lost:
@@ -70,65 +103,39 @@ def on_failure(
             f"worker {worker} stopped sending heartbeats (it died) on attempt {attempts}; "
             "no attempts left"
         )
-    records.finish(
+    if piece.index is not None:
+        state = JobState.canceled if parent.ending else JobState.failed
+        shards.mark_stopped(connection, piece.job_id, piece.index, state=state, error=detail)
+    if parent.ending and parent.outcome is None:
+        # Canceled while it ran: a sharded job ends once nothing of it runs.
+        if not parent.sharded:
+            records.finish(connection, piece.job_id, outcome=JobState.canceled)
+        elif shards.end_if_stopped(connection, piece.job_id):
+            shards.enqueue_cleanup(connection, job.origin, piece.job_id)
+        return
+    ended = records.finish(
         connection,
-        job.id,
-        outcome=records.FAILED,
-        fields={"error_type": error_type, "error_detail": detail[:2000]},
+        piece.job_id,
+        outcome=JobState.failed,
+        fields={
+            "error_type": error_type.value,
+            "error_detail": f"{_where(parent, row, assembly)}{detail}"[:2000],
+        },
     )
+    if ended and parent.sharded:
+        shards.stop_all(connection, piece.job_id)
+        shards.enqueue_cleanup(connection, job.origin, piece.job_id)
 
 
-def on_shard_failure(
+def on_evaluation_failure(
     job: Any,
-    connection: Any,
+    connection: Redis,
     exc_type: type[BaseException] | None,
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """A shard (or the assembly) failed: retry it if its worker was lost and runs are left,
-    else fail the whole job with the shard's reason and stop its other shards."""
-    from core import shards  # no cycle at import time: shards imports records
-
-    job_id, *rest = job.args
-    index: int | None = int(rest[0]) if rest else None
-    parent = records.read(connection, job_id)
-    row = shards.read(connection, job_id, index) if index is not None else parent
-    lost = _drop_partial(row, exc_type)
-    worker = row.get("worker", "unknown")
-    attempts = int(row.get("attempts", 1))
-    if lost and job.retries_left and not records.ending_record(parent):
-        reason = f"worker {worker} lost on attempt {attempts}"
-        if index is not None:
-            shards.mark_requeued(connection, job_id, index, reason=reason)
-        else:
-            connection.hset(records.job_key(job_id), "assembly", shards.QUEUED)
-        return
-    error_type, detail = describe_failure(exc_type, exc)
-    if lost:
-        detail = f"worker {worker} stopped sending heartbeats (it died); no attempts left"
-    if index is not None:
-        state = shards.CANCELED if records.ending_record(parent) else shards.FAILED
-        shards.mark_stopped(connection, job_id, index, state=state, error=detail)
-    if records.ending_record(parent) and "outcome" not in parent:
-        # Canceled while this shard ran: the job ends canceled once nothing runs.
-        if shards.end_if_stopped(connection, job_id):
-            shards.enqueue_cleanup(connection, job.origin, job_id)
-        return
-    where = "assembly"
-    if index is not None:
-        classes = ""
-        request = parent.get("request")
-        if request:
-            from core.spec import DatasetSpec
-
-            first, last = shards.describe(DatasetSpec.model_validate_json(request), row)
-            classes = f", classes {first}-{last}" if last != first else f", class {first}"
-        where = f"shard {index}{classes}"
-    if records.finish(
-        connection,
-        job_id,
-        outcome=records.FAILED,
-        fields={"error_type": error_type, "error_detail": f"{where}: {detail}"[:2000]},
-    ):
-        shards.stop_all(connection, job_id)
-        shards.enqueue_cleanup(connection, job.origin, job_id)
+    """The evaluation failed, with its reason."""
+    detail = f"{getattr(exc_type, '__name__', 'Error')}: {exc}".strip()
+    evaluations.set_fields(
+        connection, job.id, state="failed", finished_at=repr(time.time()), error=detail[:2000]
+    )

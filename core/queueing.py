@@ -14,32 +14,25 @@ only shortens the wait. It runs on submit and whenever a sharded job enqueues it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis import Redis
 from rq import Callback, Retry
 
-from core import records
-
-if TYPE_CHECKING:
-    from core.settings import Settings
+from core import keys
+from core.settings import Settings
 
 
-def enqueue_options(settings: Settings, *, on_failure: str) -> dict[str, Any]:
+def enqueue_options(settings: Settings) -> dict[str, Any]:
     """RQ options every distill entry (a job, a shard, an assembly) is enqueued with."""
     return {
         "job_timeout": settings.job_timeout,
         "result_ttl": settings.result_ttl,
         "failure_ttl": settings.result_ttl,
-        "on_failure": Callback(on_failure),
+        "on_failure": Callback(keys.ON_FAILURE),
         # Only a lost worker is retried: the tasks clear retries on their own errors.
         "retry": Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None,
     }
-
-
-def _parent(entry: str) -> str:
-    """The job an RQ entry belongs to (a shard ``<id>-s0001``, an ``<id>-assemble``...)."""
-    return entry.split("-", 1)[0]
 
 
 def place(redis: Redis, queue_key: str, entry: str, owner: str) -> int | None:
@@ -53,7 +46,7 @@ def place(redis: Redis, queue_key: str, entry: str, owner: str) -> int | None:
         return None
     with redis.pipeline(transaction=False) as pipe:
         for other in entries:
-            pipe.hget(records.job_key(_parent(other)), "owner")
+            pipe.hget(keys.job(keys.parent_of(other)), "owner")
         owners = [
             (found.decode() if found is not None else f"?{other}")
             for other, found in zip(entries, pipe.execute(), strict=True)

@@ -1,14 +1,12 @@
-"""Our own job records in Redis: request, progress, outcome, archive. No torch here.
+"""Our own job records in Redis, typed: request, progress, outcome, archive; shards of a job.
 
-RQ runs jobs; these hashes say what the caller sees. They live beside RQ's keys because
-RQ rewrites its job hash (meta included) whenever it saves a job, and because a job's public
-outcome (canceled, archive digest) is ours, not RQ's.
+RQ runs jobs; these hashes say what the caller sees. They live beside RQ's keys because RQ
+rewrites its job hash (meta included) whenever it saves a job, and because a job's public
+outcome (canceled, archive digest) is ours, not RQ's. Key names: ``core.keys``.
 
-Keys::
-
-    distill:job:<id>         hash   request, owner, timestamps, progress, outcome, archive, error
-    distill:jobs:<owner>     zset   one owner's job ids by creation time (listing)
-    distill:worker:<name>    hash   one worker's status, expires when it stops beating
+A *piece* of work is either a whole job (run in one piece) or one shard of a sharded job;
+both are started, re-queued and advanced by the same functions here, and read back as one
+``Snapshot`` in one pipeline.
 """
 
 from __future__ import annotations
@@ -16,52 +14,290 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
-from core import stats
+from core import keys, stats, webhooks
+from core.states import JobState
 
-JOB_KEY = "distill:job:{}"
-JOBS_INDEX = "distill:jobs:{}"
+log = logging.getLogger("distill.jobs")
+
 #: How long an expired job is still remembered, to answer 410 instead of 404.
 TOMBSTONE_S = 30 * 24 * 3600
-WORKER_KEY = "distill:worker:{}"
-WORKER_PATTERN = "distill:worker:*"
-
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELED = "canceled"
-log = logging.getLogger("distill.jobs")
 DEFAULT_TTL = 7 * 24 * 3600
 
 
-def job_key(job_id: str) -> str:
-    return JOB_KEY.format(job_id)
+def _text(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
 
 
-def archive_key(job_id: str) -> str:
-    """The finished archive's key in the store (``DISTILL_STORAGE``)."""
-    return f"{job_id}.zip"
+def _float(fields: Mapping[str, str], name: str) -> float | None:
+    value = fields.get(name)
+    return float(value) if value not in (None, "") else None
 
 
-def preview_key(job_id: str) -> str:
-    """The contact sheet's key in the store."""
-    return f"{job_id}.preview.png"
+def _int(fields: Mapping[str, str], name: str) -> int | None:
+    value = fields.get(name)
+    return int(value) if value not in (None, "") else None
 
 
-def partial_path(data_dir: Path, job_id: str) -> Path:
-    """Where a running one-piece job writes with the default directory store (the layout
-    ``worker.tasks`` uses for any key); never served, removed on failure or cancel."""
-    return Path(data_dir) / f".{job_id}.zip.part"
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard: sampled images ``start..stop-1`` of the job's class-major plan."""
+
+    index: int
+    start: int
+    stop: int
+    images: int
+    state: JobState = JobState.queued
+    generated: int = 0
+    written: int = 0
+    attempts: int = 0
+    worker: str | None = None
+    partial: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_interruption: str | None = None
+    error: str | None = None
+    seconds_sampling: float = 0.0
+
+    @classmethod
+    def parse(cls, fields: Mapping[str, str]) -> ShardRecord:
+        return cls(
+            index=int(fields["index"]),
+            start=int(fields["start"]),
+            stop=int(fields["stop"]),
+            images=int(fields["images"]),
+            state=JobState(fields.get("state", JobState.queued)),
+            generated=int(fields.get("generated", 0)),
+            written=int(fields.get("written", 0)),
+            attempts=int(fields.get("attempts", 0)),
+            worker=fields.get("worker"),
+            partial=fields.get("partial"),
+            started_at=_float(fields, "started_at"),
+            finished_at=_float(fields, "finished_at"),
+            last_interruption=fields.get("last_interruption"),
+            error=fields.get("error"),
+            seconds_sampling=_float(fields, "seconds_sampling") or 0.0,
+        )
 
 
-def jobs_index(owner: str) -> str:
-    return JOBS_INDEX.format(owner)
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's hash, parsed. ``request`` is the validated request's JSON, as submitted (empty
+    in a stray hash that a late update wrote after the job was forgotten)."""
+
+    id: str
+    request: str
+    owner: str
+    created_at: float
+    ttl: int = DEFAULT_TTL
+    total: int = 0
+    generated: int = 0
+    written: int = 0
+    attempts: int = 0
+    worker: str | None = None
+    partial: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = None
+    outcome: JobState | None = None
+    cancel_requested: bool = False
+    last_interruption: str | None = None
+    error_type: str | None = None
+    error_detail: str | None = None
+    archive_url: str | None = None
+    archive_key: str | None = None
+    archive_size: int | None = None
+    archive_sha256: str | None = None
+    ipc_reached: int | None = None
+    seconds_total: float | None = None
+    seconds_sampling: float | None = None
+    seconds_assembling: float | None = None
+    callback_url: str | None = None
+    webhook_queue: str | None = None
+    webhook_retry_seconds: int | None = None
+    #: Sharded jobs: how many shards, how many were enqueued so far, from which queue.
+    shards: int | None = None
+    shards_enqueued: int = 0
+    queue: str | None = None
+    #: Sharded jobs: the assembly's state once it was enqueued.
+    assembly: JobState | None = None
+
+    @classmethod
+    def parse(cls, job_id: str, fields: Mapping[str, str]) -> JobRecord:
+        outcome = fields.get("outcome")
+        assembly = fields.get("assembly")
+        return cls(
+            id=job_id,
+            # A hash written by a late update after the job was forgotten has no request.
+            request=fields.get("request", ""),
+            owner=fields.get("owner", ""),
+            created_at=float(fields.get("created_at", 0.0)),
+            ttl=int(fields.get("ttl", DEFAULT_TTL)),
+            total=int(fields.get("total", 0)),
+            generated=int(fields.get("generated", 0)),
+            written=int(fields.get("written", 0)),
+            attempts=int(fields.get("attempts", 0)),
+            worker=fields.get("worker"),
+            partial=fields.get("partial"),
+            started_at=_float(fields, "started_at"),
+            finished_at=_float(fields, "finished_at"),
+            expires_at=_float(fields, "expires_at"),
+            outcome=JobState(outcome) if outcome else None,
+            cancel_requested="cancel_requested" in fields,
+            last_interruption=fields.get("last_interruption"),
+            error_type=fields.get("error_type"),
+            error_detail=fields.get("error_detail"),
+            archive_url=fields.get("archive_url"),
+            archive_key=fields.get("archive_key"),
+            archive_size=_int(fields, "archive_size"),
+            archive_sha256=fields.get("archive_sha256"),
+            ipc_reached=_int(fields, "ipc_reached"),
+            seconds_total=_float(fields, "seconds_total"),
+            seconds_sampling=_float(fields, "seconds_sampling"),
+            seconds_assembling=_float(fields, "seconds_assembling"),
+            callback_url=fields.get("callback_url"),
+            webhook_queue=fields.get("webhook_queue"),
+            webhook_retry_seconds=_int(fields, "webhook_retry_seconds"),
+            shards=_int(fields, "shards"),
+            shards_enqueued=int(fields.get("shards_enqueued", 0)),
+            queue=fields.get("queue"),
+            assembly=JobState(assembly) if assembly else None,
+        )
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
+
+    @property
+    def ending(self) -> bool:
+        """Canceled, or already ended (a sharded job another shard failed): stop working."""
+        return self.cancel_requested or self.outcome is not None
+
+    def expired(self, now: float | None = None) -> bool:
+        """True once a finished job is past its retention."""
+        return self.expires_at is not None and self.expires_at <= (now or time.time())
+
+    def request_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.request)
+        return data
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A unit of work a worker runs: a whole job (``index`` None) or one shard of it."""
+
+    job_id: str
+    index: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The hash its progress lives in."""
+        return keys.job(self.job_id) if self.index is None else keys.shards(self.job_id)
+
+    def field(self, name: str) -> str:
+        return name if self.index is None else f"{self.index}:{name}"
+
+    def fields(self, mapping: Mapping[str, EncodableT]) -> dict[FieldT, EncodableT]:
+        return {self.field(k): v for k, v in mapping.items()}
+
+    @property
+    def rq_id(self) -> str:
+        return self.job_id if self.index is None else keys.shard_entry(self.job_id, self.index)
+
+    @property
+    def label(self) -> str:
+        return "job" if self.index is None else "shard"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a view of a job needs, read in one pipeline."""
+
+    record: JobRecord
+    shards: list[ShardRecord] = field(default_factory=list)
+    #: RQ's status of the job's entry (a job in one piece only); None when the entry is gone.
+    rq_status: str | None = None
+    #: Index in the queue of the job's entry (its first shard's, if sharded), if waiting.
+    queue_position: int | None = None
+    webhook_attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_shards(fields: Mapping[str, str]) -> list[ShardRecord]:
+    """The shards in a job's shard hash (fields ``<k>:<name>``), in index order."""
+    rows: dict[int, dict[str, str]] = {}
+    for name, value in fields.items():
+        index, _, attribute = name.partition(":")
+        rows.setdefault(int(index), {})[attribute] = value
+    return [ShardRecord.parse(rows[k]) for k in sorted(rows)]
+
+
+def _queue_snapshot_reads(pipe: Any, job_id: str, queue: str) -> None:
+    pipe.hgetall(keys.job(job_id))
+    pipe.hgetall(keys.shards(job_id))
+    pipe.hget(keys.rq_job(job_id), "status")
+    pipe.lpos(keys.rq_queue(queue), job_id)
+    pipe.lpos(keys.rq_queue(queue), keys.shard_entry(job_id, 0))
+    pipe.lrange(keys.webhook_attempts(job_id), 0, -1)
+
+
+def snapshots(redis: Redis, job_ids: Iterable[str], *, queue: str) -> list[Snapshot | None]:
+    """The snapshots of ``job_ids`` (None where a job is unknown), in one pipeline."""
+    ids = list(job_ids)
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            _queue_snapshot_reads(pipe, job_id, queue)
+        results = pipe.execute()
+    found: list[Snapshot | None] = []
+    for n, job_id in enumerate(ids):
+        raw, shard_raw, status, position, first_shard, attempts = results[6 * n : 6 * n + 6]
+        if not raw:
+            found.append(None)
+            continue
+        record = JobRecord.parse(job_id, _text(raw))
+        found.append(
+            Snapshot(
+                record=record,
+                shards=parse_shards(_text(shard_raw)),
+                rq_status=status.decode() if status is not None else None,
+                queue_position=first_shard if record.sharded else position,
+                webhook_attempts=[json.loads(a) for a in attempts],
+            )
+        )
+    return found
+
+
+def snapshot(redis: Redis, job_id: str, *, queue: str) -> Snapshot | None:
+    """One job's snapshot (None when unknown or forgotten): one round trip."""
+    return snapshots(redis, [job_id], queue=queue)[0]
+
+
+def read(redis: Redis, job_id: str) -> JobRecord | None:
+    """The job's record; None when the job is unknown or forgotten."""
+    raw: dict[bytes, bytes] = redis.hgetall(keys.job(job_id))  # type: ignore[assignment]
+    return JobRecord.parse(job_id, _text(raw)) if raw else None
+
+
+def read_shards(redis: Redis, job_id: str) -> list[ShardRecord]:
+    """Every shard of a job, in index order (empty for a job in one piece)."""
+    raw: dict[bytes, bytes] = redis.hgetall(keys.shards(job_id))  # type: ignore[assignment]
+    return parse_shards(_text(raw))
+
+
+def read_piece(redis: Redis, piece: Piece) -> JobRecord | ShardRecord | None:
+    """The record a piece's own progress and attempts are in."""
+    if piece.index is None:
+        return read(redis, piece.job_id)
+    return next((s for s in read_shards(redis, piece.job_id) if s.index == piece.index), None)
 
 
 def create(
@@ -76,7 +312,7 @@ def create(
 ) -> float:
     """Record a newly accepted job of ``owner``; ``ttl`` is how long it is kept once finished."""
     now = time.time()
-    index = jobs_index(owner)
+    index = keys.jobs_index(owner)
     mapping: dict[FieldT, EncodableT] = {
         "request": json.dumps(request, separators=(",", ":")),
         "created_at": repr(now),
@@ -88,7 +324,7 @@ def create(
     }
     mapping.update(extra or {})
     with redis.pipeline() as pipe:
-        pipe.hset(job_key(job_id), mapping=mapping)
+        pipe.hset(keys.job(job_id), mapping=mapping)
         pipe.zadd(index, {job_id: now})
         pipe.zremrangebyscore(index, 0, now - ttl - TOMBSTONE_S)
         stats.incr(pipe, "jobs_submitted")
@@ -97,86 +333,90 @@ def create(
     return now
 
 
-def read(redis: Redis, job_id: str) -> dict[str, str]:
-    """The record's fields as text; empty when the job is unknown or expired."""
-    raw: dict[bytes, bytes] = redis.hgetall(job_key(job_id))  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def mark_started(redis: Redis, job_id: str, *, worker: str, partial: Path) -> None:
-    """The job runs on ``worker``, writing to ``partial`` (removed by whoever fails the job)."""
-    now = time.time()
-    created = redis.hget(job_key(job_id), "created_at")
+def forget(redis: Redis, job_id: str, owner: str) -> None:
+    """Undo ``create`` (the job could not be enqueued)."""
     with redis.pipeline() as pipe:
-        pipe.hset(
-            job_key(job_id),
-            mapping={
-                "started_at": repr(now),
-                "worker": worker,
-                "partial": str(partial),
-                "generated": 0,
-                "written": 0,
-            },
-        )
-        pipe.hincrby(job_key(job_id), "attempts", 1)
+        pipe.delete(keys.job(job_id), keys.shards(job_id))
+        pipe.zrem(keys.jobs_index(owner), job_id)
+        pipe.srem(keys.SHARDED, job_id)
+        pipe.execute()
+
+
+def mark_running(redis: Redis, piece: Piece, *, worker: str, partial: str) -> None:
+    """The piece runs on ``worker``, writing ``partial`` (removed by whoever fails it)."""
+    now = time.time()
+    job_key = keys.job(piece.job_id)
+    created = redis.hget(job_key, "created_at")
+    with redis.pipeline() as pipe:
+        fields: dict[str, EncodableT] = {
+            "started_at": repr(now),
+            "worker": worker,
+            "partial": partial,
+            "generated": 0,
+            "written": 0,
+        }
+        if piece.index is not None:
+            fields["state"] = JobState.running.value
+            pipe.hdel(piece.key, piece.field("finished_at"))
+            # The job started with its first shard.
+            pipe.hsetnx(job_key, "started_at", repr(now))
+        pipe.hset(piece.key, mapping=piece.fields(fields))
+        pipe.hincrby(piece.key, piece.field("attempts"), 1)
         wait = max(now - float(created), 0.0) if created is not None else None
-        if wait is not None:
+        if wait is not None and piece.index in (None, 0):
             stats.observe(pipe, "queue_wait", wait)
         pipe.execute()
     log.info(
-        "job running",
-        extra={"job_id": job_id, "state": "running", "worker": worker, "queue_wait_s": wait},
+        f"{piece.label} running",
+        extra={
+            "job_id": piece.job_id,
+            "shard": piece.index,
+            "state": "running",
+            "worker": worker,
+            "queue_wait_s": wait,
+        },
     )
 
 
-def requeued(redis: Redis, job_id: str, *, reason: str) -> None:
-    """The job goes back to the queue (its worker died or shut down); progress starts over."""
+def mark_requeued(redis: Redis, piece: Piece, *, reason: str) -> None:
+    """The piece goes back to the queue (its worker died or shut down); it starts over."""
     with redis.pipeline() as pipe:
-        pipe.hdel(job_key(job_id), "started_at", "partial")
-        pipe.hset(
-            job_key(job_id), mapping={"generated": 0, "written": 0, "last_interruption": reason}
-        )
+        pipe.hdel(piece.key, piece.field("started_at"), piece.field("partial"))
+        fields: dict[str, EncodableT] = {"generated": 0, "written": 0, "last_interruption": reason}
+        if piece.index is not None:
+            fields["state"] = JobState.queued.value
+        pipe.hset(piece.key, mapping=piece.fields(fields))
         stats.incr(pipe, "jobs_requeued")
         pipe.execute()
-    log.warning("job requeued", extra={"job_id": job_id, "state": "queued", "reason": reason})
+    log.warning(
+        f"{piece.label} requeued",
+        extra={"job_id": piece.job_id, "shard": piece.index, "state": "queued", "reason": reason},
+    )
 
 
 def save_progress(
-    redis: Redis, key: str, *, generated: int, written: int, added: tuple[int, int]
+    redis: Redis, piece: Piece, *, generated: int, written: int, added: tuple[int, int]
 ) -> None:
-    """Totals so far into hash ``key`` (a job's record, or a shard's); ``added`` =
-    (generated, written) since the last call, for the counters."""
+    """The piece's totals so far; ``added`` = (generated, written) since the last call."""
     with redis.pipeline() as pipe:
         pipe.hset(
-            key,
-            mapping={"generated": generated, "written": written, "updated_at": repr(time.time())},
+            piece.key,
+            mapping=piece.fields(
+                {"generated": generated, "written": written, "updated_at": repr(time.time())}
+            ),
         )
         stats.incr(pipe, "images_generated", added[0])
         stats.incr(pipe, "images_written", added[1])
         pipe.execute()
 
 
-def expired(record: Mapping[str, str], now: float | None = None) -> bool:
-    """True once a finished job is past its retention."""
-    expires = record.get("expires_at")
-    return expires is not None and float(expires) <= (now or time.time())
-
-
 def request_cancel(redis: Redis, job_id: str) -> None:
-    redis.hset(job_key(job_id), "cancel_requested", "1")
-
-
-def cancel_requested(redis: Redis, job_id: str) -> bool:
-    return bool(redis.hexists(job_key(job_id), "cancel_requested"))
-
-
-def ending_record(record: Mapping[str, str]) -> bool:
-    """Canceled, or already ended (a sharded job another shard failed): stop working on it."""
-    return "cancel_requested" in record or "outcome" in record
+    redis.hset(keys.job(job_id), "cancel_requested", "1")
 
 
 def ending(redis: Redis, job_id: str) -> bool:
-    cancel, outcome = redis.hmget(job_key(job_id), ["cancel_requested", "outcome"])
+    """Canceled or ended (one cheap read, between batches)."""
+    cancel, outcome = redis.hmget(keys.job(job_id), ["cancel_requested", "outcome"])
     return cancel is not None or outcome is not None
 
 
@@ -184,85 +424,64 @@ def finish(
     redis: Redis,
     job_id: str,
     *,
-    outcome: str,
+    outcome: JobState,
     fields: Mapping[str, str | int | float] | None = None,
 ) -> bool:
-    """Record a terminal outcome once; returns False when one was already recorded.
+    """Record a terminal outcome once; False when one was already recorded.
 
-    The job (and its archive) expire ``ttl`` seconds later (``expires_at``); the record stays
-    as a tombstone for ``TOMBSTONE_S`` more, so callers get 410 rather than 404.
+    The job (and its archive) expire ``ttl`` seconds later (``expires_at``); the record, and a
+    sharded job's shard keys, stay as a tombstone for ``TOMBSTONE_S`` more, so callers get 410
+    rather than 404. A job with a ``callback_url`` gets its event queued for the webhook sender.
     """
-    key = job_key(job_id)
+    key = keys.job(job_id)
     # One transaction: readers never see the outcome without its fields (an archive, say).
     with redis.pipeline() as pipe:
         while True:
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
-                if pipe.hexists(key, "outcome"):
+                raw = _text(pipe.hgetall(key))  # type: ignore[arg-type]
+                if not raw or "outcome" in raw:
                     pipe.reset()
                     return False
+                record = JobRecord.parse(job_id, raw)
                 now = time.time()
-                ttl_raw, started_raw, written_raw, callback, hook_queue, hook_retry, shard_count = (
-                    pipe.hmget(
-                        key,
-                        [
-                            "ttl",
-                            "started_at",
-                            "written",
-                            "callback_url",
-                            "webhook_queue",
-                            "webhook_retry_seconds",
-                            "shards",
-                        ],
-                    )
-                )
-                seconds = max(now - float(started_raw), 1e-6) if started_raw is not None else None
-                ttl = int(ttl_raw or DEFAULT_TTL)
+                seconds = max(now - record.started_at, 1e-6) if record.started_at else None
                 mapping: dict[FieldT, EncodableT] = {
-                    "outcome": outcome,
+                    "outcome": outcome.value,
                     "finished_at": repr(now),
-                    "expires_at": repr(now + ttl),
+                    "expires_at": repr(now + record.ttl),
                 }
                 mapping.update(fields or {})
                 pipe.multi()
                 pipe.hset(key, mapping=mapping)
-                pipe.expire(key, ttl + TOMBSTONE_S)
-                if shard_count is not None:
-                    from core import shards  # a sharded job's bookkeeping goes with its record
-
-                    shards.expire_with_job(pipe, job_id, int(shard_count), ttl + TOMBSTONE_S)
-                stats.incr(pipe, f"jobs_{outcome}")
+                keep = record.ttl + TOMBSTONE_S
+                pipe.expire(key, keep)
+                if record.sharded:
+                    pipe.expire(keys.shards(job_id), keep)
+                    pipe.expire(keys.shards_done(job_id), keep)
+                    pipe.srem(keys.SHARDED, job_id)
+                stats.incr(pipe, f"jobs_{outcome.value}")
                 if seconds is not None:
                     stats.observe(pipe, "job_duration", seconds)
-                    written = int((fields or {}).get("written", written_raw or 0))
-                    if outcome == SUCCEEDED:
-                        pipe.hset(
-                            stats.LAST_JOB,
-                            mapping={
-                                "images_per_second": written / seconds,
-                                "seconds": seconds,
-                                "images": written,
-                                "finished_at": repr(now),
-                            },
-                        )
+                    written = int((fields or {}).get("written", record.written))
+                    if outcome is JobState.succeeded:
+                        stats.last_job(pipe, images=written, seconds=seconds, finished_at=now)
                 pipe.execute()
                 break
             except WatchError:
                 continue  # the record changed (progress, a cancel flag): read it again
-    if callback and hook_queue:
-        from core import webhooks  # the event goes out from the webhook worker, not from here
-
+    details = {k: v for k, v in (fields or {}).items() if k.startswith(("error_", "archive_"))}
+    log.log(
+        logging.WARNING if outcome is JobState.failed else logging.INFO,
+        f"job {outcome.value}",
+        extra={"job_id": job_id, "state": outcome.value, "seconds": seconds, **details},
+    )
+    if record.callback_url and record.webhook_queue:
         webhooks.enqueue(
             redis,
             job_id,
-            queue=hook_queue.decode() if isinstance(hook_queue, bytes) else str(hook_queue),
-            retry_seconds=int(hook_retry or 3600),
-            ttl=int(ttl_raw or DEFAULT_TTL),
+            queue=record.webhook_queue,
+            retry_seconds=record.webhook_retry_seconds or 3600,
+            ttl=record.ttl,
         )
-    details = {k: v for k, v in (fields or {}).items() if k.startswith(("error_", "archive_"))}
-    log.log(
-        logging.WARNING if outcome == FAILED else logging.INFO,
-        f"job {outcome}",
-        extra={"job_id": job_id, "state": outcome, "seconds": seconds, **details},
-    )
     return True

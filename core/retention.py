@@ -1,10 +1,10 @@
 """Retention sweep: delete archives past ``DISTILL_RESULT_TTL`` (with their preview and evaluated
 manifest copy), shards of jobs that ended, and partial files nobody writes.
 
-Workers run it every ``DISTILL_SWEEP_INTERVAL`` seconds. It is idempotent, so any number of
-workers sharing a store may sweep it. Stored objects are found through the store's listing
-(local directory or bucket); partial files are in each worker's data directory (and, for a
-directory store, beside the objects they become). No torch here.
+The maintenance loop (``core.maintenance``) runs it every ``DISTILL_SWEEP_INTERVAL`` seconds.
+It is idempotent, so any number of processes sharing a store may sweep it. Stored objects are
+found through the store's listing (local directory or bucket); partial files are in each
+worker's data directory (and, for a directory store, beside the objects they become).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from redis import Redis
 
-from core import records
+from core import keys, records
+from core.records import JobRecord
 from core.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,9 @@ def sweep(
     ``downloads_after``. Returns the keys and paths removed."""
     now = time.time()
     removed: list[str] = []
-    seen: dict[str, dict[str, str]] = {}
+    seen: dict[str, JobRecord | None] = {}
 
-    def record(job_id: str) -> dict[str, str]:
+    def record(job_id: str) -> JobRecord | None:
         if job_id not in seen:
             seen[job_id] = records.read(redis, job_id)
         return seen[job_id]
@@ -56,7 +57,7 @@ def sweep(
     for obj in storage.list():
         if match := _JOB_OBJECT.match(obj.key):
             found = record(match["job"])
-            if not found or records.expired(found, now):
+            if found is None or found.expired(now):
                 storage.delete(obj.key)
                 removed.append(obj.key)
         elif match := _PART.match(obj.key):
@@ -72,39 +73,60 @@ def sweep(
         found = record(job_id)
         # Shards exist only to be joined into the archive; once the job ended, or is
         # forgotten, nobody will join them.
-        if not found or "outcome" in found:
-            prefix = f"parts/{job_id}/"
+        if found is None or found.outcome is not None:
+            prefix = keys.parts_prefix(job_id)
             if storage.delete_prefix(prefix):
                 removed.append(prefix)
 
     for directory in sorted(scratch_dirs):
-        for path in directory.glob(".*.zip.*"):
-            match = _SCRATCH.match(path.name)
-            if match is None:
-                continue
-            # Read afresh: the job may have started since the listing above.
-            found = records.read(redis, match["job"] or match["sjob"])
-            active = bool(found) and "outcome" not in found
-            # A whole job that was put back in the queue loses ``started_at``; its file is
-            # left over. A shard's progress is kept elsewhere: its file lives as long as the job.
-            running = active and (bool(match["shard"]) or "started_at" in found)
-            try:
-                idle = now - path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if not running and idle > stale_after:
-                path.unlink(missing_ok=True)
-                removed.append(str(path))
-        # Archives fetched from an object store for assembly or evaluation, left by a worker
-        # that died: nothing keeps one longer than a job may run.
-        for path in directory.glob(".download-*.tmp"):
-            try:
-                idle = now - path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if idle > downloads_after:
-                path.unlink(missing_ok=True)
-                removed.append(str(path))
+        removed += sweep_scratch(
+            redis, directory, stale_after=stale_after, downloads_after=downloads_after, now=now
+        )
     if removed:
         log.info("retention sweep removed %d item(s)", len(removed), extra={"files": len(removed)})
+    return removed
+
+
+def sweep_scratch(
+    redis: Redis,
+    directory: Path,
+    *,
+    stale_after: float,
+    downloads_after: float = 24 * 3600,
+    now: float | None = None,
+) -> list[str]:
+    """Remove one directory's partial files of jobs that are not running and untouched for
+    ``stale_after`` seconds, and downloaded copies older than ``downloads_after``."""
+    now = now or time.time()
+    removed: list[str] = []
+    for path in directory.glob(".*.zip.*"):
+        match = _SCRATCH.match(path.name)
+        if match is None:
+            continue
+        # Read afresh: the job may have started since the listing above.
+        found = records.read(redis, match["job"] or match["sjob"])
+        # A whole job that was put back in the queue loses ``started_at``; its file is
+        # left over. A shard's progress is kept elsewhere: its file lives as long as the job.
+        running = (
+            found is not None
+            and found.outcome is None
+            and (bool(match["shard"]) or found.started_at is not None)
+        )
+        try:
+            idle = now - path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if not running and idle > stale_after:
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+    # Archives fetched from an object store for assembly or evaluation, left by a worker
+    # that died: nothing keeps one longer than a job may run.
+    for path in directory.glob(".download-*.tmp"):
+        try:
+            idle = now - path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if idle > downloads_after:
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
     return removed

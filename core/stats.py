@@ -14,9 +14,10 @@ import bisect
 
 from redis.client import Pipeline
 
-COUNTERS = "distill:stats:counters"
-LAST_JOB = "distill:stats:last_job"
-HIST = "distill:stats:hist:{}"
+from core import keys
+
+COUNTERS = keys.COUNTERS
+LAST_JOB = keys.LAST_JOB
 
 #: Upper bounds in seconds (the last bucket is +Inf).
 BUCKETS: dict[str, tuple[float, ...]] = {
@@ -33,7 +34,20 @@ def observe(pipe: Pipeline, name: str, seconds: float) -> None:
     """Add one observation to histogram ``name``."""
     bounds = BUCKETS[name]
     index = bisect.bisect_left(bounds, seconds)
-    key = HIST.format(name)
+    key = keys.histogram(name)
     pipe.hincrby(key, f"b{index}", 1)
     pipe.hincrbyfloat(key, "sum", seconds)
     pipe.hincrby(key, "count", 1)
+
+
+def last_job(pipe: Pipeline, *, images: int, seconds: float, finished_at: float) -> None:
+    """The most recently finished job's throughput (shown by ``/metrics``)."""
+    pipe.hset(
+        LAST_JOB,
+        mapping={
+            "images_per_second": images / seconds,
+            "seconds": seconds,
+            "images": images,
+            "finished_at": repr(finished_at),
+        },
+    )

@@ -22,12 +22,11 @@ from urllib.parse import urlsplit
 from redis import Redis
 from rq import Queue, Retry
 
-from core import records
+from core import keys
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS_KEY = "distill:job:{}:webhook"
 TIMEOUT_S = 10.0
 
 
@@ -100,7 +99,7 @@ def record_fields(settings: Settings, callback_url: str) -> dict[str, str | int]
 def enqueue(redis: Redis, job_id: str, *, queue: str, retry_seconds: int, ttl: int) -> None:
     """Queue the delivery of a job's terminal event."""
     Queue(queue, connection=redis).enqueue(
-        "worker.webhooks.deliver",
+        keys.DELIVER_TASK,
         job_id,
         job_timeout=int(TIMEOUT_S * 3),
         result_ttl=ttl,
@@ -109,20 +108,6 @@ def enqueue(redis: Redis, job_id: str, *, queue: str, retry_seconds: int, ttl: i
     )
 
 
-def event(record: dict[str, str], job_id: str) -> dict[str, Any]:
-    state = record.get("outcome", "unknown")
-    data: dict[str, Any] = {"id": job_id, "state": state}
-    if state == records.SUCCEEDED:
-        data["archive"] = {
-            "url": record.get("archive_url", ""),
-            "size_bytes": int(record.get("archive_size", 0)),
-            "sha256": record.get("archive_sha256", ""),
-        }
-    if record.get("error_type"):
-        data["error"] = {"type": record["error_type"], "detail": record.get("error_detail", "")}
-    return {"type": f"job.{state}", "timestamp": record.get("finished_at"), "data": data}
-
-
 def attempts(redis: Redis, job_id: str) -> list[dict[str, Any]]:
-    raw: list[bytes] = redis.lrange(ATTEMPTS_KEY.format(job_id), 0, -1)  # type: ignore[assignment]
+    raw: list[bytes] = redis.lrange(keys.webhook_attempts(job_id), 0, -1)  # type: ignore[assignment]
     return [json.loads(x) for x in raw]

@@ -14,6 +14,7 @@ from core import presets
 from core.evaluations import EvaluationRequest
 from core.settings import Settings
 from core.spec import DatasetSpec
+from core.states import JobState
 from service import downloads, health, jobs
 from service.auth import OwnerDep, owner_for
 from service.errors import PROBLEM_JSON, PresetNotFound
@@ -23,7 +24,6 @@ from service.schemas import (
     Health,
     JobList,
     JobPublic,
-    JobState,
     PresetDetail,
     PresetList,
     Problem,

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis import Redis
 
+from core import maintenance
 from core.settings import Settings, get_settings
 from service import errors, ui
 from service.api import health_router, router
@@ -34,9 +35,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
         )
         app.state.metrics = registry_for(app.state.redis, settings)
+        # Reaping and tending happen here too, so they go on while every worker is busy or
+        # gone; a lock in Redis keeps it to one process at a time (core/maintenance.py).
+        loop = maintenance.Loop(app.state.redis, settings).start()
         try:
             yield
         finally:
+            loop.stop()
             app.state.redis.close()
 
     app = FastAPI(

@@ -6,40 +6,29 @@ import time
 
 from redis import Redis
 
-from core import records
+from core import workers as core_workers
 from core.settings import Settings
 from core.storage import StorageError, open_storage
 from service.schemas import Readiness, WorkerStatus
 
 
 def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
-    """Workers that sent a heartbeat within ``DISTILL_HEARTBEAT_TTL`` seconds."""
+    """This queue's workers that sent a heartbeat within ``DISTILL_HEARTBEAT_TTL`` seconds."""
     now = time.time()
-    found: list[WorkerStatus] = []
-    for key in redis.scan_iter(match=records.WORKER_PATTERN, count=100):
-        raw: dict[bytes, bytes] = redis.hgetall(key)  # type: ignore[assignment]
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        if "last_heartbeat" not in fields:
-            continue
-        age = now - float(fields["last_heartbeat"])
-        if age > settings.heartbeat_ttl:
-            continue
-        found.append(
-            WorkerStatus(
-                name=fields.get("name", key.decode().rsplit(":", 1)[-1]),
-                state=fields.get("state", "unknown"),
-                model=fields.get("model", ""),
-                device=fields.get("device"),
-                images_per_second=(
-                    round(float(fields["images_per_second"]), 2)
-                    if fields.get("images_per_second") not in (None, "", "None")
-                    else None
-                ),
-                current_job=fields.get("current_job") or None,
-                seconds_since_heartbeat=round(max(age, 0.0), 2),
-            )
+    return [
+        WorkerStatus(
+            name=w.name,
+            state=w.state,
+            model=w.model,
+            device=w.device,
+            images_per_second=(
+                round(w.images_per_second, 2) if w.images_per_second is not None else None
+            ),
+            current_job=w.current_job,
+            seconds_since_heartbeat=round(w.age(now), 2),
         )
-    return sorted(found, key=lambda w: w.name)
+        for w in core_workers.live(redis, settings.queue_name, heartbeat_ttl=settings.heartbeat_ttl)
+    ]
 
 
 #: How long one answer about the archive store is reused (probes come every few seconds).

@@ -19,13 +19,13 @@ from redis import Redis
 from rq import Callback, Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry
-from rq.timeouts import TimerDeathPenalty
 
-from core import evaluations, queueing, records, shards, webhooks
+from core import evaluations, keys, queueing, records, shards, states, webhooks
 from core.evaluations import EvaluationRequest
+from core.records import ShardRecord, Snapshot
 from core.settings import Settings
 from core.spec import DatasetSpec
+from core.states import ErrorType, JobState
 from service.auth import PUBLIC
 from service.downloads import StoredFile
 from service.errors import (
@@ -45,47 +45,23 @@ from service.schemas import (
     EvaluationProgress,
     JobError,
     JobPublic,
-    JobState,
     Progress,
     Shard,
     Timings,
     WebhookStatus,
 )
 
-TASK = "worker.tasks.distill"
-ON_FAILURE = "core.failures.on_failure"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Most index entries one page request reads while filtering by state.
 MAX_SCAN = 2000
-
-_RQ_STATES = {
-    JobStatus.QUEUED: JobState.queued,
-    JobStatus.DEFERRED: JobState.queued,
-    JobStatus.SCHEDULED: JobState.queued,
-    JobStatus.STARTED: JobState.running,
-    # Our record says "succeeded" once the archive is published; RQ "finished" without that
-    # is a job that stopped for a worker shutdown and is being put back in the queue.
-    JobStatus.FINISHED: JobState.queued,
-    JobStatus.FAILED: JobState.failed,
-    JobStatus.STOPPED: JobState.failed,
-    JobStatus.CANCELED: JobState.canceled,
-}
-_OUTCOMES = {
-    records.SUCCEEDED: JobState.succeeded,
-    records.FAILED: JobState.failed,
-    records.CANCELED: JobState.canceled,
-}
 
 
 def _queue(redis: Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=redis)
 
 
-def _time(value: str | None) -> dt.datetime | None:
+def _time(value: float | str | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(float(value), tz=dt.UTC) if value else None
-
-
-IDEMPOTENCY_KEY = "distill:idem:{}:{}"
 
 
 def submit(
@@ -123,7 +99,7 @@ def submit(
     if idempotency_key is not None:
         body_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest()
-        idem_key = IDEMPOTENCY_KEY.format(owner, key_hash)
+        idem_key = keys.idempotency(owner, key_hash)
         claim = f"{job_id} {body_hash}"
         if not redis.set(idem_key, claim, nx=True, ex=settings.result_ttl + records.TOMBSTONE_S):
             stored: bytes = redis.get(idem_key) or b""  # type: ignore[assignment]
@@ -165,199 +141,162 @@ def submit(
                 redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)
             ), True
         queue.enqueue(
-            TASK,
+            keys.DISTILL_TASK,
             payload,
             job_id=job_id,
             description=f"distill {spec.preset or len(spec.classes())} classes",
-            **queueing.enqueue_options(settings, on_failure=ON_FAILURE),
+            **queueing.enqueue_options(settings),
         )
         queueing.place(redis, queue.key, job_id, owner)
     except Exception:
-        redis.delete(records.job_key(job_id))
-        redis.zrem(records.jobs_index(owner), job_id)
+        records.forget(redis, job_id, owner)
         if idem_key:
             redis.delete(idem_key)
         raise
     return fetch(redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)), True
 
 
-def _reap_abandoned(redis: Redis, settings: Settings) -> None:
-    """Fail (via the failure callback) jobs whose worker stopped heartbeating."""
-    StartedJobRegistry(
-        name=settings.queue_name, connection=redis, death_penalty_class=TimerDeathPenalty
-    ).cleanup()
+def _record(redis: Redis, settings: Settings, job_id: str, owner: str) -> Snapshot:
+    """The job's snapshot; 404 when unknown or another owner's, 410 when expired."""
+    found = (
+        records.snapshot(redis, job_id, queue=settings.queue_name)
+        if _JOB_ID.match(job_id)
+        else None
+    )
+    return _visible(found, job_id, owner)
 
 
-def _rq_job(redis: Redis, job_id: str) -> Job | None:
-    try:
-        return Job.fetch(job_id, connection=redis)
-    except NoSuchJobError:
-        return None
-
-
-def _record(redis: Redis, job_id: str, owner: str) -> dict[str, str]:
-    """The job's record; 404 when unknown or another owner's, 410 when expired."""
-    record = records.read(redis, job_id) if _JOB_ID.match(job_id) else {}
+def _visible(found: Snapshot | None, job_id: str, owner: str) -> Snapshot:
     # Another key's job is indistinguishable from a missing one.
-    if not record or record.get("owner", PUBLIC) != owner:
+    if found is None or not found.record.request or (found.record.owner or PUBLIC) != owner:
         raise JobNotFound(f"no job with id {job_id!r}")
-    if records.expired(record):
+    if found.record.expired():
         raise JobExpired(
-            f"job {job_id} ended more than its retention ({record.get('ttl')} s) ago; "
+            f"job {job_id} ended more than its retention ({found.record.ttl} s) ago; "
             "its archive has been removed"
         )
-    return record
+    return found
 
 
 def fetch(
     redis: Redis, settings: Settings, job_id: str, *, owner: str, archive_url: str
 ) -> JobPublic:
-    """The public view of one job (404 unknown, 410 expired)."""
-    record = _record(redis, job_id, owner)
-    rq_job = None
-    if "outcome" not in record and "shards" in record:
-        if "started_at" in record:
-            _reap_abandoned(redis, settings)
-            record = records.read(redis, job_id)
-    elif "outcome" not in record:
-        rq_job = _rq_job(redis, job_id)
-        if rq_job is not None and rq_job.get_status() == JobStatus.STARTED:
-            _reap_abandoned(redis, settings)
-            record = records.read(redis, job_id)
-            rq_job = _rq_job(redis, job_id)
-    return _view(redis, settings, job_id, record, rq_job, archive_url=archive_url)
+    """The public view of one job (404 unknown, 410 expired): one Redis round trip."""
+    return view(_record(redis, settings, job_id, owner), archive_url=archive_url)
 
 
-def _view(
-    redis: Redis,
-    settings: Settings,
-    job_id: str,
-    record: dict[str, str],
-    rq_job: Job | None,
-    *,
-    archive_url: str,
-) -> JobPublic:
-    error: JobError | None = None
-    shard_rows = (
-        shards.read_all(redis, job_id, int(record["shards"])) if "shards" in record else None
+def _state(snap: Snapshot) -> tuple[JobState, JobError | None]:
+    record = snap.record
+    error = (
+        JobError(type=record.error_type, detail=record.error_detail or "")
+        if record.error_type
+        else None
     )
-    if "outcome" in record:
-        state = _OUTCOMES[record["outcome"]]
-    elif shard_rows is not None:
-        state = JobState.running if "started_at" in record else JobState.queued
-    elif rq_job is None:
-        state = JobState.failed
-        error = JobError(type="lost", detail="the job's queue entry expired or was removed")
-    else:
-        status = rq_job.get_status(refresh=False)
-        state = _RQ_STATES.get(status, JobState.queued) if status else JobState.queued
-        if state is JobState.failed:
-            result = rq_job.latest_result()
-            text = (result.exc_string or "").strip().splitlines() if result else []
-            error = JobError(type="internal", detail=text[-1] if text else "the job failed")
-    if record.get("error_type"):
-        error = JobError(type=record["error_type"], detail=record.get("error_detail", ""))
+    if record.outcome is not None:
+        return record.outcome, error
+    if record.sharded:
+        return (JobState.running if record.started_at else JobState.queued), error
+    if snap.rq_status is None:
+        lost = JobError(type=ErrorType.lost, detail="the job's queue entry expired or was removed")
+        return JobState.failed, error or lost
+    state = states.from_rq(snap.rq_status)
+    if state is JobState.failed and error is None:
+        error = JobError(type=ErrorType.internal, detail="the job failed")
+    return state, error
 
-    request = DatasetSpec.model_validate(json.loads(record["request"]))
-    written = int(record.get("written", 0))
-    generated = int(record.get("generated", 0))
-    if shard_rows is not None and "outcome" not in record:
-        written = sum(int(row.get("written", 0)) for row in shard_rows)
-        generated = sum(int(row.get("generated", 0)) for row in shard_rows)
-    total: int | None = int(record.get("total", 0)) or None
+
+def _progress(snap: Snapshot, state: JobState, spec: DatasetSpec) -> Progress:
+    record = snap.record
+    written, generated = record.written, record.generated
+    if record.sharded and record.outcome is None:
+        written = sum(s.written for s in snap.shards)
+        generated = sum(s.generated for s in snap.shards)
+    total: int | None = record.total or None
     if total is None and state is JobState.succeeded:
         total = written  # a time-budget job: its size is known once it ends
-    started = record.get("started_at")
     rate = eta = None
-    if started and state is JobState.running:
-        elapsed = max(time.time() - float(started), 1e-6)
+    if record.started_at and state is JobState.running:
+        elapsed = max(time.time() - record.started_at, 1e-6)
         rate = written / elapsed if written else None
-        if request.budget_seconds is not None:
-            eta = max(request.budget_seconds - elapsed, 0.0)
+        if spec.budget_seconds is not None:
+            eta = max(spec.budget_seconds - elapsed, 0.0)
         elif rate and total is not None:
             eta = (total - written) / rate
-    elif started and record.get("finished_at"):
-        elapsed = max(float(record["finished_at"]) - float(started), 1e-6)
+    elif record.started_at and record.finished_at:
+        elapsed = max(record.finished_at - record.started_at, 1e-6)
         rate = written / elapsed if written else None
+    return Progress(
+        generated=generated,
+        written=written,
+        total=total,
+        images_per_second=round(rate, 3) if rate else None,
+        eta_seconds=round(eta, 1) if eta is not None else None,
+        ipc_reached=record.ipc_reached,
+    )
 
+
+def view(snap: Snapshot, *, archive_url: str) -> JobPublic:
+    """The public view of a job, from its snapshot alone."""
+    record = snap.record
+    state, error = _state(snap)
+    spec = DatasetSpec.model_validate_json(record.request)
     archive = None
-    if state is JobState.succeeded and record.get("archive_sha256"):
+    if state is JobState.succeeded and record.archive_sha256 and record.archive_size is not None:
         archive = Archive(
-            url=archive_url,
-            size_bytes=int(record["archive_size"]),
-            sha256=record["archive_sha256"],
+            url=archive_url, size_bytes=record.archive_size, sha256=record.archive_sha256
         )
-    position = None
-    if state is JobState.queued:
-        first = shards.shard_job_id(job_id, 0) if shard_rows is not None else job_id
-        position = _queue(redis, settings).get_job_position(first)
-
+    timings = None
+    if record.seconds_total is not None:
+        timings = Timings(
+            seconds_total=record.seconds_total,
+            seconds_sampling=record.seconds_sampling or 0.0,
+            seconds_assembling=record.seconds_assembling,
+        )
     return JobPublic(
-        id=job_id,
+        id=record.id,
         state=state,
-        created_at=_time(record["created_at"]) or dt.datetime.now(dt.UTC),
-        started_at=_time(record.get("started_at")),
-        finished_at=_time(record.get("finished_at")),
-        request=request,
-        progress=Progress(
-            generated=generated,
-            written=written,
-            total=total,
-            images_per_second=round(rate, 3) if rate else None,
-            eta_seconds=round(eta, 1) if eta is not None else None,
-            ipc_reached=int(record["ipc_reached"]) if "ipc_reached" in record else None,
-        ),
-        queue_position=position,
-        cancel_requested="cancel_requested" in record,
-        worker=record.get("worker"),
+        created_at=_time(record.created_at) or dt.datetime.now(dt.UTC),
+        started_at=_time(record.started_at),
+        finished_at=_time(record.finished_at),
+        request=spec,
+        progress=_progress(snap, state, spec),
+        queue_position=snap.queue_position if state is JobState.queued else None,
+        cancel_requested=record.cancel_requested,
+        worker=record.worker,
         attempts=(
-            max((int(row.get("attempts", 0)) for row in shard_rows), default=0)
-            if shard_rows is not None
-            else int(record.get("attempts", 0))
+            max((s.attempts for s in snap.shards), default=0) if record.sharded else record.attempts
         ),
-        shards=(
-            [_shard_view(request, row) for row in shard_rows] if shard_rows is not None else None
-        ),
-        last_interruption=record.get("last_interruption"),
+        shards=[_shard_view(spec, s) for s in snap.shards] if record.sharded else None,
+        last_interruption=record.last_interruption,
         webhook=(
             WebhookStatus.model_validate(
-                {"url": record["callback_url"], "attempts": webhooks.attempts(redis, job_id)}
+                {"url": record.callback_url, "attempts": snap.webhook_attempts}
             )
-            if record.get("callback_url")
+            if record.callback_url
             else None
         ),
         error=error,
         archive=archive,
-        timings=(
-            Timings(
-                seconds_total=float(record["seconds_total"]),
-                seconds_sampling=float(record["seconds_sampling"]),
-                seconds_assembling=(
-                    float(record["seconds_assembling"]) if "seconds_assembling" in record else None
-                ),
-            )
-            if "seconds_total" in record
-            else None
-        ),
+        timings=timings,
     )
 
 
-def _shard_view(request: DatasetSpec, row: dict[str, str]) -> Shard:
-    first, last = shards.describe(request, row)
+def _shard_view(request: DatasetSpec, shard: ShardRecord) -> Shard:
+    first, last = shards.describe(request, shard)
     return Shard(
-        index=int(row["index"]),
-        state=row.get("state", shards.QUEUED),
+        index=shard.index,
+        state=shard.state.value,
         first_class=first,
         last_class=last,
-        images=int(row["images"]),
-        generated=int(row.get("generated", 0)),
-        written=int(row.get("written", 0)),
-        worker=row.get("worker"),
-        attempts=int(row.get("attempts", 0)),
-        started_at=_time(row.get("started_at")),
-        finished_at=_time(row.get("finished_at")),
-        last_interruption=row.get("last_interruption"),
-        error=row.get("error"),
+        images=shard.images,
+        generated=shard.generated,
+        written=shard.written,
+        worker=shard.worker,
+        attempts=shard.attempts,
+        started_at=_time(shard.started_at),
+        finished_at=_time(shard.finished_at),
+        last_interruption=shard.last_interruption,
+        error=shard.error,
     )
 
 
@@ -375,12 +314,12 @@ def wait_until_terminal(
     Checks one hash field every 20 ms (a cheap Redis call), builds the full view once at the end.
     """
     deadline = time.monotonic() + seconds
-    key = records.job_key(job.id)
+    key = keys.job(job.id)
     checks = 0
     while not job.state.is_terminal and time.monotonic() < deadline:
         time.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
         checks += 1
-        # Every second, the full view too: it also notices a lost worker.
+        # Every second, the full view too (a job whose queue entry vanished is failed).
         if redis.hexists(key, "outcome") or checks % 50 == 0:
             job = fetch(redis, settings, job.id, owner=owner, archive_url=archive_url)
     return job
@@ -400,19 +339,19 @@ def cancel(
     if current.shards is not None:
         # Queued shards are dropped now; running ones stop between batches, and the last
         # to stop records the cancel. With none running, it is canceled here.
-        if shards.stop_all(redis, job_id) == 0 and records.finish(
-            redis, job_id, outcome=records.CANCELED
-        ):
-            shards.enqueue_cleanup(redis, settings.queue_name, job_id)
+        shards.cancel(redis, settings, job_id)
         return fetch(redis, settings, job_id, owner=owner, archive_url=archive_url)
-    rq_job = _rq_job(redis, job_id)
+    try:
+        rq_job: Job | None = Job.fetch(job_id, connection=redis)
+    except NoSuchJobError:
+        rq_job = None
     if rq_job is not None and rq_job.get_status() != JobStatus.STARTED:
         try:
             rq_job.cancel()
         except InvalidJobOperation:
             pass  # it started or ended meanwhile; the flag stops it between batches
         else:
-            records.finish(redis, job_id, outcome=records.CANCELED)
+            records.finish(redis, job_id, outcome=JobState.canceled)
     return fetch(redis, settings, job_id, owner=owner, archive_url=archive_url)
 
 
@@ -441,9 +380,10 @@ def list_page(
 ) -> tuple[list[JobPublic], str | None]:
     """One page of the owner's jobs, newest first, optionally in one state.
 
-    Returns the jobs and the cursor of the next page (None at the end).
+    Returns the jobs and the cursor of the next page (None at the end). Without a state
+    filter a page is one index read and one pipeline.
     """
-    index = records.jobs_index(owner)
+    index = keys.jobs_index(owner)
     high: float | str = "+inf"
     after_id = None
     if cursor:
@@ -451,8 +391,14 @@ def list_page(
     found: list[JobPublic] = []
     scanned = 0
     while len(found) < limit and scanned < MAX_SCAN:
+        want = limit - len(found)
         rows: list[tuple[bytes, float]] = redis.zrevrangebyscore(  # type: ignore[assignment]
-            index, high, "-inf", start=0, num=limit + 50, withscores=True
+            index,
+            high,
+            "-inf",
+            start=0,
+            num=want + 1 if state is None else want + 50,
+            withscores=True,
         )
         fresh = [
             (member.decode(), score)
@@ -462,26 +408,28 @@ def list_page(
         ]
         if not fresh:
             return found, None
-        for job_id, score in fresh:
+        batch = fresh[:want] if state is None else fresh
+        snaps = records.snapshots(redis, [i for i, _ in batch], queue=settings.queue_name)
+        for (job_id, score), snap in zip(batch, snaps, strict=True):
             scanned += 1
             high, after_id = score, job_id
             try:
-                job = fetch(
-                    redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)
-                )
+                job = view(_visible(snap, job_id, owner), archive_url=archive_url_for(job_id))
             except (JobNotFound, JobExpired):
                 continue
             if state is None or job.state is state:
                 found.append(job)
                 if len(found) == limit:
                     break
+        if state is None and len(rows) <= want:
+            return found, None  # the index has nothing older
     return found, _encode_cursor(float(high), str(after_id))
 
 
 def preview_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -> StoredFile:
     """The job's contact sheet in storage; 404 until it exists (the job succeeded)."""
-    _record(redis, job_id, owner)
-    found = StoredFile.find(settings, f"{job_id}.preview.png")
+    _record(redis, settings, job_id, owner)
+    found = StoredFile.find(settings, keys.preview(job_id))
     if found is None:
         raise JobNotFound(f"job {job_id} has no preview (yet): it appears when the job succeeds")
     return found
@@ -524,13 +472,13 @@ def submit_evaluation(
     eval_id = uuid.uuid4().hex
     evaluations.create(redis, eval_id, job_id=job_id, request=request, ttl=settings.result_ttl)
     _queue(redis, settings).enqueue(
-        evaluations.TASK,
+        keys.EVALUATE_TASK,
         eval_id,
         job_id=eval_id,
         job_timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
         failure_ttl=settings.result_ttl,
-        on_failure=Callback(evaluations.ON_FAILURE),
+        on_failure=Callback(keys.ON_EVALUATION_FAILURE),
         description=f"evaluate {job_id} on {request.testset}",
     )
     return get_evaluation(redis, settings, job_id, eval_id, owner=owner)
@@ -539,7 +487,7 @@ def submit_evaluation(
 def get_evaluation(
     redis: Redis, settings: Settings, job_id: str, eval_id: str, *, owner: str
 ) -> Evaluation:
-    _record(redis, job_id, owner)
+    _record(redis, settings, job_id, owner)
     record = evaluations.read(redis, eval_id) if _JOB_ID.match(eval_id) else {}
     if not record or record.get("job_id") != job_id:
         raise JobNotFound(f"job {job_id} has no evaluation {eval_id!r}")
@@ -549,7 +497,7 @@ def get_evaluation(
 def list_evaluations(
     redis: Redis, settings: Settings, job_id: str, *, owner: str
 ) -> list[Evaluation]:
-    _record(redis, job_id, owner)
+    _record(redis, settings, job_id, owner)
     views = []
     for eval_id in evaluations.for_job(redis, job_id):
         record = evaluations.read(redis, eval_id)
@@ -565,7 +513,7 @@ def archive_file(redis: Redis, settings: Settings, job_id: str, *, owner: str) -
         raise JobConflict(
             f"job {job_id} is {job.state.value}; the archive exists once it succeeded"
         )
-    found = StoredFile.find(settings, f"{job_id}.zip", sha256=job.archive.sha256)
+    found = StoredFile.find(settings, keys.archive(job_id), sha256=job.archive.sha256)
     if found is None:
         raise ArchiveGone(f"the archive of job {job_id} is no longer in storage")
     return found

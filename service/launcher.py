@@ -16,6 +16,7 @@ import time
 from types import FrameType
 
 from core.settings import settings_or_exit
+from service import stack
 from service.redis_server import EmbeddedRedis
 
 GRACE_SECONDS = 30.0
@@ -41,11 +42,10 @@ def _stop(children: dict[str, subprocess.Popen[bytes]]) -> None:
 
 def main() -> int:
     settings = settings_or_exit("distill")
-    env = dict(os.environ)
     redis: EmbeddedRedis | None = None
     if "DISTILL_REDIS_URL" not in os.environ:
         redis = EmbeddedRedis(settings.data_dir / "redis").start()
-        env["DISTILL_REDIS_URL"] = redis.url
+        settings = settings.model_copy(update={"redis_url": redis.url})
         _say(f"embedded Redis on {redis.url} (data in {settings.data_dir / 'redis'})")
     else:
         _say(f"using Redis at {settings.redis_url}")
@@ -61,22 +61,18 @@ def main() -> int:
 
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the children
     # in order (API and worker first, Redis last).
-    worker_env = dict(env)
-    if settings.workers > 1:
+    worker_settings = settings
+    if settings.workers > 1 and settings.torch_threads is None:
         # Several workers on one machine: one torch thread each, so they do not fight over
         # cores (GPU workers each claim their own GPU anyway).
-        worker_env.setdefault("DISTILL_TORCH_THREADS", "1")
+        worker_settings = settings.model_copy(update={"torch_threads": 1})
     children: dict[str, subprocess.Popen[bytes]] = {
         **{
-            f"worker-{n}": subprocess.Popen(
-                [sys.executable, "-m", "worker"], env=worker_env, start_new_session=True
-            )
+            f"worker-{n}": stack.spawn("worker", worker_settings, new_session=True)
             for n in range(1, settings.workers + 1)
         },
-        "api": subprocess.Popen([sys.executable, "-m", "service"], env=env, start_new_session=True),
-        "webhooks": subprocess.Popen(
-            [sys.executable, "-m", "worker.webhooks"], env=env, start_new_session=True
-        ),
+        "api": stack.spawn("service", settings, new_session=True),
+        "webhooks": stack.spawn("worker.webhooks", settings, new_session=True),
     }
     _say(
         f"API on http://{settings.host}:{settings.port}  model: {settings.model}  "

@@ -6,7 +6,6 @@ hashes), so one scrape of the API covers every worker on every machine.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
@@ -21,10 +20,11 @@ from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from core import records, stats
+from core import keys, stats, workers
 from core.settings import Settings
+from core.states import OUTCOMES
 
-_OUTCOMES = (records.SUCCEEDED, records.FAILED, records.CANCELED)
+_OUTCOMES = tuple(state.value for state in OUTCOMES)
 
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
@@ -85,7 +85,7 @@ class DistillCollector(Collector):
         yield from self._workers()
 
     def _histogram(self, name: str, text: str) -> HistogramMetricFamily:
-        raw = _decode(self.redis.hgetall(stats.HIST.format(name)))  # type: ignore[arg-type]
+        raw = _decode(self.redis.hgetall(keys.histogram(name)))  # type: ignore[arg-type]
         bounds = stats.BUCKETS[name]
         buckets: list[tuple[str, float]] = []
         running_total = 0.0
@@ -98,7 +98,6 @@ class DistillCollector(Collector):
         return family
 
     def _workers(self) -> Iterator[Metric]:
-        now = time.time()
         alive = ready = 0
         memory = GaugeMetricFamily(
             "distill_worker_gpu_memory_bytes",
@@ -110,23 +109,17 @@ class DistillCollector(Collector):
             "Output images per second of a worker's last job or shard",
             labels=["worker", "device"],
         )
-        for key in self.redis.scan_iter(match=records.WORKER_PATTERN, count=100):
-            fields = _decode(self.redis.hgetall(key))  # type: ignore[arg-type]
-            beat = float(fields.get("last_heartbeat", 0))
-            if now - beat > self.settings.heartbeat_ttl:
-                continue
+        beating = workers.live(
+            self.redis, self.settings.queue_name, heartbeat_ttl=self.settings.heartbeat_ttl
+        )
+        for worker in beating:
             alive += 1
-            ready += fields.get("state") == "ready"
-            if fields.get("gpu_memory_bytes"):
-                memory.add_metric(
-                    [fields.get("name", ""), fields.get("device", "")],
-                    float(fields["gpu_memory_bytes"]),
-                )
-            rate = fields.get("images_per_second")
-            if rate and rate != "None":
-                throughput.add_metric(
-                    [fields.get("name", ""), fields.get("device", "")], float(rate)
-                )
+            ready += worker.ready
+            labels = [worker.name, worker.device or ""]
+            if worker.gpu_memory_bytes:
+                memory.add_metric(labels, float(worker.gpu_memory_bytes))
+            if worker.images_per_second is not None:
+                throughput.add_metric(labels, worker.images_per_second)
         yield GaugeMetricFamily("distill_workers_alive", "Workers beating", value=alive)
         yield GaugeMetricFamily(
             "distill_workers_ready", "Workers with their model loaded", value=ready

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from core.spec import DatasetSpec
-
-
-class JobState(StrEnum):
-    """Public job states; RQ's internal states never appear in the API."""
-
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    canceled = "canceled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobState.succeeded, JobState.failed, JobState.canceled)
+from core.states import JobState
 
 
 class Progress(BaseModel):

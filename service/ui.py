@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from redis import Redis
 from rq import Queue
 
-from core import records
+from core import keys, records
 from core.settings import Settings, api_key_list
 from core.storage import StorageError, open_object, open_storage
 from service import health, jobs
@@ -133,9 +133,9 @@ def dashboard(
     oldest = ""
     first = queue.get_job_ids(0, 0)
     if first:
-        created = records.read(redis, first[0]).get("created_at")
-        if created:
-            oldest = f"{time.time() - float(created):.0f} s"
+        found = records.read(redis, keys.parent_of(first[0]))
+        if found is not None:
+            oldest = f"{time.time() - found.created_at:.0f} s"
     page, next_cursor = jobs.list_page(
         redis,
         settings,
@@ -186,7 +186,7 @@ def job_page(job_id: str, request: Request, owner: UiOwner) -> Response:
         try:
             # Reads only the zip's directory and the manifest, even from a remote store.
             with (
-                open_object(open_storage(settings), f"{job.id}.zip") as handle,
+                open_object(open_storage(settings), keys.archive(job.id)) as handle,
                 zipfile.ZipFile(handle) as zf,
             ):
                 manifest = json.loads(zf.read("manifest.json"))

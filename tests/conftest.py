@@ -11,14 +11,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from redis import Redis
+from redis.connection import Connection, ConnectionPool
 
+from core import keys
 from core.settings import Settings
+from service import stack
 from service.app import create_app
 from service.redis_server import EmbeddedRedis, free_port
 
@@ -45,10 +50,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+#: Variables every child process of the tests gets besides its settings.
+TEST_ENV = {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
 def make_settings(redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": redis_url,
         "data_dir": data_dir,
+        "device": "cpu",
         "batch_size": 4,
         "heartbeat_interval": 0.5,
         "heartbeat_ttl": 5,
@@ -59,108 +69,74 @@ def make_settings(redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def with_model(settings: Settings, model: Path) -> Settings:
+    return settings.model_copy(update={"model": str(model)})
+
+
 def settings_env(settings: Settings, model: Path) -> dict[str, str]:
-    """The environment a worker process needs to match ``settings``."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "DISTILL_REDIS_URL": settings.redis_url,
-            "DISTILL_DATA_DIR": str(settings.data_dir),
-            "DISTILL_QUEUE_NAME": settings.queue_name,
-            "DISTILL_MODEL": str(model),
-            "DISTILL_BATCH_SIZE": str(settings.batch_size),
-            "DISTILL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
-            "DISTILL_HEARTBEAT_TTL": str(settings.heartbeat_ttl),
-            "DISTILL_MAX_ATTEMPTS": str(settings.max_attempts),
-            "DISTILL_RESULT_TTL": str(settings.result_ttl),
-            "DISTILL_SWEEP_INTERVAL": str(settings.sweep_interval),
-            "DISTILL_SHARD_IMAGES": str(settings.shard_images),
-            **{
-                f"DISTILL_{name.upper()}": (
-                    value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
-                )
-                for name in (
-                    "torch_threads",
-                    "storage",
-                    "s3_endpoint_url",
-                    "s3_region",
-                    "s3_access_key_id",
-                    "s3_secret_access_key",
-                )
-                if (value := getattr(settings, name)) is not None
-            },
-            **(
-                {"DISTILL_TESTSETS_DIR": str(settings.testsets_dir)}
-                if settings.testsets_dir
-                else {}
-            ),
-            "DISTILL_DEVICE": "cpu",
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": str(ROOT),
-        }
-    )
-    return env
+    """The environment of a child process with ``settings`` and ``model``."""
+    return stack.child_env(with_model(settings, model), TEST_ENV)
 
 
 def start_worker(settings: Settings, model: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start ``python -m worker`` and wait until it advertises a loaded model."""
-    handle = open(log, "wb")  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker"],
-        env=settings_env(settings, model),
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
+    own = with_model(settings, model)
+    proc = stack.spawn("worker", own, log=log, env=TEST_ENV)
+    stack.wait_for_worker(proc, own, log=log, timeout=90)
+    return proc
+
+
+wait_until_serving = stack.wait_until_serving
+
+API_KEY = "client-test-key"
+OTHER_KEY = "client-other-key"
+_KEYED = object()
+
+
+@contextmanager
+def live_api(
+    settings: Settings, model: Path, log: Path, *, api_keys: Any = _KEYED, **overrides: Any
+) -> Iterator[str]:
+    """``python -m service`` on a free port, with ``API_KEY`` and ``OTHER_KEY`` unless
+    ``api_keys`` says otherwise (None: no authentication); ``overrides`` are settings fields.
+    Yields its base URL."""
+    own = with_model(settings, model).model_copy(
+        update={
+            "port": free_port(),
+            "log_level": "WARNING",
+            "api_keys": SecretStr(f"{API_KEY},{OTHER_KEY}") if api_keys is _KEYED else api_keys,
+            **overrides,
+        }
     )
-    handle.close()
-    redis = Redis.from_url(settings.redis_url)
-    deadline = time.monotonic() + 90
+    proc = stack.spawn("service", own, log=log, env=TEST_ENV)
+    base = f"http://127.0.0.1:{own.port}"
     try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{log.read_text()}")
-            for key in redis.scan_iter(match="distill:worker:*"):
-                fields = redis.hgetall(key)
-                if (
-                    fields.get(b"state") == b"ready"
-                    and fields.get(b"pid") == str(proc.pid).encode()
-                ):
-                    return proc
-            time.sleep(0.1)
+        wait_until_serving(f"{base}/healthz", proc, log)
+        yield base
     finally:
-        redis.close()
-    proc.kill()
-    raise TimeoutError(f"worker did not load its model:\n{log.read_text()}")
+        stop_worker(proc)
 
 
-def wait_until_serving(
-    url: str, proc: subprocess.Popen[bytes], log: Path, *, timeout: float = 30.0
-) -> None:
-    """Wait until the child ``proc`` answers HTTP ``url`` with anything but a server error
-    (it listens); fails with its log if it exits or stays silent."""
-    import httpx
+def partial_path(data_dir: Path, job_id: str) -> Path:
+    """Where a job in one piece writes with a directory store (beside its archive's key)."""
+    return Path(data_dir) / f".{keys.archive(job_id)}.part"
 
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.args[0]} did not start serving {url}:\n{log.read_text()}")
-        time.sleep(0.05)
+
+def run_job(client: TestClient, body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """Submit ``body``, wait until the job succeeded, download its archive."""
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+    job = wait_for(client.get, response.json()["id"])
+    assert job["state"] == "succeeded", job
+    archive = client.get(f"/v1/jobs/{job['id']}/archive")
+    assert archive.status_code == 200
+    return job, archive.content
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
     """Stop a child process (a worker, or any server the tests started): TERM, then KILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stack.stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -197,6 +173,26 @@ def idle_client(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[TestCli
     settings = make_settings(redis_server.url, tmp_path, queue_name=f"idle-{tmp_path.name}")
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+class CountingConnection(Connection):
+    """A real Redis connection that counts what it sends: one send is one round trip."""
+
+    sends = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        super().send_packed_command(command, check_health)
+
+
+@pytest.fixture
+def counted(redis_server: EmbeddedRedis) -> Iterator[Redis]:
+    """A client of the session's Redis whose round trips ``CountingConnection`` counts."""
+    pool = ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection)
+    client = Redis(connection_pool=pool)
+    client.ping()
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import zipfile
 from pathlib import Path
 
 from core.settings import Settings
-from tests.client import API_KEY, live_api
-from tests.conftest import ROOT
+from tests.conftest import API_KEY, ROOT, live_api
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

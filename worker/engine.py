@@ -161,6 +161,17 @@ class Outputs:
         return described
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What ``run`` did: images sampled, seconds in the model and in all, the copies' source."""
+
+    generated: int
+    seconds_sampling: float
+    seconds_generating: float
+    #: Side in px of the image augmented copies were cut from.
+    source_size: int
+
+
 def run(
     spec: DatasetSpec,
     generator: Generator,
@@ -171,7 +182,7 @@ def run(
     pool: Executor | None = None,
     workers: int = 2,
     items: Sequence[Item] | None = None,
-) -> dict[str, Any] | None:
+) -> RunResult | None:
     """Make every image of ``spec`` (or only ``items``, one shard's) into ``outputs``.
 
     Returns None when canceled.
@@ -258,9 +269,9 @@ def run(
         for _, futures in pending:
             for future in futures:
                 future.cancel()
-    return {
-        "generated": generated,
-        "seconds_sampling": sampling,
-        "seconds_generating": time.perf_counter() - started,
-        "source_size": src_size,
-    }
+    return RunResult(
+        generated=generated,
+        seconds_sampling=sampling,
+        seconds_generating=time.perf_counter() - started,
+        source_size=src_size,
+    )

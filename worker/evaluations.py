@@ -14,6 +14,7 @@ from typing import Any
 from redis import Redis
 from rq import get_current_job
 
+from core import keys
 from core.evaluations import EvaluationRequest, read, set_fields, testset_path
 from core.storage import open_storage
 from worker import runtime
@@ -43,7 +44,7 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
         set_fields(redis, eval_id, run=p.run, runs=p.runs, epoch=p.epoch, epochs=p.epochs)
 
     # A file on this machine whatever the store (a download when it is remote, removed after).
-    with storage.local_copy(f"{job_id}.zip") as archive:
+    with storage.local_copy(keys.archive(job_id)) as archive:
         with zipfile.ZipFile(archive) as zf:
             manifest = json.loads(zf.read("manifest.json"))
         result = evaluate(
@@ -56,7 +57,7 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
         ).to_dict()
     result["testset"] = request.testset
     # A copy of the manifest with the evaluation in it, beside the archive.
-    copy = f"{job_id}.manifest.json"
+    copy = keys.evaluated_manifest(job_id)
     try:
         existing = json.loads(storage.get_bytes(copy))
     except FileNotFoundError:

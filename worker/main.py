@@ -13,7 +13,6 @@ is seen as abandoned within ``DISTILL_HEARTBEAT_TTL`` seconds), and our status h
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import socket
@@ -26,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.typing import EncodableT, FieldT
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from core import logs, records, retention, shards
+from core import logs, maintenance, workers
 from core.settings import Settings, settings_or_exit
 from worker import runtime
 
@@ -44,11 +42,6 @@ LOAD_HINT = (
     "set DISTILL_MODEL to a local directory holding a diffusers StableDiffusionXLPipeline "
     "(a copy of stabilityai/sdxl-turbo, or `python -m worker.tiny_model DIR` for a smoke test)"
 )
-
-
-#: How often a worker looks after sharded jobs: fills their windows when workers joined,
-#: enqueues an assembly a dead worker missed, settles a cancel nobody finished.
-TEND_INTERVAL_S = 2.0
 
 
 class DistillWorker(SimpleWorker):
@@ -84,7 +77,8 @@ class DistillWorker(SimpleWorker):
 
 
 class StatusBeacon:
-    """Publishes ``distill:worker:<name>`` every few seconds until stopped."""
+    """Publishes the worker's status in the registry (``core.workers``) every few seconds,
+    and runs the maintenance loop (``core.maintenance``) once the worker takes jobs."""
 
     def __init__(self, redis: Redis, name: str, settings: Settings) -> None:
         self.redis = redis
@@ -94,15 +88,15 @@ class StatusBeacon:
             "name": name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "state": "loading",
+            "state": workers.LOADING,
             "model": settings.model,
-            "queue": settings.queue_name,
             "started_at": time.time(),
         }
         self.worker: DistillWorker | None = None
         #: Extra live fields (GPU memory, say), read at every beat.
         self.probe: Callable[[], dict[str, Any]] = dict
         self.claim: GpuClaim | None = None
+        self.maintenance = maintenance.Loop(redis, settings, scratch=settings.data_dir)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -114,7 +108,7 @@ class StatusBeacon:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            self.redis.delete(records.WORKER_KEY.format(self.name))
+            workers.unregister(self.redis, self.name, queue=self.settings.queue_name)
         except Exception:
             log.debug("could not remove worker status", exc_info=True)
 
@@ -123,20 +117,16 @@ class StatusBeacon:
         self.publish()
 
     def publish(self) -> None:
-        key = records.WORKER_KEY.format(self.name)
         live = {**self.fields, **self.probe()}
         if self.worker is not None:
             live["current_job"] = self.worker.get_current_job_id() or ""
-        mapping: dict[FieldT, EncodableT] = {
-            k: json.dumps(v) if isinstance(v, dict) else str(v)
-            for k, v in live.items()
-            if v is not None
-        }
-        mapping["last_heartbeat"] = repr(time.time())
-        with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, self.settings.heartbeat_ttl)
-            pipe.execute()
+        workers.publish(
+            self.redis,
+            self.name,
+            queue=self.settings.queue_name,
+            fields=live,
+            ttl=self.settings.heartbeat_ttl,
+        )
 
     def _beat(self) -> None:
         try:
@@ -148,38 +138,13 @@ class StatusBeacon:
         except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the thread
             log.warning("heartbeat failed (%s); retrying", exc)
 
-    def _sweep(self) -> None:
-        from core.storage import open_storage
-
-        try:
-            # One store per configuration (open_storage caches it), shared with the tasks.
-            retention.sweep(
-                self.redis,
-                open_storage(self.settings),
-                self.settings.data_dir,
-                stale_after=self.settings.heartbeat_ttl,
-                downloads_after=self.settings.job_timeout,
-            )
-        except Exception as exc:  # noqa: BLE001 - a failed sweep is retried next interval
-            log.warning("retention sweep failed (%s)", exc)
-
-    def _tend(self) -> None:
-        try:
-            shards.tend(self.redis, self.settings)
-        except Exception as exc:  # noqa: BLE001 - retried at the next beat
-            log.warning("tending sharded jobs failed (%s)", exc)
-
     def _run(self) -> None:
-        next_sweep = time.monotonic()
-        next_tend = time.monotonic()
+        next_round = time.monotonic()
         while not self._stop.wait(self.settings.heartbeat_interval):
             self._beat()
-            if self.worker is not None and time.monotonic() >= next_tend:
-                self._tend()
-                next_tend = time.monotonic() + TEND_INTERVAL_S
-            if self.worker is not None and time.monotonic() >= next_sweep:
-                self._sweep()
-                next_sweep = time.monotonic() + self.settings.sweep_interval
+            if self.worker is not None and time.monotonic() >= next_round:
+                self.maintenance.tick()
+                next_round = time.monotonic() + maintenance.INTERVAL_S
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
         worker._install_signal_handlers()  # type: ignore[no-untyped-call]
-        beacon.update(state="ready", **generator.describe())
+        beacon.update(state=workers.READY, **generator.describe())
         try:
             worker.work(with_scheduler=False, logging_level=settings.log_level)
         except RedisConnectionError as exc:

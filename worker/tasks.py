@@ -1,7 +1,11 @@
-"""The RQ job: ``distill(payload)`` turns one DatasetSpec into one archive on disk.
+"""The RQ entry points (names in ``core.keys``): a job in one piece, one shard, an assembly.
 
 prompts -> model (batched, one seed per image) -> resize -> augmented copies -> archive.
-Progress is saved after every batch and a cancel request is honoured between batches.
+A job in one piece and a shard are one *piece* of work (``core.records.Piece``) and run
+through the same steps (``_run_piece``): mark running, sample into an archive, stop between
+batches on cancel or shutdown, publish. A whole job publishes the dataset's archive; a shard
+publishes a part, and the assembly joins the parts into the same archive (``_publish``).
+Failures of any of them go to the one failure callback, ``core.failures.on_failure``.
 
 Two ways to size a job: ``ipc`` (a fixed count per class, sampled class by class) or
 ``budget_seconds`` (rounds of one image per class until the budget would be overrun, so every
@@ -10,16 +14,13 @@ class ends within one sampled image of the others).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-import platform
 import shutil
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from functools import cache
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,46 +29,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
-from core import presets, records, shards
+from core import keys, records, shards
 from core.errors import InsufficientSpace
 from core.presets import ClassInfo
+from core.records import JobRecord, Piece, ShardRecord
 from core.spec import DatasetSpec
+from core.states import JobState
 from core.storage import Storage, open_storage
-from worker import engine, postprocess, runtime
-from worker.archive import ArchiveInfo, ArchiveWriter, class_dir, decode_png
+from worker import engine, manifest, postprocess, runtime
+from worker.archive import ArchiveInfo, ArchiveWriter, decode_png
 from worker.augment import source_size
-from worker.generator import Generator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_VERSIONED = (
-    "distill-service",
-    "torch",
-    "diffusers",
-    "transformers",
-    "albumentations",
-    "opencv-python-headless",
-    "numpy",
-    "pillow",
-)
-
-
-@cache
-def library_versions() -> dict[str, str]:
-    """Versions of what made the archive; looked up once per worker process."""
-    versions = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat()
-
 
 #: How long a running job waits for Redis to come back before it gives up.
 REDIS_PATIENCE_S = 120.0
@@ -121,17 +95,16 @@ def check_space(spec: DatasetSpec, directory: Path, *, images: int | None = None
 
 
 class RedisHooks:
-    """Progress into the job's record (or one shard's); the job's cancel flag or end and the
-    worker's shutdown are checked between batches."""
+    """Progress into the piece's record; the job's cancel flag or end and the worker's
+    shutdown are checked between batches."""
 
-    def __init__(self, redis: Redis, job_id: str, *, progress_key: str | None = None) -> None:
+    def __init__(self, redis: Redis, piece: Piece) -> None:
         self.redis = redis
-        self.job_id = job_id
-        self.progress_key = progress_key or records.job_key(job_id)
+        self.piece = piece
 
     def should_cancel(self) -> bool:
         # A shard also stops when another shard's failure ended the job.
-        return patiently(lambda: records.ending(self.redis, self.job_id))
+        return patiently(lambda: records.ending(self.redis, self.piece.job_id))
 
     def should_stop(self) -> bool:
         return runtime.stopping()
@@ -139,7 +112,7 @@ class RedisHooks:
     def on_batch(self, *, generated: int, written: int, added: tuple[int, int]) -> None:
         patiently(
             lambda: records.save_progress(
-                self.redis, self.progress_key, generated=generated, written=written, added=added
+                self.redis, self.piece, generated=generated, written=written, added=added
             )
         )
 
@@ -151,21 +124,20 @@ def _current_job() -> Any:
     return job
 
 
-def _as_job(
-    body: Callable[[Any], dict[str, Any]], requeue: Callable[[Any, str], None]
-) -> dict[str, Any]:
+def _as_job(body: Callable[[Any], dict[str, Any]], piece: Piece | None) -> dict[str, Any]:
     """Run ``body(job)`` for the current RQ job with the shared fault rules.
 
-    A worker shutdown (``Interrupted``) records the re-queue (``requeue(job, reason)``) and
-    has the worker put the job back at the front. Any other error fails it at once: the
-    job's own error would repeat on another worker, so only a lost worker (RQ's
-    abandoned-job cleanup) uses the retries.
+    A worker shutdown (``Interrupted``) records the re-queue of ``piece`` and has the worker
+    put the entry back at the front. Any other error fails it at once: the error would repeat
+    on another worker, so only a lost worker (the registry cleanup) uses the retries.
     """
     job = _current_job()
     try:
         return body(job)
     except engine.Interrupted:
-        requeue(job, f"worker {runtime.current().worker_name} shut down")
+        if piece is not None:
+            reason = f"worker {runtime.current().worker_name} shut down"
+            patiently(lambda: records.mark_requeued(job.connection, piece, reason=reason))
         runtime.mark_interrupted(job.id)
         return {"interrupted": True}
     except Exception:
@@ -175,10 +147,29 @@ def _as_job(
 
 def distill(payload: dict[str, Any]) -> dict[str, Any]:
     """Generate the dataset ``payload`` describes; returns the archive's key, size and digest."""
-    return _as_job(
-        lambda job: _distill(job, payload),
-        lambda job, reason: records.requeued(job.connection, job.id, reason=reason),
-    )
+    job = _current_job()
+    piece = Piece(job.id)
+    return _as_job(lambda job: _run_piece(job, piece, DatasetSpec.model_validate(payload)), piece)
+
+
+def distill_shard(job_id: str, index: int) -> dict[str, Any]:
+    """Make one shard of a sharded job into a part archive in the store."""
+    piece = Piece(job_id, index)
+    return _as_job(lambda job: _run_piece(job, piece, None), piece)
+
+
+def assemble(job_id: str) -> dict[str, Any]:
+    """Copy every shard's part, in shard order, into the job's archive; publish it."""
+    # Assembly does not check for shutdown: it finishes, then the worker stops.
+    return _as_job(lambda job: _assemble(job, job_id), None)
+
+
+def discard_parts(job_id: str) -> int:
+    """Remove a sharded job's part archives from the store; returns how many."""
+    store = open_storage(runtime.current().settings)
+    removed = patiently(lambda: store.delete_prefix(keys.parts_prefix(job_id)))
+    shards.forget(_current_job().connection, job_id)
+    return removed
 
 
 def _targets(store: Storage, key: str, scratch: Path) -> tuple[Path, Path]:
@@ -194,248 +185,232 @@ def _targets(store: Storage, key: str, scratch: Path) -> tuple[Path, Path]:
     return scratch / f".{stem}.upload", scratch / f".{stem}.part"
 
 
-def _distill(job: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    rt = runtime.current()
-    settings = rt.settings
-    redis: Redis = job.connection
-    spec = DatasetSpec.model_validate(payload)
-    generator = rt.generator
-    store = open_storage(settings)
-    key = records.archive_key(job.id)
-    final, partial = _targets(store, key, settings.data_dir)
-    patiently(lambda: records.mark_started(redis, job.id, worker=rt.worker_name, partial=partial))
-    check_space(spec, partial.parent)
+@dataclass(frozen=True)
+class _Work:
+    """What one piece makes: the spec it samples with, its items, and where it goes."""
 
-    started = time.time()
-    with ArchiveWriter(final=final, partial=partial) as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
-        run = engine.run(
-            spec,
-            generator,
-            outputs,
-            batch_size=settings.batch_size,
-            pool=rt.pool,
-            workers=settings.postprocess_workers,
-            hooks=RedisHooks(redis, job.id),
-        )
-        if run is None or patiently(lambda: records.cancel_requested(redis, job.id)):
-            done = {"written": outputs.count}
-            patiently(lambda: records.finish(redis, job.id, outcome=records.CANCELED, fields=done))
-            return {"canceled": True}
-        tensors = outputs.write_tensors()
-        sheet = outputs.preview.render(spec.size)
-        writer.add_file("preview.png", sheet)
-        finished = time.time()
-        manifest = _manifest(spec, generator=generator, outputs=outputs, tensors=tensors, run=run)
-        info = writer.commit(manifest)
-    _publish(store, key, info.path, sheet, job_id=job.id)
-    runtime.record_rate(outputs.count / max(finished - started, 1e-6))
-
-    return _succeed(
-        redis,
-        job.id,
-        key=key,
-        info=info,
-        outputs=outputs,
-        generated=run["generated"],
-        seconds_sampling=run["seconds_sampling"],
-        seconds_total=finished - started,
-    )
+    spec: DatasetSpec
+    sample_spec: DatasetSpec
+    items: Sequence[engine.Item] | None
+    key: str
+    images: int | None
 
 
-def _succeed(
-    redis: Redis,
-    job_id: str,
-    *,
-    key: str,
-    info: ArchiveInfo,
-    outputs: engine.Outputs,
-    generated: int,
-    seconds_sampling: float,
-    seconds_total: float,
-    **extra: str | int | float,
-) -> dict[str, Any]:
-    """Record a published archive as the job's success; returns the task's result."""
-    fields: dict[str, str | int | float] = {
-        "archive_key": key,
-        "archive_size": info.size_bytes,
-        "archive_sha256": info.sha256,
-        "written": outputs.count,
-        "generated": generated,
-        "ipc_reached": min(outputs.per_class.get(c.index, 0) for c in outputs.spec.classes()),
-        "seconds_sampling": round(seconds_sampling, 3),
-        "seconds_total": round(seconds_total, 3),
-        **extra,
-    }
-    patiently(lambda: records.finish(redis, job_id, outcome=records.SUCCEEDED, fields=fields))
-    return {"key": key, "size_bytes": info.size_bytes, "sha256": info.sha256}
-
-
-def _publish(store: Storage, key: str, local: Path, sheet: bytes, *, job_id: str) -> None:
-    """Put a committed archive and its contact sheet (shown without the zip) in the store."""
-    patiently(lambda: store.put(key, local))
-    patiently(lambda: store.put_bytes(records.preview_key(job_id), sheet))
-
-
-def distill_shard(job_id: str, index: int) -> dict[str, Any]:
-    """Make one shard of a sharded job into a part archive in the store."""
-    return _as_job(
-        lambda job: _distill_shard(job, job_id, index),
-        lambda job, reason: shards.mark_requeued(job.connection, job_id, index, reason=reason),
-    )
-
-
-def _distill_shard(job: Any, job_id: str, index: int) -> dict[str, Any]:
-    rt = runtime.current()
-    settings = rt.settings
-    redis: Redis = job.connection
-    record = patiently(lambda: records.read(redis, job_id))
-    if not record or records.ending_record(record):
-        shards.mark_stopped(redis, job_id, index, state=shards.CANCELED)
-        settle(redis, job_id)
-        return {"canceled": True}
-    spec = DatasetSpec.model_validate(json.loads(record["request"]))
+def _work(spec: DatasetSpec, piece: Piece, shard: ShardRecord | None) -> _Work:
+    if shard is None:
+        return _Work(spec, spec, None, keys.archive(piece.job_id), None)
     # A part always holds PNGs (lossless): assembly decodes them for tensor formats.
     part_spec = spec.model_copy(update={"formats": ["imagefolder"]})
-    bounds = shards.read(redis, job_id, index)
-    start, stop = int(bounds["start"]), int(bounds["stop"])
+    items = engine.fixed_plan(spec)[shard.start : shard.stop]
+    return _Work(spec, part_spec, items, keys.part(piece.job_id, shard.index), shard.images)
+
+
+def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, Any]:
+    """Sample one piece (a whole job, or a shard) into its archive and publish it."""
+    rt = runtime.current()
+    settings = rt.settings
+    redis: Redis = job.connection
+    shard: ShardRecord | None = None
+    if piece.index is not None:
+        record = patiently(lambda: records.read(redis, piece.job_id))
+        shard = next(
+            (
+                s
+                for s in patiently(lambda: records.read_shards(redis, piece.job_id))
+                if s.index == piece.index
+            ),
+            None,
+        )
+        if record is None or shard is None or record.ending:
+            return _stopped(redis, piece, written=0)
+        spec = DatasetSpec.model_validate_json(record.request)
+    assert spec is not None
+    work = _work(spec, piece, shard)
     store = open_storage(settings)
-    key = shards.part_key(job_id, index)
-    final, partial = _targets(store, key, settings.data_dir)
+    final, partial = _targets(store, work.key, settings.data_dir)
     patiently(
-        lambda: shards.mark_running(redis, job_id, index, worker=rt.worker_name, partial=partial)
+        lambda: records.mark_running(redis, piece, worker=rt.worker_name, partial=str(partial))
     )
-    check_space(spec, partial.parent, images=int(bounds["images"]))
+    check_space(spec, partial.parent, images=work.images)
     started = time.time()
-    hooks = RedisHooks(redis, job_id, progress_key=shards.shard_key(job_id, index))
+    hooks = RedisHooks(redis, piece)
     with ArchiveWriter(final=final, partial=partial) as writer:
-        outputs = engine.Outputs(spec=part_spec, writer=writer)
+        outputs = engine.Outputs(spec=work.sample_spec, writer=writer)
         run = engine.run(
-            part_spec,
+            work.sample_spec,
             rt.generator,
             outputs,
             batch_size=settings.batch_size,
             pool=rt.pool,
             workers=settings.postprocess_workers,
             hooks=hooks,
-            items=engine.fixed_plan(spec)[start:stop],
+            items=work.items,
         )
         if run is None or hooks.should_cancel():
-            shards.mark_stopped(redis, job_id, index, state=shards.CANCELED)
-            settle(redis, job_id)
-            return {"canceled": True}
+            return _stopped(redis, piece, written=outputs.count)
+        if shard is None:
+            return _publish(redis, store, piece.job_id, writer, outputs, run, started=started)
         info = writer.commit(
             {
-                "format": "distill-service/part-v1",
-                "job_id": job_id,
-                "shard": index,
-                "samples": [start, stop],
+                "format": manifest.PART_FORMAT,
+                "job_id": piece.job_id,
+                "shard": shard.index,
+                "samples": [shard.start, shard.stop],
                 "images": outputs.count,
             }
         )
-    size = patiently(lambda: store.put(key, info.path))
-    seconds = time.time() - started
-    runtime.record_rate(outputs.count / max(seconds, 1e-6))
-    patiently(
-        lambda: shards.mark_done(
-            redis,
-            job_id,
-            index,
-            fields={
-                "written": outputs.count,
-                "generated": run["generated"],
-                "seconds_sampling": round(run["seconds_sampling"], 3),
-                "part_size": size,
-            },
+    return _publish_part(redis, store, piece, info, outputs, run, started=started)
+
+
+def _stopped(redis: Redis, piece: Piece, *, written: int) -> dict[str, Any]:
+    """The piece stopped for a cancel (or, for a shard, the end of its job)."""
+    if piece.index is None:
+        done = {"written": written}
+        patiently(
+            lambda: records.finish(redis, piece.job_id, outcome=JobState.canceled, fields=done)
         )
-    )
-    if patiently(lambda: records.ending(redis, job_id)):
-        settle(redis, job_id)
-        return {"canceled": True}
-    patiently(lambda: shards.top_up(redis, settings, job_id))
-    patiently(lambda: shards.maybe_assemble(redis, settings, job_id))
-    return {"key": key, "size_bytes": size, "images": outputs.count}
+    else:
+        patiently(
+            lambda: shards.mark_stopped(redis, piece.job_id, piece.index, state=JobState.canceled)  # type: ignore[arg-type]
+        )
+        _settle(redis, piece.job_id)
+    return {"canceled": True}
 
 
-def settle(redis: Redis, job_id: str) -> None:
+def _settle(redis: Redis, job_id: str) -> None:
     """A canceled (or failed) sharded job whose shards have all stopped: record the end and
     remove its parts."""
     if patiently(lambda: shards.end_if_stopped(redis, job_id)):
         discard_parts(job_id)
 
 
-def discard_parts(job_id: str) -> int:
-    """Remove a sharded job's part archives from the store; returns how many."""
-    store = open_storage(runtime.current().settings)
-    removed = patiently(lambda: store.delete_prefix(shards.parts_prefix(job_id)))
-    shards.forget(_current_job().connection, job_id)
-    return removed
+def _publish(
+    redis: Redis,
+    store: Storage,
+    job_id: str,
+    writer: ArchiveWriter,
+    outputs: engine.Outputs,
+    run: engine.RunResult,
+    *,
+    started: float,
+    **extra: str | int | float,
+) -> dict[str, Any]:
+    """Finish the dataset's archive (tensors, contact sheet, manifest), put it in the store
+    and record the job's success. A whole job and an assembly both end here."""
+    rt = runtime.current()
+    spec = outputs.spec
+    tensors = outputs.write_tensors()
+    sheet = outputs.preview.render(spec.size)
+    writer.add_file("preview.png", sheet)
+    finished = time.time()
+    info = writer.commit(
+        manifest.build(
+            spec,
+            generator=rt.generator,
+            outputs=outputs,
+            tensors=tensors,
+            run=run,
+            batch_size=rt.settings.batch_size,
+        )
+    )
+    key = keys.archive(job_id)
+    patiently(lambda: store.put(key, info.path))
+    patiently(lambda: store.put_bytes(keys.preview(job_id), sheet))
+    if not extra:
+        runtime.record_rate(outputs.count / max(finished - started, 1e-6))
+    fields: dict[str, str | int | float] = {
+        "archive_key": key,
+        "archive_size": info.size_bytes,
+        "archive_sha256": info.sha256,
+        "written": outputs.count,
+        "generated": run.generated,
+        "ipc_reached": min(outputs.per_class.get(c.index, 0) for c in spec.classes()),
+        "seconds_sampling": round(run.seconds_sampling, 3),
+        "seconds_total": round(finished - started, 3),
+        **extra,
+    }
+    patiently(lambda: records.finish(redis, job_id, outcome=JobState.succeeded, fields=fields))
+    return {"key": key, "size_bytes": info.size_bytes, "sha256": info.sha256}
 
 
-def assemble(job_id: str) -> dict[str, Any]:
-    """Copy every shard's part, in shard order, into the job's archive; publish it."""
-    # Assembly does not check for shutdown: it finishes, then the worker stops.
-    return _as_job(lambda job: _assemble(job, job_id), lambda job, reason: None)
+def _publish_part(
+    redis: Redis,
+    store: Storage,
+    piece: Piece,
+    info: ArchiveInfo,
+    outputs: engine.Outputs,
+    run: engine.RunResult,
+    *,
+    started: float,
+) -> dict[str, Any]:
+    """Put a shard's part in the store; then top up the job's window and, after the last
+    shard, enqueue the assembly."""
+    assert piece.index is not None
+    settings = runtime.current().settings
+    job_id, index = piece.job_id, piece.index
+    key = keys.part(job_id, index)
+    size = patiently(lambda: store.put(key, info.path))
+    runtime.record_rate(outputs.count / max(time.time() - started, 1e-6))
+    done = {
+        "written": outputs.count,
+        "generated": run.generated,
+        "seconds_sampling": round(run.seconds_sampling, 3),
+        "part_size": size,
+    }
+    patiently(lambda: shards.mark_done(redis, job_id, index, fields=done))
+    if patiently(lambda: records.ending(redis, job_id)):
+        _settle(redis, job_id)
+        return {"canceled": True}
+    patiently(lambda: shards.top_up(redis, settings, job_id))
+    patiently(lambda: shards.maybe_assemble(redis, settings, job_id))
+    return {"key": key, "size_bytes": size, "images": outputs.count}
 
 
 def _assemble(job: Any, job_id: str) -> dict[str, Any]:
     rt = runtime.current()
     settings = rt.settings
     redis: Redis = job.connection
-    record = patiently(lambda: records.read(redis, job_id))
-    if not record or "outcome" in record:
+    record: JobRecord | None = patiently(lambda: records.read(redis, job_id))
+    if record is None or record.outcome is not None:
         return {"skipped": True}
-    spec = DatasetSpec.model_validate(json.loads(record["request"]))
-    count = int(record["shards"])
+    spec = DatasetSpec.model_validate_json(record.request)
     store = open_storage(settings)
-    key = records.archive_key(job_id)
-    final, partial = _targets(store, key, settings.data_dir)
+    final, partial = _targets(store, keys.archive(job_id), settings.data_dir)
     patiently(
-        lambda: redis.hset(
-            records.job_key(job_id),
-            mapping={"assembly": shards.RUNNING, "worker": rt.worker_name, "partial": str(partial)},
+        lambda: shards.mark_assembly(
+            redis, job_id, JobState.running, worker=rt.worker_name, partial=str(partial)
         )
     )
     check_space(spec, partial.parent)
     started = time.perf_counter()
-    classes = spec.classes()
-    rows = shards.read_all(redis, job_id, count)
+    rows = patiently(lambda: records.read_shards(redis, job_id))
     with ArchiveWriter(final=final, partial=partial) as writer:
         outputs = engine.Outputs(spec=spec, writer=writer)
-        for index in range(count):
+        for shard in rows:
             if patiently(lambda: records.ending(redis, job_id)):
-                patiently(lambda: redis.hset(records.job_key(job_id), "assembly", shards.CANCELED))
-                settle(redis, job_id)
+                patiently(lambda: shards.mark_assembly(redis, job_id, JobState.canceled))
+                _settle(redis, job_id)
                 return {"canceled": True}
-            with store.local_copy(shards.part_key(job_id, index)) as path:
-                _copy_part(path, outputs, classes)
-        tensors = outputs.write_tensors()
-        sheet = outputs.preview.render(spec.size)
-        writer.add_file("preview.png", sheet)
-        run = {
-            "generated": sum(int(r.get("generated", 0)) for r in rows),
-            "source_size": source_size(spec.augment, image_size=spec.size),
-        }
-        manifest = _manifest(
-            spec, generator=rt.generator, outputs=outputs, tensors=tensors, run=run
+            with store.local_copy(keys.part(job_id, shard.index)) as path:
+                _copy_part(path, outputs, spec.classes())
+        run = engine.RunResult(
+            generated=sum(r.generated for r in rows),
+            seconds_sampling=sum(r.seconds_sampling for r in rows),
+            seconds_generating=0.0,
+            source_size=source_size(spec.augment, image_size=spec.size),
         )
-        info = writer.commit(manifest)
-    _publish(store, key, info.path, sheet, job_id=job_id)
-    assembling = time.perf_counter() - started
-    finished = time.time()
-    first_start = min(float(r["started_at"]) for r in rows if r.get("started_at"))
-    result = _succeed(
-        redis,
-        job_id,
-        key=key,
-        info=info,
-        outputs=outputs,
-        generated=run["generated"],
-        seconds_sampling=sum(float(r.get("seconds_sampling", 0)) for r in rows),
-        seconds_total=finished - first_start,
-        seconds_assembling=round(assembling, 3),
-        assembly=shards.SUCCEEDED,
-    )
+        first_start = min(r.started_at for r in rows if r.started_at is not None)
+        result = _publish(
+            redis,
+            store,
+            job_id,
+            writer,
+            outputs,
+            run,
+            started=first_start,
+            seconds_assembling=round(time.perf_counter() - started, 3),
+            assembly=JobState.succeeded.value,
+        )
     discard_parts(job_id)
     return result
 
@@ -458,82 +433,3 @@ def _copy_part(path: Path, outputs: engine.Outputs, classes: Sequence[ClassInfo]
             image = decode_png(png) if outputs.wants_pixels(cls.index, number) else None
             keep_png = png if "imagefolder" in outputs.spec.formats else None
             outputs.add(postprocess.Finished(cls, number, image, keep_png, row))
-
-
-def _manifest(
-    spec: DatasetSpec,
-    *,
-    generator: Generator,
-    outputs: engine.Outputs,
-    tensors: dict[str, Any],
-    run: dict[str, Any],
-) -> dict[str, Any]:
-    """What the archive holds and everything needed to make it again.
-
-    A fixed-ipc job's manifest holds no times or ids, so the same request on the same model,
-    device and batch size gives the same archive, byte for byte. A time-budget job records its
-    budget and times: they decided how many images it holds.
-    """
-    preset = presets.get(spec.preset) if spec.preset else None
-    manifest: dict[str, Any] = {
-        "format": "distill-service/archive-v1",
-        "request": spec.model_dump(mode="json", exclude={"callback_url"}),
-        "preset": (
-            {"name": preset.name, "title": preset.title, "mean": preset.mean, "std": preset.std}
-            if preset
-            else None
-        ),
-        "classes": [
-            {
-                "index": c.index,
-                "label": c.label,
-                "wnid": c.wnid,
-                "folder": f"train/{class_dir(c.index, c.label)}",
-                "prompts": sorted({spec.prompt(c, n) for n in range(len(spec.templates))}),
-                "images": outputs.per_class.get(c.index, 0),
-            }
-            for c in spec.classes()
-        ],
-        # Keyed like torchvision's ImageFolder: by folder name (labels can repeat in ImageNet).
-        "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
-        "model": generator.provenance(),
-        "sampling": {
-            "batch_size": runtime.current().settings.batch_size,
-            "output_size": spec.size,
-            "resolution": spec.resolution or generator.resolution,
-            "copy_source_size": run["source_size"],
-            "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
-            "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],
-            "seeds": engine.SEED_SCHEME,
-        },
-        "counts": {
-            "classes": len(spec.classes()),
-            "images_per_class": min(outputs.per_class.values(), default=0),
-            "images": outputs.count,
-            "generated": run["generated"],
-            "augmented": outputs.count - run["generated"],
-        },
-        "formats": {
-            **(
-                {
-                    "imagefolder": "train/<index>_<name>/<index>_<n>.png, RGB uint8 PNG; "
-                    "train/metadata.jsonl for the Hugging Face imagefolder loader"
-                }
-                if "imagefolder" in spec.formats
-                else {}
-            ),
-            **tensors,
-        },
-        "versions": dict(library_versions()),
-    }
-    if spec.budget_seconds is not None:
-        manifest["budget"] = {
-            "seconds": spec.budget_seconds,
-            "seconds_used": round(run["seconds_generating"], 3),
-            "seconds_sampling": round(run["seconds_sampling"], 3),
-            "model_load_seconds": round(generator.load_seconds, 3),
-            "model_load_counted": False,
-            "ipc_reached": min(outputs.per_class.values(), default=0),
-            "finished_at": _iso(time.time()),
-        }
-    return manifest

@@ -16,33 +16,42 @@ import httpx
 from redis import Redis
 from rq import Queue, SimpleWorker
 
-from core import records
-from core.settings import settings_or_exit
-from core.webhooks import (
-    ATTEMPTS_KEY,
-    TIMEOUT_S,
-    WebhookRefused,
-    check_destination,
-    event,
-    queue_name,
-    sign,
-)
+from core import keys, logs, records
+from core.records import JobRecord
+from core.settings import get_settings, settings_or_exit
+from core.states import JobState
+from core.webhooks import TIMEOUT_S, WebhookRefused, check_destination, queue_name, sign
 
 log = logging.getLogger(__name__)
 
 
+def event(record: JobRecord) -> dict[str, Any]:
+    """The event body for a job's terminal state."""
+    state = record.outcome.value if record.outcome else "unknown"
+    data: dict[str, Any] = {"id": record.id, "state": state}
+    if record.outcome is JobState.succeeded:
+        data["archive"] = {
+            "url": record.archive_url or "",
+            "size_bytes": record.archive_size or 0,
+            "sha256": record.archive_sha256 or "",
+        }
+    if record.error_type:
+        data["error"] = {"type": record.error_type, "detail": record.error_detail or ""}
+    finished = repr(record.finished_at) if record.finished_at is not None else None
+    return {"type": f"job.{state}", "timestamp": finished, "data": data}
+
+
 def deliver(job_id: str) -> int:
     """POST the job's event to its callback URL; raises (so RQ retries) unless it got a 2xx."""
-    from core.settings import get_settings
-
     settings = get_settings()
     redis = Redis.from_url(settings.redis_url)
     record = records.read(redis, job_id)
-    url = record.get("callback_url")
-    if not url or settings.webhook_secret is None:
+    url = record.callback_url if record is not None else None
+    if record is None or not url or settings.webhook_secret is None:
         return 0
-    body = json.dumps(event(record, job_id), separators=(",", ":")).encode()
-    msg_id = "msg_" + uuid.uuid5(uuid.NAMESPACE_URL, f"{job_id}:{record.get('outcome')}").hex
+    body = json.dumps(event(record), separators=(",", ":")).encode()
+    outcome = record.outcome.value if record.outcome else None
+    msg_id = "msg_" + uuid.uuid5(uuid.NAMESPACE_URL, f"{job_id}:{outcome}").hex
     timestamp = int(time.time())
     headers = {
         "content-type": "application/json",
@@ -64,8 +73,8 @@ def deliver(job_id: str) -> int:
     except (httpx.HTTPError, WebhookRefused) as exc:
         ok = False
         attempt["error"] = f"{type(exc).__name__}: {exc}"
-    redis.rpush(ATTEMPTS_KEY.format(job_id), json.dumps(attempt))
-    redis.expire(ATTEMPTS_KEY.format(job_id), settings.result_ttl + records.TOMBSTONE_S)
+    redis.rpush(keys.webhook_attempts(job_id), json.dumps(attempt))
+    redis.expire(keys.webhook_attempts(job_id), settings.result_ttl + records.TOMBSTONE_S)
     log.info(
         "webhook attempt",
         extra={"job_id": job_id, "delivered": ok, "status": attempt.get("status_code")},
@@ -77,8 +86,6 @@ def deliver(job_id: str) -> int:
 
 def main() -> int:
     """The webhook worker: many can run; each delivers one event at a time."""
-    from core import logs
-
     settings = settings_or_exit("distill webhooks")
     logs.configure(settings.log_level)
     redis = Redis.from_url(settings.redis_url)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from tests.client import live_api
+from tests.conftest import live_api
 
 
 @pytest.fixture(scope="module")

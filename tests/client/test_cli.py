@@ -18,8 +18,7 @@ import pytest
 
 from client import Job
 from client.cli import ProgressDisplay, main, progress_line
-from tests.client import API_KEY
-from tests.conftest import ROOT
+from tests.conftest import API_KEY, ROOT
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -39,8 +39,7 @@ from client import (
     verify_webhook,
 )
 from core.settings import Settings
-from tests.client import API_KEY, OTHER_KEY, live_api
-from tests.conftest import ROOT
+from tests.conftest import API_KEY, OTHER_KEY, ROOT, live_api
 
 
 class Recording(httpx.BaseTransport):
@@ -299,9 +298,8 @@ def test_busy_service_is_retried_honouring_retry_after_then_unavailable(
     tmp_path: Path,
 ) -> None:
     """A real 503 (queue full: a queue no worker drains, at most one job waiting)."""
-    env = {"DISTILL_QUEUE_NAME": f"client-busy-{uuid.uuid4().hex[:6]}"}
-    env["DISTILL_MAX_QUEUED_JOBS"] = "1"
-    with live_api(stack_settings, tiny_model, tmp_path / "busy.log", **env) as base:
+    busy = {"queue_name": f"client-busy-{uuid.uuid4().hex[:6]}", "max_queued_jobs": 1}
+    with live_api(stack_settings, tiny_model, tmp_path / "busy.log", **busy) as base:
         transport = Recording()
         with Client(base, API_KEY, retries=2, max_backoff=0.05, transport=transport) as client:
             queued = client.submit(labels=["cat"], ipc=1)

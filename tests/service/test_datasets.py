@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.service.test_jobs import run_job
+from tests.conftest import run_job
 
 
 def _zip(data: bytes) -> zipfile.ZipFile:

@@ -7,7 +7,6 @@ Bounded (``FUZZ_EXAMPLES`` per operation) so it runs in CI. Every response must 
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from core.settings import Settings
-from tests.client import live_api as client_live_api
-from tests.conftest import ROOT
+from tests.conftest import ROOT, start_worker, stop_worker
+from tests.conftest import live_api as client_live_api
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 schema = schemathesis.openapi.from_path(ROOT / "openapi" / "openapi.json")
@@ -37,16 +36,20 @@ schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 def live_api(
     stack_settings: Settings,
     tiny_model: Path,
-    worker: subprocess.Popen[bytes],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    """`python -m service` on a real port, without API keys, on a queue no worker drains (the
-    session's worker only makes /readyz answer 200)."""
-    log = tmp_path_factory.mktemp("fuzz") / "api.log"
-    with client_live_api(
-        stack_settings, tiny_model, log, DISTILL_API_KEYS="", DISTILL_QUEUE_NAME="fuzz"
-    ) as base:
-        yield base
+    """`python -m service` on a real port, without API keys, with a worker of its own on its
+    own queue (so /readyz is 200); jobs are capped at 20 images so fuzzed ones stay cheap."""
+    logs = tmp_path_factory.mktemp("fuzz")
+    settings = stack_settings.model_copy(update={"queue_name": "fuzz"})
+    worker = start_worker(settings, tiny_model, logs / "worker.log")
+    try:
+        with client_live_api(
+            settings, tiny_model, logs / "api.log", api_keys=None, max_job_images=20
+        ) as base:
+            yield base
+    finally:
+        stop_worker(worker)
 
 
 @schema.parametrize()

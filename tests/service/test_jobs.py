@@ -15,9 +15,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from core import records
+from core import keys
 from core.settings import Settings
-from tests.conftest import wait_for
+from core.states import JobState
+from service import jobs
+from service.auth import PUBLIC
+from tests.conftest import CountingConnection, partial_path, run_job, wait_for
 
 REQUEST = {
     "labels": ["cat", "dog", "ship"],
@@ -27,17 +30,6 @@ REQUEST = {
     "prompt_template": "a photo of a {label}",
     "augment": {"policy": "paper", "copies": 4},
 }
-
-
-def run_job(client: TestClient, body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
-    job = wait_for(client.get, response.json()["id"])
-    assert job["state"] == "succeeded", job
-    archive = client.get(f"/v1/jobs/{job['id']}/archive")
-    assert archive.status_code == 200
-    return job, archive.content
 
 
 def test_job_end_to_end_archive_matches_request(
@@ -216,7 +208,7 @@ def test_running_job_cancels_between_batches_and_leaves_no_files(
     assert running["state"] == "running"
     assert running["progress"]["images_per_second"] > 0
     assert running["progress"]["eta_seconds"] > 0
-    partial = records.partial_path(stack_settings.data_dir, job["id"])
+    partial = partial_path(stack_settings.data_dir, job["id"])
     assert partial.exists()
 
     response = client.post(f"/v1/jobs/{job['id']}/cancel")
@@ -226,7 +218,7 @@ def test_running_job_cancels_between_batches_and_leaves_no_files(
     assert final["state"] == "canceled"
     assert final["progress"]["written"] < 100 * 100
     assert not partial.exists()
-    assert not (stack_settings.data_dir / records.archive_key(job["id"])).exists()
+    assert not (stack_settings.data_dir / keys.archive(job["id"])).exists()
     assert client.get(f"/v1/jobs/{job['id']}/archive").status_code == 409
     assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "canceled"
 
@@ -332,3 +324,34 @@ def test_prefer_wait_times_out_to_202(idle_client: TestClient) -> None:
     )
     assert response.status_code == 202
     assert response.json()["state"] == "queued"
+
+
+def test_reads_only_read_a_running_job_in_one_round_trip(
+    client: TestClient,
+    worker: subprocess.Popen[bytes],
+    stack_settings: Settings,
+    counted: Redis,
+) -> None:
+    """A status read is one Redis round trip and a listing page one index read plus one
+    pipeline, while the job runs: no registry cleanup or other maintenance on a GET."""
+    body = {"labels": [f"class {i}" for i in range(20)], "ipc": 50, "augment": {"policy": "none"}}
+    job = client.post("/v1/jobs", json=body).json()
+    wait_for(client.get, job["id"], until=lambda j: j["state"] == "running", timeout=60)
+    before = CountingConnection.sends
+    view = jobs.fetch(counted, stack_settings, job["id"], owner=PUBLIC, archive_url="")
+    assert CountingConnection.sends - before == 1
+    assert view.state is JobState.running
+    before = CountingConnection.sends
+    page, _ = jobs.list_page(
+        counted,
+        stack_settings,
+        owner=PUBLIC,
+        state=None,
+        limit=20,
+        cursor=None,
+        archive_url_for=lambda i: i,
+    )
+    assert CountingConnection.sends - before == 2
+    assert job["id"] in [j.id for j in page]
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert wait_for(client.get, job["id"])["state"] == "canceled"

@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import signal
-import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
@@ -18,10 +17,20 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from core import keys
 from core.settings import Settings
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import S3Server, make_settings, start_worker, stop_worker, wait_for
+from service.stack import Stack
+from tests.conftest import (
+    TEST_ENV,
+    S3Server,
+    make_settings,
+    start_worker,
+    stop_worker,
+    wait_for,
+    with_model,
+)
 
 LABELS = [f"class {i}" for i in range(20)]
 #: 20 classes x ipc 10 (2 sampled + 8 copies each) = 200 images; 40 per shard = 5 shards.
@@ -29,13 +38,9 @@ JOB = {"labels": LABELS, "ipc": 10, "seed": 7, "formats": ["imagefolder", "tenso
 SHARD_IMAGES = 40
 
 
-class Stack:
-    def __init__(self, settings: Settings, workers: list[subprocess.Popen[bytes]]) -> None:
-        self.settings = settings
-        self.workers = workers
-
-    def api(self, **overrides: Any) -> TestClient:
-        return TestClient(create_app(self.settings.model_copy(update=overrides)))
+def api(stack: Stack, **overrides: Any) -> TestClient:
+    """An in-process API on the stack's settings (``overrides`` changed)."""
+    return TestClient(create_app(stack.settings.model_copy(update=overrides)))
 
 
 def _settings(redis_server: EmbeddedRedis, data: Path, queue: str, **extra: Any) -> Settings:
@@ -51,8 +56,10 @@ def _settings(redis_server: EmbeddedRedis, data: Path, queue: str, **extra: Any)
 
 
 def _start(settings: Settings, model: Path, logs: Path, count: int) -> Stack:
-    workers = [start_worker(settings, model, logs / f"worker{i}.log") for i in range(count)]
-    return Stack(settings, workers)
+    stack = Stack(with_model(settings, model), logs=logs, env=TEST_ENV)
+    for _ in range(count):
+        stack.start_worker()
+    return stack
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,7 @@ def pair(
     base = tmp_path_factory.mktemp("sharding")
     stack = _start(_settings(redis_server, base / "data", "shards"), tiny_model, base, 2)
     yield stack
-    for proc in stack.workers:
-        stop_worker(proc)
+    stack.close()
 
 
 def _archive(client: TestClient, job: dict[str, Any]) -> bytes:
@@ -77,7 +83,7 @@ def _archive(client: TestClient, job: dict[str, Any]) -> bytes:
 def test_a_sharded_job_runs_on_both_workers_and_equals_the_one_piece_archive(
     pair: Stack,
 ) -> None:
-    with pair.api() as client, pair.api(shard_images=100_000) as whole:
+    with api(pair) as client, api(pair, shard_images=100_000) as whole:
         job = client.post("/v1/jobs", json=JOB).json()
         assert job["shards"] is not None and len(job["shards"]) == 5
         done = wait_for(client.get, job["id"], timeout=180)
@@ -127,8 +133,7 @@ def _idle(redis: Redis, names: set[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         current = {
-            name: (redis.hget(f"distill:worker:{name}", "current_job") or b"").decode()
-            for name in names
+            name: (redis.hget(keys.worker(name), "current_job") or b"").decode() for name in names
         }
         if not any(current.values()):
             return
@@ -141,7 +146,7 @@ BIG = {"labels": LABELS, "ipc": 100, "augment": {"policy": "none"}}  # 2,000 ima
 
 def test_cancel_stops_every_shard_and_removes_the_parts(pair: Stack) -> None:
     redis = Redis.from_url(pair.settings.redis_url)
-    with pair.api() as client:
+    with api(pair) as client:
         job = client.post("/v1/jobs", json=BIG).json()
         running = _two_shards_running(client, job["id"])
         answer = client.post(f"/v1/jobs/{job['id']}/cancel")
@@ -166,7 +171,7 @@ def test_cancel_stops_every_shard_and_removes_the_parts(pair: Stack) -> None:
 
 
 def test_a_small_job_is_not_starved_by_a_large_one(pair: Stack) -> None:
-    with pair.api() as client:
+    with api(pair) as client:
         big = client.post("/v1/jobs", json=BIG).json()
         _two_shards_running(client, big["id"])
         small = client.post(
@@ -204,7 +209,7 @@ def test_a_killed_worker_s_shard_is_retried_or_fails_the_job(
     stack = _start(settings, tiny_model, tmp_path, 2)
     body = {**JOB, "ipc": 50, "augment": {"policy": "none"}}  # 1,000 images, 25 shards
     try:
-        with stack.api() as client:
+        with api(stack) as client:
             job = client.post("/v1/jobs", json=body).json()
             running = _two_shards_running(client, job["id"])
             victim_name = next(s["worker"] for s in running["shards"] if s["state"] == "running")
@@ -221,7 +226,7 @@ def test_a_killed_worker_s_shard_is_retried_or_fails_the_job(
                 with zipfile.ZipFile(io.BytesIO(data)) as archive:
                     pngs = [n for n in archive.namelist() if n.endswith(".png")]
                     assert len(pngs) == 1000 + 1  # + preview.png
-                with stack.api(shard_images=100_000) as whole:
+                with api(stack, shard_images=100_000) as whole:
                     ref = whole.post("/v1/jobs", json=body).json()
                     ref = wait_for(whole.get, ref["id"], timeout=180)
                 assert ref["archive"]["sha256"] == final["archive"]["sha256"]
@@ -238,8 +243,7 @@ def test_a_killed_worker_s_shard_is_retried_or_fails_the_job(
                 after = client.get(f"/v1/jobs/{job['id']}").json()
                 assert not [s for s in after["shards"] if s["state"] in ("queued", "running")]
     finally:
-        for proc in stack.workers:
-            stop_worker(proc)
+        stack.close()
 
 
 def test_workers_join_and_leave_while_a_sharded_job_runs(
@@ -250,7 +254,8 @@ def test_workers_join_and_leave_while_a_sharded_job_runs(
     settings = _settings(redis_server, tmp_path / "data", "elastic")
     first = start_worker(settings, tiny_model, tmp_path / "first.log")
     second = None
-    body = {**JOB, "ipc": 50, "augment": {"policy": "none"}}  # 1,000 images, 25 shards
+    # 4,000 images in 100 shards: long enough on any machine for a second worker to load.
+    body = {**JOB, "ipc": 200, "augment": {"policy": "none"}}
     try:
         with TestClient(create_app(settings)) as client:
             job = client.post("/v1/jobs", json=body).json()
@@ -296,7 +301,7 @@ def test_sharded_job_through_an_s3_store(
     )
     stack = _start(settings, tiny_model, tmp_path, 2)
     try:
-        with stack.api() as client, stack.api(shard_images=100_000) as whole:
+        with api(stack) as client, api(stack, shard_images=100_000) as whole:
             job = client.post("/v1/jobs", json=JOB).json()
             done = wait_for(client.get, job["id"], timeout=180)
             assert done["state"] == "succeeded", done
@@ -316,5 +321,4 @@ def test_sharded_job_through_an_s3_store(
         assert not [k for k in stored if k.startswith("parts/")], stored
         assert not [p for p in settings.data_dir.rglob("*") if p.is_file()]
     finally:
-        for proc in stack.workers:
-            stop_worker(proc)
+        stack.close()

@@ -14,8 +14,7 @@ from fastapi.testclient import TestClient
 from core.settings import Settings
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.client import live_api
-from tests.conftest import ROOT, make_settings, wait_for
+from tests.conftest import ROOT, live_api, make_settings, wait_for
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -116,7 +115,7 @@ def test_operator_page_in_headless_chromium(
         f"--user-data-dir={tmp_path / 'profile'}",
         "--hide-scrollbars",
     ]
-    with live_api(stack_settings, tiny_model, tmp_path / "api.log", DISTILL_API_KEYS="") as base:
+    with live_api(stack_settings, tiny_model, tmp_path / "api.log", api_keys=None) as base:
         dom = subprocess.run(
             [browser, *flags, "--dump-dom", f"{base}/"],
             capture_output=True,

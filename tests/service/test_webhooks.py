@@ -8,7 +8,6 @@ import hmac
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,9 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.settings import Settings
+from service import stack
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import ROOT, make_settings, settings_env, wait_for
+from tests.conftest import TEST_ENV, make_settings, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 24 bytes").decode()
 
@@ -87,23 +87,12 @@ def hook_stack(
             "webhook_retry_seconds": 30,
         }
     )
-    env = settings_env(settings, tiny_model)
-    env.update(
-        {
-            "DISTILL_WEBHOOK_SECRET": SECRET,
-            "DISTILL_WEBHOOK_ALLOW_PRIVATE": "true",
-            "DISTILL_WEBHOOK_RETRY_SECONDS": "30",
-        }
-    )
-    sender = subprocess.Popen(
-        [sys.executable, "-m", "worker.webhooks"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL
-    )
+    sender = stack.spawn("worker.webhooks", settings, log=tmp_path / "webhooks.log", env=TEST_ENV)
     try:
         with TestClient(create_app(settings)) as client:
             yield client, settings
     finally:
-        sender.terminate()
-        sender.wait(timeout=20)
+        stack.stop(sender)
 
 
 def _wait(predicate: Any, timeout: float = 40) -> None:

@@ -9,7 +9,7 @@ import zipfile
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.service.test_jobs import run_job
+from tests.conftest import run_job
 from worker.preview import GAP, LABEL_WIDTH, tile_scale
 
 

@@ -10,10 +10,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from core import records
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, start_worker, stop_worker, wait_for
+from tests.conftest import make_settings, partial_path, start_worker, stop_worker, wait_for
 
 LONG_JOB = {"labels": [f"c{i}" for i in range(100)], "ipc": 100, "augment": {"policy": "none"}}
 
@@ -33,7 +32,7 @@ def test_sigkilled_worker_fails_its_job_when_no_attempts_are_left(
         with TestClient(create_app(settings)) as client:
             job = client.post("/v1/jobs", json=LONG_JOB).json()
             running = _running(client, job["id"])
-            partial = records.partial_path(settings.data_dir, job["id"])
+            partial = partial_path(settings.data_dir, job["id"])
             assert partial.exists()
 
             os.kill(proc.pid, signal.SIGKILL)
@@ -81,7 +80,7 @@ def test_job_of_a_killed_worker_is_retried_by_another_worker(
             assert final["worker"] != first["worker"]
             assert first["worker"] in final["last_interruption"]
             assert final["progress"]["written"] == 100 * 20
-            assert not records.partial_path(settings.data_dir, job["id"]).exists()
+            assert not partial_path(settings.data_dir, job["id"]).exists()
             archive = client.get(f"/v1/jobs/{job['id']}/archive")
             assert archive.status_code == 200
     finally:
@@ -110,7 +109,7 @@ def test_sigterm_finishes_the_batch_requeues_at_the_front_and_exits_cleanly(
             assert "shut down" in back["last_interruption"]
             assert back["progress"]["written"] == 0
             assert client.get(f"/v1/jobs/{behind['id']}").json()["queue_position"] == 1
-            assert not records.partial_path(settings.data_dir, interrupted["id"]).exists()
+            assert not partial_path(settings.data_dir, interrupted["id"]).exists()
 
             second_worker = start_worker(settings, tiny_model, tmp_path / "worker2.log")
             done = wait_for(client.get, interrupted["id"], timeout=120)

@@ -49,9 +49,7 @@ def test_few_classes_split_within_a_class() -> None:
     spec = _spec(labels=["cat", "dog"], ipc=500, augment={"policy": "none"})
     plan = shards.plan(spec, shard_images=100, batch_size=10)
     assert len(plan) == 10
-    assert [shards.describe(spec, {"start": s.start, "stop": s.stop}) for s in plan[:6]] == [
-        (0, 0)
-    ] * 5 + [(1, 1)]
+    assert [shards.describe(spec, s) for s in plan[:6]] == [(0, 0)] * 5 + [(1, 1)]
 
 
 def test_small_and_time_budget_jobs_run_in_one_piece() -> None:

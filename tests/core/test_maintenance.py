@@ -1,0 +1,53 @@
+"""The maintenance loop: one process per queue at a time, and a round that always ends."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from core import keys, maintenance, workers
+from service.redis_server import EmbeddedRedis
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def test_one_process_at_a_time_does_a_round(
+    redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url, tmp_path, queue_name=f"m-{uuid.uuid4().hex[:6]}")
+    lock = keys.maintenance_lock(settings.queue_name)
+    redis.set(lock, "another process", ex=30)
+    assert not maintenance.run_once(redis, settings)
+    assert redis.get(lock) == b"another process"  # never taken from its holder
+    redis.delete(lock)
+    # A dead worker's name is pruned by the round that holds the lock, which then lets go.
+    workers.publish(redis, "gone", queue=settings.queue_name, fields={"state": "ready"}, ttl=30)
+    redis.delete(keys.worker("gone"))
+    assert maintenance.run_once(redis, settings)
+    assert redis.get(lock) is None
+    assert not redis.sismember(keys.workers(settings.queue_name), "gone")
+
+
+def test_the_store_is_swept_once_per_interval(
+    redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        redis_server.url, tmp_path, queue_name=f"s-{uuid.uuid4().hex[:6]}", sweep_interval=3600
+    )
+    orphan = tmp_path / f"{uuid.uuid4().hex}.zip"  # an archive no record knows
+    orphan.write_bytes(b"zip")
+    assert maintenance.run_once(redis, settings)
+    assert not orphan.exists()
+    orphan.write_bytes(b"zip")
+    assert maintenance.run_once(redis, settings)
+    assert orphan.exists()  # not due again for an hour

@@ -1,0 +1,129 @@
+"""What an archive says of itself: ``manifest.json`` (request, classes, model, counts, versions).
+
+A fixed-ipc job's manifest holds no times or ids, so the same request on the same model,
+device and batch size gives the same archive, byte for byte.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import time
+from functools import cache
+from importlib import metadata
+from typing import Any
+
+from core import presets
+from core.spec import DatasetSpec
+from worker import engine
+from worker.archive import class_dir
+from worker.generator import Generator
+
+_VERSIONED = (
+    "distill-service",
+    "torch",
+    "diffusers",
+    "transformers",
+    "albumentations",
+    "opencv-python-headless",
+    "numpy",
+    "pillow",
+)
+#: The manifest of a shard's part archive (never served; assembly reads it).
+PART_FORMAT = "distill-service/part-v1"
+
+
+@cache
+def library_versions() -> dict[str, str]:
+    """Versions of what made the archive; looked up once per worker process."""
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat()
+
+
+def build(
+    spec: DatasetSpec,
+    *,
+    generator: Generator,
+    outputs: engine.Outputs,
+    tensors: dict[str, Any],
+    run: engine.RunResult,
+    batch_size: int,
+) -> dict[str, Any]:
+    """What the archive holds and everything needed to make it again.
+
+    A fixed-ipc job's manifest holds no times or ids, so the same request on the same model,
+    device and batch size gives the same archive, byte for byte. A time-budget job records its
+    budget and times: they decided how many images it holds.
+    """
+    preset = presets.get(spec.preset) if spec.preset else None
+    manifest: dict[str, Any] = {
+        "format": "distill-service/archive-v1",
+        "request": spec.model_dump(mode="json", exclude={"callback_url"}),
+        "preset": (
+            {"name": preset.name, "title": preset.title, "mean": preset.mean, "std": preset.std}
+            if preset
+            else None
+        ),
+        "classes": [
+            {
+                "index": c.index,
+                "label": c.label,
+                "wnid": c.wnid,
+                "folder": f"train/{class_dir(c.index, c.label)}",
+                "prompts": sorted({spec.prompt(c, n) for n in range(len(spec.templates))}),
+                "images": outputs.per_class.get(c.index, 0),
+            }
+            for c in spec.classes()
+        ],
+        # Keyed like torchvision's ImageFolder: by folder name (labels can repeat in ImageNet).
+        "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
+        "model": generator.provenance(),
+        "sampling": {
+            "batch_size": batch_size,
+            "output_size": spec.size,
+            "resolution": spec.resolution or generator.resolution,
+            "copy_source_size": run.source_size,
+            "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
+            "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],
+            "seeds": engine.SEED_SCHEME,
+        },
+        "counts": {
+            "classes": len(spec.classes()),
+            "images_per_class": min(outputs.per_class.values(), default=0),
+            "images": outputs.count,
+            "generated": run.generated,
+            "augmented": outputs.count - run.generated,
+        },
+        "formats": {
+            **(
+                {
+                    "imagefolder": "train/<index>_<name>/<index>_<n>.png, RGB uint8 PNG; "
+                    "train/metadata.jsonl for the Hugging Face imagefolder loader"
+                }
+                if "imagefolder" in spec.formats
+                else {}
+            ),
+            **tensors,
+        },
+        "versions": dict(library_versions()),
+    }
+    if spec.budget_seconds is not None:
+        manifest["budget"] = {
+            "seconds": spec.budget_seconds,
+            "seconds_used": round(run.seconds_generating, 3),
+            "seconds_sampling": round(run.seconds_sampling, 3),
+            "model_load_seconds": round(generator.load_seconds, 3),
+            "model_load_counted": False,
+            "ipc_reached": min(outputs.per_class.values(), default=0),
+            "finished_at": _iso(time.time()),
+        }
+    return manifest
