@@ -61,7 +61,7 @@ class Recorder:
         return response
 
 
-def client_loop(base: str, rec: Recorder, stop_at: float, seed: int) -> None:
+def client_loop(base: str, rec: Recorder, stop_at: float, seed: int, poll: float = 0.1) -> None:
     rng = random.Random(seed)
     with httpx.Client(base_url=base, timeout=30) as client:
         while time.monotonic() < stop_at:
@@ -94,7 +94,7 @@ def client_loop(base: str, rec: Recorder, stop_at: float, seed: int) -> None:
                     and polled.json()["state"] in TERMINAL
                 ):
                     break
-                time.sleep(0.1)
+                time.sleep(poll)
             if rng.random() < 0.1:
                 rec.call(client, "GET /v1/jobs", "GET", "/v1/jobs", params={"limit": 20})
 
@@ -143,6 +143,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--model", type=Path, help="pipeline dir (default: a fresh tiny model)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.1,
+        help="seconds a client waits between two polls of its job (0: as fast as answered)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -158,7 +164,7 @@ def main() -> int:
             started = time.monotonic()
             stop_at = started + args.seconds
             threads = [
-                threading.Thread(target=client_loop, args=(base, rec, stop_at, i), daemon=True)
+                threading.Thread(target=client_loop, args=(base, rec, stop_at, i, args.poll_interval), daemon=True)
                 for i in range(args.clients)
             ]
             for thread in threads:

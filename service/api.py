@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from redis import Redis
 
 from core import presets
@@ -61,6 +62,12 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
         }.items()
         if code in codes
     }
+
+
+def _json(model: BaseModel) -> Response:
+    """A model already built by us, serialized once (the polled routes skip FastAPI's second
+    validation of the return value; the route's response_model still documents it)."""
+    return Response(content=model.model_dump_json(), media_type="application/json")
 
 
 def _archive_url(request: Request, job_id: str) -> str:
@@ -159,7 +166,7 @@ def list_jobs(
     cursor: Annotated[
         str | None, Query(max_length=200, description="next_cursor of the previous page.")
     ] = None,
-) -> JobList:
+) -> Response:
     found, next_cursor = jobs.list_page(
         redis,
         settings,
@@ -169,7 +176,7 @@ def list_jobs(
         cursor=cursor,
         archive_url_for=lambda i: _archive_url(request, i),
     )
-    return JobList(jobs=found, next_cursor=next_cursor)
+    return _json(JobList(jobs=found, next_cursor=next_cursor))
 
 
 @router.get(
@@ -181,9 +188,9 @@ def list_jobs(
 )
 def get_job(
     job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
-) -> JobPublic:
-    return jobs.fetch(
-        redis, settings, job_id, owner=owner, archive_url=_archive_url(request, job_id)
+) -> Response:
+    return _json(
+        jobs.fetch(redis, settings, job_id, owner=owner, archive_url=_archive_url(request, job_id))
     )
 
 

@@ -31,10 +31,12 @@ from worker.preview import PreviewCollector
 #: Batches whose post-processing may be in flight while the next one is sampled.
 MAX_PENDING_BATCHES = 2
 
+# Written into every manifest: the text is part of the archive's bytes, so it stays as it was
+# when the seed code lived in worker/spec.py (``derive_seed`` is in core/spec.py now).
 SEED_SCHEME = (
     "image seed = blake2b-64(job seed, class key, n); its copies k = 1..copies come in order from"
     " one albumentations RNG seeded with blake2b-64(job seed, class key, n, 'copies');"
-    " class key = wnid if the class has one, else its label (core/spec.py)"
+    " class key = wnid if the class has one, else its label (worker/spec.py)"
 )
 
 
