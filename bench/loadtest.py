@@ -164,7 +164,11 @@ def main() -> int:
             started = time.monotonic()
             stop_at = started + args.seconds
             threads = [
-                threading.Thread(target=client_loop, args=(base, rec, stop_at, i, args.poll_interval), daemon=True)
+                threading.Thread(
+                    target=client_loop,
+                    args=(base, rec, stop_at, i, args.poll_interval),
+                    daemon=True,
+                )
                 for i in range(args.clients)
             ]
             for thread in threads:

@@ -11,12 +11,13 @@ both are started, re-queued and advanced by the same functions here, and read ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, get_args, get_type_hints
 
 from redis import Redis
 from redis.exceptions import WatchError
@@ -39,18 +40,59 @@ def _text(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def _float(fields: Mapping[str, str], name: str) -> float | None:
-    value = fields.get(name)
-    return float(value) if value not in (None, "") else None
+def _value(kind: Any, raw: str) -> Any:
+    """``raw`` as ``kind`` (``int``, ``float``, ``str``, ``JobState``, or one of them | None)."""
+    options = [k for k in get_args(kind) if k is not type(None)] or [kind]
+    return options[0](raw)
 
 
-def _int(fields: Mapping[str, str], name: str) -> int | None:
-    value = fields.get(name)
-    return int(value) if value not in (None, "") else None
+_Record = TypeVar("_Record", bound="_Run")
 
 
-@dataclass(frozen=True)
-class ShardRecord:
+_FIELDS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _fields_of(cls: type) -> tuple[tuple[str, Any], ...]:
+    """A record class's fields and their types, resolved once per class."""
+    found = _FIELDS.get(cls)
+    if found is None:
+        hints = get_type_hints(cls)
+        found = tuple((item.name, hints[item.name]) for item in dataclasses.fields(cls))
+        _FIELDS[cls] = found
+    return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """What every piece of work records as it runs: progress, attempts, where it writes."""
+
+    generated: int = 0
+    written: int = 0
+    attempts: int = 0
+    worker: str | None = None
+    partial: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_interruption: str | None = None
+
+    @classmethod
+    def _parse(cls: type[_Record], fields: Mapping[str, str], **given: Any) -> _Record:
+        """Each field from the hash field of its name, converted by its annotation; a ``bool``
+        field is a flag (set when present); absent or empty fields keep their defaults."""
+        values = dict(given)
+        for name, kind in _fields_of(cls):
+            raw = fields.get(name)
+            if name in values:
+                continue
+            if kind is bool:
+                values[name] = raw is not None
+            elif raw not in (None, ""):
+                values[name] = _value(kind, raw)
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardRecord(_Run):
     """One shard: sampled images ``start..stop-1`` of the job's class-major plan."""
 
     index: int
@@ -58,60 +100,28 @@ class ShardRecord:
     stop: int
     images: int
     state: JobState = JobState.queued
-    generated: int = 0
-    written: int = 0
-    attempts: int = 0
-    worker: str | None = None
-    partial: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    last_interruption: str | None = None
     error: str | None = None
     seconds_sampling: float = 0.0
 
     @classmethod
     def parse(cls, fields: Mapping[str, str]) -> ShardRecord:
-        return cls(
-            index=int(fields["index"]),
-            start=int(fields["start"]),
-            stop=int(fields["stop"]),
-            images=int(fields["images"]),
-            state=JobState(fields.get("state", JobState.queued)),
-            generated=int(fields.get("generated", 0)),
-            written=int(fields.get("written", 0)),
-            attempts=int(fields.get("attempts", 0)),
-            worker=fields.get("worker"),
-            partial=fields.get("partial"),
-            started_at=_float(fields, "started_at"),
-            finished_at=_float(fields, "finished_at"),
-            last_interruption=fields.get("last_interruption"),
-            error=fields.get("error"),
-            seconds_sampling=_float(fields, "seconds_sampling") or 0.0,
-        )
+        return cls._parse(fields)
 
 
-@dataclass(frozen=True)
-class JobRecord:
+@dataclass(frozen=True, kw_only=True)
+class JobRecord(_Run):
     """A job's hash, parsed. ``request`` is the validated request's JSON, as submitted (empty
     in a stray hash that a late update wrote after the job was forgotten)."""
 
     id: str
-    request: str
-    owner: str
-    created_at: float
+    request: str = ""
+    owner: str = ""
+    created_at: float = 0.0
     ttl: int = DEFAULT_TTL
     total: int = 0
-    generated: int = 0
-    written: int = 0
-    attempts: int = 0
-    worker: str | None = None
-    partial: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
     expires_at: float | None = None
     outcome: JobState | None = None
     cancel_requested: bool = False
-    last_interruption: str | None = None
     error_type: str | None = None
     error_detail: str | None = None
     archive_url: str | None = None
@@ -134,45 +144,7 @@ class JobRecord:
 
     @classmethod
     def parse(cls, job_id: str, fields: Mapping[str, str]) -> JobRecord:
-        outcome = fields.get("outcome")
-        assembly = fields.get("assembly")
-        return cls(
-            id=job_id,
-            # A hash written by a late update after the job was forgotten has no request.
-            request=fields.get("request", ""),
-            owner=fields.get("owner", ""),
-            created_at=float(fields.get("created_at", 0.0)),
-            ttl=int(fields.get("ttl", DEFAULT_TTL)),
-            total=int(fields.get("total", 0)),
-            generated=int(fields.get("generated", 0)),
-            written=int(fields.get("written", 0)),
-            attempts=int(fields.get("attempts", 0)),
-            worker=fields.get("worker"),
-            partial=fields.get("partial"),
-            started_at=_float(fields, "started_at"),
-            finished_at=_float(fields, "finished_at"),
-            expires_at=_float(fields, "expires_at"),
-            outcome=JobState(outcome) if outcome else None,
-            cancel_requested="cancel_requested" in fields,
-            last_interruption=fields.get("last_interruption"),
-            error_type=fields.get("error_type"),
-            error_detail=fields.get("error_detail"),
-            archive_url=fields.get("archive_url"),
-            archive_key=fields.get("archive_key"),
-            archive_size=_int(fields, "archive_size"),
-            archive_sha256=fields.get("archive_sha256"),
-            ipc_reached=_int(fields, "ipc_reached"),
-            seconds_total=_float(fields, "seconds_total"),
-            seconds_sampling=_float(fields, "seconds_sampling"),
-            seconds_assembling=_float(fields, "seconds_assembling"),
-            callback_url=fields.get("callback_url"),
-            webhook_queue=fields.get("webhook_queue"),
-            webhook_retry_seconds=_int(fields, "webhook_retry_seconds"),
-            shards=_int(fields, "shards"),
-            shards_enqueued=int(fields.get("shards_enqueued", 0)),
-            queue=fields.get("queue"),
-            assembly=JobState(assembly) if assembly else None,
-        )
+        return cls._parse(fields, id=job_id)
 
     @property
     def sharded(self) -> bool:

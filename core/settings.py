@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=1, description="Seconds finished jobs and archives are kept."
     )
     sweep_interval: float = Field(
-        600.0, gt=0, description="Seconds between sweeps of expired archives (by workers)."
+        600.0, gt=0, description="Seconds between sweeps of expired archives (maintenance loop)."
     )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between worker beats.")
     webhook_secret: SecretStr | None = Field(

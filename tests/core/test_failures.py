@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,11 @@ from core.errors import InsufficientSpace
 from core.records import Piece
 from core.spec import DatasetSpec
 from core.states import ErrorType, JobState
-from service.redis_server import EmbeddedRedis
 
 SPEC = DatasetSpec.model_validate(
     {"labels": [f"c{i}" for i in range(4)], "ipc": 20, "augment": {"policy": "none"}}
 )
 LOST = AbandonedJobError("abandoned")
-
-
-@pytest.fixture
-def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

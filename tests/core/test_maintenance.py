@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from redis import Redis
 
 from core import keys, maintenance, workers
 from service.redis_server import EmbeddedRedis
 from tests.conftest import make_settings
-
-
-@pytest.fixture
-def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 def test_one_process_at_a_time_does_a_round(

@@ -4,22 +4,12 @@ n-th, moved in one step; and the options every entry is enqueued with."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
-import pytest
 from redis import Redis
 from rq import Queue
 
 from core import keys, queueing, records
-from service.redis_server import EmbeddedRedis
 from tests.conftest import make_settings
-
-
-@pytest.fixture
-def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 def _submit(redis: Redis, queue: Queue, owner: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from redis import Redis
@@ -15,19 +14,11 @@ from core import keys, records, shards
 from core.records import Piece
 from core.spec import DatasetSpec
 from core.states import JobState
-from service.redis_server import EmbeddedRedis
 from tests.conftest import CountingConnection
 
 SPEC = DatasetSpec.model_validate(
     {"labels": [f"c{i}" for i in range(4)], "ipc": 20, "augment": {"policy": "none"}}
 )
-
-
-@pytest.fixture
-def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 def _job(redis: Redis, *, owner: str = "o", ttl: int = 60, **extra: str | int) -> str:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
-import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
@@ -14,13 +12,6 @@ from core import keys, workers
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
 from tests.conftest import make_settings
-
-
-@pytest.fixture
-def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 def test_each_queue_sees_only_its_own_workers(redis: Redis) -> None:
