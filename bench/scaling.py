@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client import Client  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from service import stack  # noqa: E402
 from service.redis_server import free_port  # noqa: E402
 
 UNSHARDED = 100_000  # DISTILL_SHARD_IMAGES's maximum: no fixed-ipc job is split
@@ -77,38 +79,30 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "launcher.log"
         # Inherited DISTILL_* variables (a Redis URL, API keys...) would change what is
-        # measured: the stack gets exactly these.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
-        env.update(
-            {
-                "PYTHONPATH": str(ROOT),
-                "DISTILL_WORKERS": str(workers),
-                "DISTILL_TORCH_THREADS": "1",
-                "DISTILL_MODEL": str(args.model),
-                "DISTILL_DEVICE": "cpu",
-                "DISTILL_SHARD_IMAGES": str(shard_images),
-                "DISTILL_BATCH_SIZE": str(args.batch_size),
-                "DISTILL_DATA_DIR": str(work / "data"),
-                "DISTILL_PORT": str(self.port),
-                "DISTILL_LOG_LEVEL": args.log_level,
-                "HF_HUB_OFFLINE": "1",
-                "NO_ALBUMENTATIONS_UPDATE": "1",
-            }
+        # measured: the launcher gets exactly these settings (and starts its own Redis).
+        self.settings = Settings(
+            workers=workers,
+            torch_threads=1,
+            model=str(args.model),
+            device="cpu",
+            shard_images=shard_images,
+            batch_size=args.batch_size,
+            data_dir=work / "data",
+            port=self.port,
+            log_level=args.log_level,
         )
-        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.launcher"],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, signalled as one below
-            )
+        # Its own session: its process group is signalled as one below.
+        self.proc = stack.spawn(
+            "service.launcher",
+            self.settings,
+            log=self.log,
+            env={"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"},
+            new_session=True,
+        )
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> list[dict[str, Any]]:
         """Wait until ``/readyz`` lists ``workers`` ready workers; return them."""

@@ -64,19 +64,9 @@ def _time(value: float | str | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(float(value), tz=dt.UTC) if value else None
 
 
-def submit(
-    redis: Redis,
-    settings: Settings,
-    spec: DatasetSpec,
-    *,
-    owner: str,
-    idempotency_key: str | None,
-    archive_url_for: Callable[[str], str],
-) -> tuple[JobPublic, bool]:
-    """Accept a job: record it, then enqueue it for the next free worker.
-
-    Returns the job and whether it was created now (False: an ``Idempotency-Key`` replay).
-    """
+def _check_limits(settings: Settings, spec: DatasetSpec) -> None:
+    """What this deployment refuses (422 naming the field): webhooks it cannot sign or send
+    there, more images than it allows."""
     if spec.callback_url:
         if settings.webhook_secret is None:
             raise InvalidField(
@@ -93,31 +83,90 @@ def submit(
             f"ipc: classes x ipc = {spec.total_images} images exceeds this service's limit of "
             f"{settings.max_job_images} (DISTILL_MAX_JOB_IMAGES)"
         )
+
+
+def _claim_idempotency(
+    redis: Redis,
+    settings: Settings,
+    *,
+    owner: str,
+    key: str,
+    payload: dict[str, object],
+    job_id: str,
+) -> tuple[str, str | None]:
+    """Claim ``key`` for ``job_id``; returns (the Redis key, the earlier job's id on a replay).
+
+    A replay with another body is a 422.
+    """
+    body_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    redis_key = keys.idempotency(owner, hashlib.sha256(key.encode()).hexdigest())
+    claim = f"{job_id} {body_hash}"
+    if redis.set(redis_key, claim, nx=True, ex=settings.result_ttl + records.TOMBSTONE_S):
+        return redis_key, None
+    stored: bytes = redis.get(redis_key) or b""  # type: ignore[assignment]
+    first_id, _, first_hash = stored.decode().partition(" ")
+    if first_hash != body_hash:
+        raise BadIdempotencyKey("Idempotency-Key was already used with a different request body")
+    return redis_key, first_id
+
+
+def _enqueue(
+    redis: Redis,
+    settings: Settings,
+    spec: DatasetSpec,
+    *,
+    payload: dict[str, object],
+    job_id: str,
+    owner: str,
+) -> None:
+    """Put a recorded job on the queue: its first shards, or the job in one piece."""
+    pieces = shards.plan(spec, shard_images=settings.shard_images, batch_size=settings.batch_size)
+    if pieces:
+        shards.create(redis, job_id, pieces, queue=settings.queue_name)
+        shards.top_up(redis, settings, job_id)
+        return
+    queue = _queue(redis, settings)
+    queue.enqueue(
+        keys.DISTILL_TASK,
+        payload,
+        job_id=job_id,
+        description=f"distill {spec.preset or len(spec.classes())} classes",
+        **queueing.enqueue_options(settings),
+    )
+    queueing.place(redis, queue.key, job_id, owner)
+
+
+def submit(
+    redis: Redis,
+    settings: Settings,
+    spec: DatasetSpec,
+    *,
+    owner: str,
+    idempotency_key: str | None,
+    archive_url_for: Callable[[str], str],
+) -> tuple[JobPublic, bool]:
+    """Accept a job: record it, then enqueue it for the next free worker.
+
+    Returns the job and whether it was created now (False: an ``Idempotency-Key`` replay).
+    """
+    _check_limits(settings, spec)
     payload = spec.model_dump(mode="json")
     job_id = uuid.uuid4().hex
     idem_key = None
     if idempotency_key is not None:
-        body_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest()
-        idem_key = keys.idempotency(owner, key_hash)
-        claim = f"{job_id} {body_hash}"
-        if not redis.set(idem_key, claim, nx=True, ex=settings.result_ttl + records.TOMBSTONE_S):
-            stored: bytes = redis.get(idem_key) or b""  # type: ignore[assignment]
-            existing = stored.decode()
-            first_id, _, first_hash = existing.partition(" ")
-            if first_hash != body_hash:
-                raise BadIdempotencyKey(
-                    "Idempotency-Key was already used with a different request body"
-                )
+        idem_key, first_id = _claim_idempotency(
+            redis, settings, owner=owner, key=idempotency_key, payload=payload, job_id=job_id
+        )
+        if first_id is not None:
             return fetch(
                 redis, settings, first_id, owner=owner, archive_url=archive_url_for(first_id)
             ), False
-    queue = _queue(redis, settings)
-    if queue.count >= settings.max_queued_jobs:
+    waiting = _queue(redis, settings).count
+    if waiting >= settings.max_queued_jobs:
         if idem_key:
             redis.delete(idem_key)
         raise QueueFull(
-            f"{queue.count} jobs are waiting (limit {settings.max_queued_jobs}); retry later",
+            f"{waiting} jobs are waiting (limit {settings.max_queued_jobs}); retry later",
             retry_after=30,
         )
     extra: dict[str, str | int] = {"archive_url": archive_url_for(job_id)}
@@ -132,22 +181,8 @@ def submit(
         owner=owner,
         extra=extra,
     )
-    pieces = shards.plan(spec, shard_images=settings.shard_images, batch_size=settings.batch_size)
     try:
-        if pieces:
-            shards.create(redis, job_id, pieces, queue=settings.queue_name)
-            shards.top_up(redis, settings, job_id)
-            return fetch(
-                redis, settings, job_id, owner=owner, archive_url=archive_url_for(job_id)
-            ), True
-        queue.enqueue(
-            keys.DISTILL_TASK,
-            payload,
-            job_id=job_id,
-            description=f"distill {spec.preset or len(spec.classes())} classes",
-            **queueing.enqueue_options(settings),
-        )
-        queueing.place(redis, queue.key, job_id, owner)
+        _enqueue(redis, settings, spec, payload=payload, job_id=job_id, owner=owner)
     except Exception:
         records.forget(redis, job_id, owner)
         if idem_key:

@@ -46,10 +46,11 @@ def _text(value: Any) -> str:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """``DISTILL_<FIELD>`` for every field of ``settings`` that has a value."""
+    """``DISTILL_<FIELD>`` for every field of ``settings`` that was set (from the environment,
+    by a caller, or by ``model_copy(update=...)``); the child's defaults are the parent's."""
     return {
         f"DISTILL_{name.upper()}": _text(value)
-        for name in Settings.model_fields
+        for name in sorted(settings.model_fields_set)
         if (value := getattr(settings, name)) is not None
     }
 

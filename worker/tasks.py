@@ -247,6 +247,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
             items=work.items,
         )
         if run is None or hooks.should_cancel():
+            writer.abort()  # gone before anyone can see the job ended
             return _stopped(redis, piece, written=outputs.count)
         if shard is None:
             return _publish(redis, store, piece.job_id, writer, outputs, run, started=started)
@@ -388,6 +389,7 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
         outputs = engine.Outputs(spec=spec, writer=writer)
         for shard in rows:
             if patiently(lambda: records.ending(redis, job_id)):
+                writer.abort()
                 patiently(lambda: shards.mark_assembly(redis, job_id, JobState.canceled))
                 _settle(redis, job_id)
                 return {"canceled": True}
