@@ -53,7 +53,8 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install -r /tmp/requirements-worker.txt; \
     fi
 # SDXL-Turbo's weights (about 7 GB) land here once; mount a volume to keep them.
-ENV HF_HOME=/cache/huggingface
+ENV HF_HOME=/cache/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/cache/huggingface/torchinductor
 RUN mkdir -p /cache/huggingface && chown -R distill:distill /cache
 COPY core ./core
 COPY worker ./worker

@@ -131,6 +131,7 @@ class SpecFields(TypedDict, total=False):
     budget_seconds: float | None
     image_size: int | None
     resolution: int | None
+    decoder: str | None
     seed: int | None
     prompt_template: str | Sequence[str] | None
     prompts: Mapping[str, str] | Sequence[Mapping[str, str]] | None
@@ -164,7 +165,8 @@ def build_spec(
     plain: dict[str, Any] = {
         name: fields.get(name)
         for name in (
-            "preset", "ipc", "budget_seconds", "image_size", "resolution", "seed", "callback_url"
+            "preset", "ipc", "budget_seconds", "image_size", "resolution", "decoder", "seed",
+            "callback_url",
         )
     }  # fmt: skip
     plain["labels"] = None if labels is None else builtins.list(labels)

@@ -6,12 +6,13 @@ or a directory. Nothing is read at import time: call ``get_settings()``; tests o
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -80,13 +81,28 @@ class Settings(BaseSettings):
         None, description="VAE decode dtype; default float32 for SDXL's float16 VAE."
     )
     channels_last: bool | None = Field(None, description="channels-last memory; default on CUDA.")
-    compile_unet: bool = Field(False, description="torch.compile the UNet (warm-up at start).")
+    compile: Literal["off", "regional", "full"] = Field(
+        "off",
+        description="torch.compile the UNet (its repeated blocks, or whole) and the decoders; "
+        "warmed up at start.",
+    )
+    tiny_decoder: str | None = Field(
+        "madebyollin/taesdxl",
+        description="AutoencoderTiny (hub id or local dir) for decoder=tiny; 'none': no tiny.",
+    )
+    auto_batch: bool = Field(
+        True, description="On a GPU, find the batch size (from BATCH_SIZE up) that is fastest."
+    )
     workers: int = Field(1, ge=1, le=64, description="Workers `make run` starts on this machine.")
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch CPU threads per worker (default: torch's own)."
     )
-    postprocess_workers: int = Field(
-        2, ge=1, le=64, description="Augmenting/encoding workers running while the model samples."
+    postprocess_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Augmenting/encoding workers running while the model samples; default: "
+        "one per CPU core.",
     )
     postprocess_mode: Literal["threads", "processes"] = Field(
         "threads", description="threads, or processes (past the GIL, for many-core hosts)."
@@ -122,6 +138,17 @@ class Settings(BaseSettings):
     heartbeat_ttl: int = Field(
         60, ge=2, description="A worker silent this long is dead; its job fails."
     )
+
+    @field_validator("tiny_decoder")
+    @classmethod
+    def _no_tiny(cls, value: str | None) -> str | None:
+        # An empty variable means "the default"; "none" (or "off") turns the tiny decoder off.
+        return None if value is None or value.strip().lower() in ("none", "off") else value
+
+    @property
+    def postprocess_pool_size(self) -> int:
+        """``postprocess_workers``, or the machine's CPU cores (at least 2)."""
+        return self.postprocess_workers or max(os.cpu_count() or 2, 2)
 
 
 class ConfigError(ValueError):

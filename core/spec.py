@@ -391,6 +391,12 @@ class DatasetSpec(BaseModel):
         description="Sampling side in px; default the worker's (512 for SDXL-Turbo). 256 costs "
         "about a quarter of 512.",
     )
+    decoder: Literal["vae", "tiny"] = Field(
+        default="vae",
+        description="Latents to pixels: vae, the model's own decoder; tiny, an AutoencoderTiny "
+        "(TAESDXL) that costs about 1/18 of it, for small outputs where its lost detail is "
+        "shrunk away (needs the service's DISTILL_TINY_DECODER).",
+    )
     prompt_template: (
         Template | Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)]
     ) = Field(

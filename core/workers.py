@@ -39,6 +39,10 @@ class WorkerInfo:
     current_job: str | None = None
     images_per_second: float | None = None
     gpu_memory_bytes: int | None = None
+    batch_size: int | None = None
+    decoders: tuple[str, ...] = ()
+    compile: str | None = None
+    compile_seconds: float | None = None
     #: Every field as published, probes included.
     fields: Mapping[str, str] | None = None
 
@@ -56,6 +60,7 @@ class WorkerInfo:
             return float(value) if value not in (None, "", "None") else None
 
         memory = number("gpu_memory_bytes")
+        batch = number("batch_size")
         pid = fields.get("pid")
         return cls(
             name=fields.get("name", ""),
@@ -68,6 +73,10 @@ class WorkerInfo:
             current_job=fields.get("current_job") or None,
             images_per_second=number("images_per_second"),
             gpu_memory_bytes=int(memory) if memory is not None else None,
+            batch_size=int(batch) if batch is not None else None,
+            decoders=tuple(d for d in fields.get("decoders", "").split(",") if d),
+            compile=fields.get("compile"),
+            compile_seconds=number("compile_seconds"),
             fields=dict(fields),
         )
 

@@ -26,6 +26,10 @@ def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
             ),
             current_job=w.current_job,
             seconds_since_heartbeat=round(w.age(now), 2),
+            batch_size=w.batch_size,
+            decoders=list(w.decoders),
+            compile=w.compile,
+            compile_seconds=w.compile_seconds,
         )
         for w in core_workers.live(redis, settings.queue_name, heartbeat_ttl=settings.heartbeat_ttl)
     ]

@@ -66,7 +66,7 @@ def _time(value: float | str | None) -> dt.datetime | None:
 
 def _check_limits(settings: Settings, spec: DatasetSpec) -> None:
     """What this deployment refuses (422 naming the field): webhooks it cannot sign or send
-    there, more images than it allows."""
+    there, a decoder it does not have, more images than it allows."""
     if spec.callback_url:
         if settings.webhook_secret is None:
             raise InvalidField(
@@ -78,6 +78,10 @@ def _check_limits(settings: Settings, spec: DatasetSpec) -> None:
             )
         except webhooks.WebhookRefused as exc:
             raise InvalidField(f"callback_url: {exc}") from None
+    if spec.decoder == "tiny" and settings.tiny_decoder is None:
+        raise InvalidField(
+            "decoder: this service has no tiny decoder (DISTILL_TINY_DECODER=none); use 'vae'"
+        )
     if spec.total_images > settings.max_job_images:
         raise TooManyImages(
             f"ipc: classes x ipc = {spec.total_images} images exceeds this service's limit of "

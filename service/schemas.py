@@ -197,6 +197,16 @@ class WorkerStatus(BaseModel):
     )
     current_job: str | None = Field(None, description="RQ job it runs now (a job or a shard).")
     seconds_since_heartbeat: float
+    batch_size: int | None = Field(
+        None, description="Images per pipeline call (DISTILL_BATCH_SIZE, or the fastest found)."
+    )
+    decoders: list[str] = Field(
+        default_factory=list, description="Decoders it has loaded: vae, and tiny when configured."
+    )
+    compile: str | None = Field(None, description="off, regional or full (DISTILL_COMPILE).")
+    compile_seconds: float | None = Field(
+        None, description="Seconds its start-up spent compiling and warming up the graphs."
+    )
 
 
 class Readiness(BaseModel):

@@ -26,6 +26,7 @@ from core.settings import Settings
 from service import stack
 from service.app import create_app
 from service.redis_server import EmbeddedRedis, free_port
+from worker.tiny_model import TINY_DECODER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -70,7 +71,10 @@ def make_settings(redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
 
 
 def with_model(settings: Settings, model: Path) -> Settings:
-    return settings.model_copy(update={"model": str(model)})
+    """``settings`` on the tiny pipeline ``model`` and the tiny decoder built beside it."""
+    return settings.model_copy(
+        update={"model": str(model), "tiny_decoder": str(model / TINY_DECODER_DIR)}
+    )
 
 
 def settings_env(settings: Settings, model: Path) -> dict[str, str]:

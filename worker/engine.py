@@ -249,7 +249,11 @@ def run(
             seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
             prompts = [spec.prompt(it.cls, it.sample) for it in batch]
             images = generator.render(
-                prompts, seeds, sizes=(size, src_size), resolution=spec.resolution
+                prompts,
+                seeds,
+                sizes=(size, src_size),
+                resolution=spec.resolution,
+                decoder=spec.decoder,
             )
             sampling += time.perf_counter() - t0
             rows: list[postprocess.Row] = [

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 #: SDXL-Turbo's sampling settings: one step, no classifier-free guidance.
 NUM_INFERENCE_STEPS = 1
 GUIDANCE_SCALE = 0.0
+#: Prompts a worker keeps encoded (two embeddings of a few hundred KiB each in float16).
+PROMPT_CACHE_SIZE = 4096
+DECODERS = ("vae", "tiny")
+COMPILE_MODES = ("off", "regional", "full")
 
 
 class ModelLoadError(RuntimeError):
@@ -62,6 +67,25 @@ class Generator:
     #: The dtype the VAE decodes in (float32 where float16 would overflow).
     decode_dtype: torch.dtype = torch.float32
     options: dict[str, Any] | None = None
+    #: ``AutoencoderTiny`` beside the VAE (``decoder="tiny"``), its id and fingerprint.
+    tiny: Any | None = None
+    tiny_id: str | None = None
+    tiny_fingerprint: str | None = None
+    #: ``off``, ``regional`` (the UNet's repeated blocks) or ``full`` (whole graphs).
+    compile: str = "off"
+    #: Seconds the start-up warm-up took to compile (0 when nothing is compiled).
+    compile_seconds: float = 0.0
+    #: Compiled graphs run at this batch size only: shorter batches are padded to it.
+    fixed_batch: int | None = None
+    #: Distinct prompts whose text embeddings are kept (per worker, least recently used out).
+    prompt_cache_size: int = PROMPT_CACHE_SIZE
+    #: False: the stock path, every image's prompt through the text encoders (benchmarks).
+    cache_prompts: bool = True
+    _embeddings: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=OrderedDict, repr=False
+    )
+    #: Text-encoder passes run and served from the cache (for the benchmarks and status).
+    prompt_stats: dict[str, int] = field(default_factory=lambda: {"encoded": 0, "cached": 0})
 
     @classmethod
     def load(
@@ -75,29 +99,42 @@ class Generator:
         resolution: int | None = None,
         vae_dtype: str | None = None,
         channels_last: bool | None = None,
-        compile_unet: bool = False,
+        tiny_decoder: str | None = None,
+        compile: str = "off",
+        batch_size: int | None = None,
     ) -> Generator:
         """Load ``model`` (hub id or local directory) onto ``device``.
 
         ``vae_dtype`` (default: float32 when the model runs in float16 and its VAE asks to be
         upcast, as SDXL's does, else the model's dtype) is kept for the VAE for good instead of
-        the stock per-call upcast; bfloat16 is the cheaper safe choice. ``channels_last``
-        (default: on CUDA) and ``compile_unet`` (torch.compile, warmed up here, once per
-        worker) only change speed. Raises ``ModelLoadError`` when it cannot be loaded.
+        the stock per-call upcast; bfloat16 is the cheaper safe choice. ``tiny_decoder`` (hub
+        id or directory of an ``AutoencoderTiny``) is loaded beside the VAE for
+        ``decoder="tiny"``. ``channels_last`` (default: on CUDA) and ``compile`` (see ``wrap``)
+        only change speed. Raises ``ModelLoadError`` when something cannot be loaded.
         """
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
         started = time.perf_counter()
         target = pick_device(device)
         torch_dtype = pick_dtype(dtype, target)
-        try:
-            pipeline = StableDiffusionXLPipeline.from_pretrained(
-                model, dtype=torch_dtype, revision=revision, variant=variant
+        pipeline = _load(
+            StableDiffusionXLPipeline,
+            model,
+            what="model",
+            dtype=torch_dtype,
+            revision=revision,
+            variant=variant,
+            add_watermarker=False,
+        )
+        tiny = None
+        if tiny_decoder:
+            tiny = _load(
+                AutoencoderTiny,
+                tiny_decoder,
+                what="tiny decoder (AutoencoderTiny)",
+                dtype=torch_dtype,
             )
-        except Exception as exc:
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            reason = text.split(" Please check out the root cause")[0].rstrip(".")
-            raise ModelLoadError(f"cannot load model {model!r}: {reason}") from exc
+            tiny = tiny.to(target).eval()
         generator = cls.wrap(
             pipeline.to(target),
             device=target,
@@ -107,9 +144,14 @@ class Generator:
             resolution=resolution,
             vae_dtype=vae_dtype,
             channels_last=channels_last,
-            compile_unet=compile_unet,
+            tiny=tiny,
+            tiny_id=tiny_decoder,
+            compile=compile,
+            batch_size=batch_size,
         )
         generator.fingerprint = fingerprint(Path(model)) if Path(model).is_dir() else None
+        if tiny_decoder and Path(tiny_decoder).is_dir():
+            generator.tiny_fingerprint = fingerprint(Path(tiny_decoder))
         generator.load_seconds = time.perf_counter() - started
         return generator
 
@@ -125,10 +167,25 @@ class Generator:
         resolution: int | None = None,
         vae_dtype: str | None = None,
         channels_last: bool | None = None,
-        compile_unet: bool = False,
+        tiny: Any | None = None,
+        tiny_id: str | None = None,
+        compile: str = "off",
+        batch_size: int | None = None,
     ) -> Generator:
-        """Set up a pipeline already on ``device`` (see ``load`` for the options)."""
+        """Set up a pipeline already on ``device`` (see ``load`` for the options).
+
+        ``compile``: ``regional`` compiles the UNet's repeated blocks (diffusers'
+        ``compile_repeated_blocks``: several times faster to compile than the whole graph),
+        ``full`` the whole UNet (max-autotune with CUDA graphs on a GPU); both also compile
+        the decoders, fuse the attention QKV projections and set inductor as diffusers' speed
+        guide does. Compiled graphs run at one batch size (``batch_size``, shorter batches are
+        padded) and are warmed up here, so the first job does not pay for compiling.
+        """
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         pipeline.set_progress_bar_config(disable=True)
+        # The watermark would be applied to decoded images; we decode ourselves, and never add one.
+        pipeline.watermark = None
         if vae_dtype:
             decode = _DTYPES[vae_dtype]
         elif dtype == torch.float16 and pipeline.vae.config.get("force_upcast", False):
@@ -138,10 +195,9 @@ class Generator:
         pipeline.vae.to(dtype=decode)
         use_channels_last = device.type == "cuda" if channels_last is None else channels_last
         if use_channels_last:
-            pipeline.unet.to(memory_format=torch.channels_last)
-            pipeline.vae.to(memory_format=torch.channels_last)
-        if compile_unet:
-            pipeline.unet = torch.compile(pipeline.unet, mode="max-autotune-no-cudagraphs")
+            for module in (pipeline.unet, pipeline.vae, tiny):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
         native = int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
         generator = cls(
             pipeline=pipeline,
@@ -151,23 +207,153 @@ class Generator:
             revision=revision,
             resolution=resolution or native,
             decode_dtype=decode,
-            options={"channels_last": use_channels_last, "compile_unet": compile_unet},
+            options={"channels_last": use_channels_last, "compile": compile},
+            tiny=tiny,
+            tiny_id=tiny_id,
+            compile=compile,
+            fixed_batch=batch_size if compile != "off" else None,
         )
-        if compile_unet:
-            generator.sample(["warm-up"], [0])  # pay compilation now, not in the first job
+        if compile != "off":
+            generator.compile_graphs()
         return generator
 
-    def check_inputs(self, prompts: Sequence[str], seeds: Sequence[int]) -> None:
+    def enable_compile(self, mode: str, *, batch_size: int) -> float:
+        """Compile for ``batch_size`` images a call (after ``tune_batch``, say); seconds taken."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+        if mode == "off":
+            return 0.0
+        self.compile, self.fixed_batch = mode, batch_size
+        if self.options is not None:
+            self.options["compile"] = mode
+        return self.compile_graphs()
+
+    def tune_batch(
+        self, start: int, *, limit: int = 256, gain: float = 1.05
+    ) -> tuple[int, list[tuple[int, float | None]]]:
+        """The batch size with the best images/s, trying ``start``, 2x, 4x, ... up to ``limit``
+        until one runs out of memory or is less than ``gain`` times faster than the last.
+
+        Returns it and what was measured ((batch, images/s), None where memory ran out).
+        """
+        tried: list[tuple[int, float | None]] = []
+        best, best_rate = start, 0.0
+        batch = start
+        while batch <= limit:
+            prompts = [f"a photo of class {n % 10}" for n in range(batch)]
+            try:
+                self._render(prompts, list(range(batch)), (32,), None)  # warm-up
+                self._sync()
+                started = time.perf_counter()
+                self._render(prompts, list(range(batch)), (32,), None)
+                self._sync()
+            except torch.OutOfMemoryError:
+                tried.append((batch, None))
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            rate = batch / max(time.perf_counter() - started, 1e-9)
+            tried.append((batch, round(rate, 2)))
+            if rate < best_rate * gain:
+                break
+            best, best_rate = batch, rate
+            batch *= 2
+        return best, tried
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def compile_graphs(self) -> float:
+        """Compile the UNet and the decoders (``self.compile``), then warm every graph up at
+        the fixed batch size; returns (and keeps) the seconds it took."""
+        started = time.perf_counter()
+        _inductor_settings(self.device)
+        pipeline = self.pipeline
+        pipeline.fuse_qkv_projections()
+        cuda = self.device.type == "cuda"
+        if self.compile == "regional":
+            pipeline.unet.compile_repeated_blocks(fullgraph=True)
+        else:
+            mode = "max-autotune" if cuda else None
+            pipeline.unet = torch.compile(pipeline.unet, mode=mode, fullgraph=True)
+        # Decoders have no repeated blocks to speak of: compile them whole.
+        pipeline.vae.decode = torch.compile(pipeline.vae.decode, fullgraph=True)
+        if self.tiny is not None:
+            self.tiny.decode = torch.compile(self.tiny.decode, fullgraph=True)
+        batch = self.fixed_batch or 1
+        for decoder in self.decoders:
+            self.sample([f"warm-up {n}" for n in range(batch)], list(range(batch)), decoder=decoder)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - started
+        log.info(
+            "compiled (%s) and warmed up in %.1f s",
+            self.compile,
+            self.compile_seconds,
+            extra={"compile": self.compile, "seconds": round(self.compile_seconds, 1)},
+        )
+        return self.compile_seconds
+
+    @property
+    def decoders(self) -> tuple[str, ...]:
+        """The decoders this generator can use: ``vae``, and ``tiny`` when one is loaded."""
+        return ("vae", "tiny") if self.tiny is not None else ("vae",)
+
+    def check_inputs(
+        self, prompts: Sequence[str], seeds: Sequence[int], decoder: str = "vae"
+    ) -> None:
         if not prompts:
             raise ValueError("prompts must not be empty")
         if len(prompts) != len(seeds):
             raise ValueError(
                 f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}"
             )
+        if decoder not in self.decoders:
+            raise ValueError(
+                f"decoder must be one of {self.decoders} on this worker, got {decoder!r}"
+                + (
+                    " (no tiny decoder is loaded: DISTILL_TINY_DECODER)"
+                    if decoder == "tiny"
+                    else ""
+                )
+            )
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline's (prompt_embeds, pooled_prompt_embeds) for ``prompts``, in order.
+
+        Each distinct prompt goes through the text encoders once per worker (a least recently
+        used cache of ``prompt_cache_size``); a batch of one class repeats one prompt.
+        """
+        cache = self._embeddings
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompt=missing,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+            for n, prompt in enumerate(missing):
+                cache[prompt] = (embeds[n], pooled[n])
+            self.prompt_stats["encoded"] += len(missing)
+        self.prompt_stats["cached"] += len(prompts) - len(missing)
+        for prompt in prompts:
+            cache.move_to_end(prompt)
+        found = [cache[p] for p in prompts]
+        while len(cache) > max(self.prompt_cache_size, len(set(prompts))):
+            cache.popitem(last=False)
+        return torch.stack([e for e, _ in found]), torch.stack([p for _, p in found])
 
     @torch.inference_mode()
     def sample(
-        self, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        resolution: int | None = None,
+        decoder: str = "vae",
     ) -> torch.Tensor:
         """Sample one image per prompt; returns (N, 3, R, R) floats in [0, 1] on the device.
 
@@ -175,11 +361,16 @@ class Generator:
         its own CPU generator seeded with its seed, so an image does not depend on the batch
         it was sampled in or on the device.
         """
-        self.check_inputs(prompts, seeds)
+        self.check_inputs(prompts, seeds, decoder)
         side = resolution or self.resolution
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        if self.cache_prompts:
+            embeds, pooled = self.encode(prompts)
+            text: dict[str, Any] = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        else:
+            text = {"prompt": list(prompts)}
         out = self.pipeline(
-            prompt=list(prompts),
+            **text,
             num_inference_steps=NUM_INFERENCE_STEPS,
             guidance_scale=GUIDANCE_SCALE,
             height=side,
@@ -187,11 +378,23 @@ class Generator:
             generator=generators,
             output_type="latent",
         )
-        return self.decode(out.images)
+        return self.decode(out.images, decoder=decoder)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> (N, 3, R, R) floats in [0, 1], in ``decode_dtype`` (see ``load``)."""
+    def decode(self, latents: torch.Tensor, *, decoder: str = "vae") -> torch.Tensor:
+        """Latents -> (N, 3, R, R) floats in [0, 1].
+
+        ``vae``: the model's own, in ``decode_dtype`` (see ``load``). ``tiny``: the
+        ``AutoencoderTiny``, with its own conventions (scaling factor 1: the UNet's latents as
+        they are; its output is already in [-1, 1]).
+        """
+        if decoder == "tiny":
+            if self.tiny is None:
+                raise ValueError("no tiny decoder is loaded (DISTILL_TINY_DECODER)")
+            tiny_image: torch.Tensor = self.tiny.decode(
+                latents.to(self.tiny.dtype), return_dict=False
+            )[0]
+            return (tiny_image / 2 + 0.5).clamp(0, 1)
         vae = self.pipeline.vae
         latents = latents.to(self.decode_dtype)
         config = vae.config
@@ -211,25 +414,30 @@ class Generator:
         *,
         sizes: Sequence[int],
         resolution: int | None = None,
+        decoder: str = "vae",
     ) -> dict[int, np.ndarray]:
         """Sample and shrink: ``{size: (N, size, size, 3) uint8}`` for each requested size.
 
         A batch that runs out of device memory is retried in halves (down to one image), and
-        the size that worked is kept for later batches instead of failing the job.
+        the size that worked is kept for later batches instead of failing the job. With
+        compiled graphs every call holds ``fixed_batch`` images (the last batch is padded with
+        copies of its last image, dropped afterwards), so nothing recompiles.
         """
-        self.check_inputs(prompts, seeds)
+        self.check_inputs(prompts, seeds, decoder)
         parts: list[dict[int, np.ndarray]] = []
         start = 0
         while start < len(prompts):
             step = min(self.max_batch or len(prompts), len(prompts) - start)
+            chunk_prompts = list(prompts[start : start + step])
+            chunk_seeds = list(seeds[start : start + step])
+            pad = max((self.fixed_batch or 0) - step, 0) if self.max_batch is None else 0
             try:
-                parts.append(
-                    self._render(
-                        prompts[start : start + step],
-                        seeds[start : start + step],
-                        sizes,
-                        resolution,
-                    )
+                rendered = self._render(
+                    chunk_prompts + chunk_prompts[-1:] * pad,
+                    chunk_seeds + chunk_seeds[-1:] * pad,
+                    sizes,
+                    resolution,
+                    decoder,
                 )
             except torch.OutOfMemoryError:
                 if step == 1:
@@ -244,6 +452,7 @@ class Generator:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            parts.append({size: images[:step] for size, images in rendered.items()})
             start += step
         if len(parts) == 1:
             return parts[0]
@@ -256,9 +465,10 @@ class Generator:
         seeds: Sequence[int],
         sizes: Sequence[int],
         resolution: int | None,
+        decoder: str = "vae",
     ) -> dict[int, np.ndarray]:
         """One pipeline call; resizing runs on the device before one copy to the host."""
-        images = self.sample(prompts, seeds, resolution=resolution).float()
+        images = self.sample(prompts, seeds, resolution=resolution, decoder=decoder).float()
         result: dict[int, np.ndarray] = {}
         for size in sorted(set(sizes)):
             resized = images
@@ -276,7 +486,7 @@ class Generator:
             return None
         return int(torch.cuda.memory_allocated(self.device))
 
-    def describe(self) -> dict[str, str | int]:
+    def describe(self) -> dict[str, str | int | float]:
         """Facts about the loaded model for worker status."""
         return {
             "model": self.model,
@@ -286,6 +496,9 @@ class Generator:
             "resolution": self.resolution,
             "max_batch": self.max_batch or 0,
             "decode_dtype": str(self.decode_dtype).removeprefix("torch."),
+            "decoders": ",".join(self.decoders),
+            "compile": self.compile,
+            "compile_seconds": round(self.compile_seconds, 1),
         }
 
     def provenance(self) -> dict[str, Any]:
@@ -304,6 +517,45 @@ class Generator:
             "noise": "per image: torch.Generator('cpu').manual_seed(seed)",
             "speed_options": self.options or {},
         }
+
+    def decoder_provenance(self, decoder: str) -> dict[str, Any]:
+        """Which decoder made a dataset's pixels: its kind, id and local fingerprint."""
+        if decoder == "tiny":
+            return {
+                "decoder": "tiny",
+                "class": type(self.tiny).__name__,
+                "id": self.tiny_id,
+                "local_fingerprint": self.tiny_fingerprint,
+                "dtype": str(self.tiny.dtype).removeprefix("torch.") if self.tiny else None,
+            }
+        return {
+            "decoder": "vae",
+            "class": type(self.pipeline.vae).__name__,
+            "id": f"{self.model} (vae)",
+            "local_fingerprint": self.fingerprint,
+            "dtype": str(self.decode_dtype).removeprefix("torch."),
+        }
+
+
+def _load(kind: Any, source: str, *, what: str, **options: Any) -> Any:
+    """``kind.from_pretrained(source)``, or ``ModelLoadError`` saying why in one line."""
+    try:
+        return kind.from_pretrained(source, **options)
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        reason = text.split(" Please check out the root cause")[0].rstrip(".")
+        raise ModelLoadError(f"cannot load {what} {source!r}: {reason}") from exc
+
+
+def _inductor_settings(device: torch.device) -> None:
+    """Inductor as diffusers' speed guide sets it for SDXL (1x1 convolutions as matrix
+    multiplies, coordinate-descent tuning of the generated kernels)."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = device.type == "cuda"
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = device.type == "cuda"
 
 
 def fingerprint(directory: Path, *, chunk: int = 1 << 20) -> str:

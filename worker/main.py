@@ -34,9 +34,16 @@ from core.settings import Settings, settings_or_exit
 from worker import runtime
 
 if TYPE_CHECKING:
+    from worker.generator import Generator
     from worker.gpus import GpuClaim
 
 log = logging.getLogger("worker")
+
+TINY_HINT = (
+    "set DISTILL_TINY_DECODER to a local AutoencoderTiny directory (a copy of "
+    "madebyollin/taesdxl, or the tiny_decoder folder `python -m worker.tiny_model DIR` writes), "
+    "or to none"
+)
 
 LOAD_HINT = (
     "set DISTILL_MODEL to a local directory holding a diffusers StableDiffusionXLPipeline "
@@ -147,6 +154,21 @@ class StatusBeacon:
                 next_round = time.monotonic() + maintenance.INTERVAL_S
 
 
+def _batch_size(generator: Generator, settings: Settings) -> int:
+    """``DISTILL_BATCH_SIZE``, or on a GPU (``DISTILL_AUTO_BATCH``) the fastest batch from it
+    up that fits in memory."""
+    if not settings.auto_batch or generator.device.type != "cuda":
+        return settings.batch_size
+    batch, tried = generator.tune_batch(settings.batch_size)
+    log.info(
+        "batch size %d (tried %s)",
+        batch,
+        ", ".join(f"{b}: {r if r is not None else 'out of memory'} img/s" for b, r in tried),
+        extra={"batch": batch},
+    )
+    return batch
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until SIGINT/SIGTERM; exit 2 when the model cannot be loaded."""
     settings = settings_or_exit("distill worker")
@@ -180,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 resolution=settings.resolution,
                 vae_dtype=settings.vae_dtype,
                 channels_last=settings.channels_last,
-                compile_unet=settings.compile_unet,
+                tiny_decoder=settings.tiny_decoder,
             )
         except ModelLoadError as exc:
-            print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)
+            hint = TINY_HINT if "AutoencoderTiny" in str(exc) else LOAD_HINT
+            print(f"distill worker: {exc}. To fix: {hint}.", file=sys.stderr, flush=True)
             return 2
         log.info(
             "loaded %s on %s in %.1f s",
@@ -191,14 +214,24 @@ def main(argv: list[str] | None = None) -> int:
             generator.device,
             time.perf_counter() - started,
         )
+        batch = _batch_size(generator, settings)
+        if settings.compile != "off":
+            beacon.update(state="compiling")
+            generator.enable_compile(settings.compile, batch_size=batch)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # Import the job's code and start the post-processing pool now, not in the first job.
         importlib.import_module("worker.tasks")
         from worker.postprocess import make_pool
 
-        pool = make_pool(settings.postprocess_mode, settings.postprocess_workers)
+        pool = make_pool(settings.postprocess_mode, settings.postprocess_pool_size)
         runtime.install(
-            runtime.Runtime(generator=generator, settings=settings, worker_name=name, pool=pool)
+            runtime.Runtime(
+                generator=generator,
+                settings=settings,
+                worker_name=name,
+                pool=pool,
+                batch_size=batch,
+            )
         )
 
         queue = Queue(settings.queue_name, connection=redis)
@@ -218,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
         worker._install_signal_handlers()  # type: ignore[no-untyped-call]
-        beacon.update(state=workers.READY, **generator.describe())
+        beacon.update(
+            state=workers.READY,
+            batch_size=batch,
+            postprocess_workers=settings.postprocess_pool_size,
+            **generator.describe(),
+        )
         try:
             worker.work(with_scheduler=False, logging_level=settings.log_level)
         except RedisConnectionError as exc:

@@ -87,6 +87,7 @@ def build(
         # Keyed like torchvision's ImageFolder: by folder name (labels can repeat in ImageNet).
         "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
         "model": generator.provenance(),
+        "decoder": generator.decoder_provenance(spec.decoder),
         "sampling": {
             "batch_size": batch_size,
             "output_size": spec.size,

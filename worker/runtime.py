@@ -19,6 +19,8 @@ class Runtime:
     worker_name: str
     #: The post-processing pool, kept for the worker's lifetime (None: each job makes one).
     pool: Executor | None = None
+    #: Images per pipeline call (``DISTILL_BATCH_SIZE``, or what the worker found fastest).
+    batch_size: int = 8
 
 
 _current: Runtime | None = None

@@ -240,9 +240,9 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
             work.sample_spec,
             rt.generator,
             outputs,
-            batch_size=settings.batch_size,
+            batch_size=rt.batch_size,
             pool=rt.pool,
-            workers=settings.postprocess_workers,
+            workers=settings.postprocess_pool_size,
             hooks=hooks,
             items=work.items,
         )
@@ -311,7 +311,7 @@ def _publish(
             outputs=outputs,
             tensors=tensors,
             run=run,
-            batch_size=rt.settings.batch_size,
+            batch_size=rt.batch_size,
         )
     )
     key = keys.archive(job_id)

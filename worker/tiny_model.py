@@ -5,6 +5,9 @@ CLIP tokenizers, a ``text_time`` UNet, an 8x VAE, an Euler ancestral scheduler w
 timestep spacing, as SDXL-Turbo ships) that ``from_pretrained(DIR)`` loads with
 ``HF_HUB_OFFLINE=1``. The worker loads it exactly like the real model.
 
+Beside it, in ``DIR/tiny_decoder``, a tiny random ``AutoencoderTiny`` for ``decoder="tiny"``
+(``DISTILL_TINY_DECODER=DIR/tiny_decoder``).
+
 Usage: ``python -m worker.tiny_model DIR``
 """
 
@@ -164,6 +167,30 @@ def build(directory: Path, *, seed: int = 0) -> Path:
     for path in sorted(scratch.iterdir()):
         path.unlink()
     scratch.rmdir()
+    build_tiny_decoder(directory / TINY_DECODER_DIR, seed=seed)
+    return directory
+
+
+#: Where ``build`` puts the tiny ``AutoencoderTiny`` (``DISTILL_TINY_DECODER=DIR/tiny_decoder``);
+#: the pipeline's loader ignores a folder its model_index.json does not name.
+TINY_DECODER_DIR = "tiny_decoder"
+
+
+def build_tiny_decoder(directory: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random ``AutoencoderTiny`` (TAESD's layout at a few channels) that decodes
+    the tiny pipeline's 4-channel latents 8x up, as TAESDXL does SDXL's."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed + 1)
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    decoder.save_pretrained(str(directory), safe_serialization=True)
     return directory
 
 
@@ -183,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     build(args.directory, seed=args.seed)
     built = time.perf_counter()
     print(
-        f"wrote a tiny SDXL pipeline to {args.directory}: built in {built - imported:.2f} s "
+        f"wrote a tiny SDXL pipeline to {args.directory} and a tiny AutoencoderTiny to "
+        f"{args.directory / TINY_DECODER_DIR}: built in {built - imported:.2f} s "
         f"(+{imported - started:.2f} s importing torch/diffusers/transformers)",
         file=sys.stderr,
     )

@@ -355,3 +355,25 @@ def test_reads_only_read_a_running_job_in_one_round_trip(
     assert job["id"] in [j.id for j in page]
     client.post(f"/v1/jobs/{job['id']}/cancel")
     assert wait_for(client.get, job["id"])["state"] == "canceled"
+
+
+def test_a_tiny_decoder_job_runs_end_to_end_and_says_which_decoder(
+    client: TestClient, worker: subprocess.Popen[bytes]
+) -> None:
+    body = {"labels": ["cat", "dog"], "ipc": 3, "image_size": 16, "decoder": "tiny"}
+    job, data = run_job(client, body)
+    assert job["request"]["decoder"] == "tiny" and job["progress"]["written"] == 6
+    manifest = json.loads(zipfile.ZipFile(io.BytesIO(data)).read("manifest.json"))
+    assert manifest["request"]["decoder"] == "tiny"
+    assert manifest["decoder"]["decoder"] == "tiny"
+    assert manifest["decoder"]["class"] == "AutoencoderTiny"
+    assert manifest["decoder"]["local_fingerprint"]
+    _, vae = run_job(client, {**body, "decoder": "vae"})
+    assert (
+        json.loads(zipfile.ZipFile(io.BytesIO(vae)).read("manifest.json"))["decoder"]["class"]
+        == "AutoencoderKL"
+    )
+    tiny_pixels, vae_pixels = _pixels(data), _pixels(vae)
+    assert tiny_pixels.keys() == vae_pixels.keys()
+    # The same latents, decoded another way.
+    assert any(not np.array_equal(tiny_pixels[k], vae_pixels[k]) for k in tiny_pixels)

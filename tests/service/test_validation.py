@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.redis_server import EmbeddedRedis
+from tests.conftest import make_settings
 
 GOOD: dict[str, Any] = {"labels": ["cat", "dog"], "ipc": 10}
 
@@ -158,6 +163,7 @@ def test_defaults_are_filled_in(idle_client: TestClient) -> None:
         "image_size": 32,
         "seed": 0,
         "resolution": None,
+        "decoder": "vae",
         "prompt_template": "a photo of a {label}",
         "prompts": [],
         "augment": {"policy": "paper", "copies": 4, "crop_scale": 1.25},
@@ -171,3 +177,21 @@ def test_unknown_route_and_method_are_problems(idle_client: TestClient) -> None:
     response = idle_client.delete("/v1/jobs")
     assert response.status_code == 405
     assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_a_tiny_decoder_this_service_lacks_is_422_naming_decoder(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        redis_server.url, tmp_path, queue_name=f"idle-{tmp_path.name}", tiny_decoder="none"
+    )
+    assert settings.tiny_decoder is None
+    with TestClient(create_app(settings)) as client:
+        refused = client.post("/v1/jobs", json={"labels": ["cat"], "ipc": 1, "decoder": "tiny"})
+        assert refused.status_code == 422
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["detail"].startswith("decoder:")
+        assert client.post("/v1/jobs", json={"labels": ["cat"], "ipc": 1}).status_code == 202
+        unknown = client.post("/v1/jobs", json={"labels": ["cat"], "ipc": 1, "decoder": "big"})
+        assert unknown.status_code == 422
+        assert unknown.json()["errors"][0]["field"] == "decoder"

@@ -113,7 +113,7 @@ class MemoryLimitedPipeline:
         return getattr(self._pipeline, name)
 
     def __call__(self, **kwargs: object) -> object:
-        count = len(kwargs["prompt"])  # type: ignore[arg-type]
+        count = len(kwargs["prompt_embeds"])  # type: ignore[arg-type]
         self.calls.append(count)
         if count > self.limit:
             raise torch.OutOfMemoryError(f"cannot fit {count} images")
@@ -174,3 +174,121 @@ def test_bfloat16_decoding_is_close_to_float32(tiny_model: Path, generator: Gene
     a = generator.render(["a photo of a dog"], [3], sizes=(16,))[16].astype(int)
     b = bf16.render(["a photo of a dog"], [3], sizes=(16,))[16].astype(int)
     assert np.abs(a - b).mean() < 3
+
+
+def _stock_uint8(generator: Generator, prompts: list[str], seeds: list[int]) -> np.ndarray:
+    """The stock pipeline's own prompt encoding (every prompt, every call), then our decode,
+    as uint8 at the sampling size."""
+    with torch.inference_mode():
+        latents = generator.pipeline(
+            prompt=prompts,
+            num_inference_steps=1,
+            guidance_scale=0.0,
+            height=generator.resolution,
+            width=generator.resolution,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            output_type="latent",
+        ).images
+        images = generator.decode(latents)
+    as_bytes = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return as_bytes.permute(0, 2, 3, 1).numpy()
+
+
+def test_prompts_are_encoded_once_and_give_the_uncached_images(tiny_model: Path) -> None:
+    fresh = Generator.load(str(tiny_model), device="cpu")
+    prompts = [f"a photo of a {c}" for c in ("cat", "dog", "ship", "frog") for _ in range(3)]
+    seeds = list(range(12))
+    side = fresh.resolution
+    first = fresh.render(prompts, seeds, sizes=(side,))[side]
+    assert fresh.prompt_stats == {"encoded": 4, "cached": 8}
+    again = fresh.render(prompts, seeds, sizes=(side,))[side]
+    assert fresh.prompt_stats == {"encoded": 4, "cached": 20}
+    assert np.array_equal(first, again)
+    assert np.array_equal(first, _stock_uint8(fresh, prompts, seeds))
+    stock = dataclasses.replace(fresh, cache_prompts=False)
+    assert np.array_equal(first, stock.render(prompts, seeds, sizes=(side,))[side])
+
+
+def test_the_prompt_cache_is_bounded(tiny_model: Path) -> None:
+    small = dataclasses.replace(Generator.load(str(tiny_model), device="cpu"))
+    small.prompt_cache_size = 2
+    for label in ("cat", "dog", "ship", "frog"):
+        small.render([f"a photo of a {label}"] * 2, [1, 2], sizes=(8,))
+    assert list(small._embeddings) == ["a photo of a ship", "a photo of a frog"]
+    # A batch with more distinct prompts than the cache holds still gets all of them.
+    prompts = [f"a photo of a {c}" for c in ("cat", "dog", "bird")]
+    out = small.render(prompts, [1, 2, 3], sizes=(8,))[8]
+    assert out.shape[0] == 3 and len(small._embeddings) <= 3
+
+
+def test_no_watermark_and_the_vae_keeps_its_decode_dtype(generator: Generator) -> None:
+    assert generator.pipeline.watermark is None
+    before = next(generator.pipeline.vae.parameters()).dtype
+    generator.render(["a photo of a cat"], [1], sizes=(8,))
+    assert next(generator.pipeline.vae.parameters()).dtype == before == generator.decode_dtype
+
+
+def test_the_tiny_decoder_uses_its_own_conventions(tiny_model: Path) -> None:
+    from diffusers import AutoencoderTiny
+
+    both = Generator.load(
+        str(tiny_model), device="cpu", tiny_decoder=str(tiny_model / "tiny_decoder")
+    )
+    assert both.decoders == ("vae", "tiny") and isinstance(both.tiny, AutoencoderTiny)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = both.decode(latents, decoder="tiny")
+        # Scaling factor 1 (the UNet's latents as they are), output in [-1, 1].
+        expected = (both.tiny.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+    assert both.tiny.config.scaling_factor == 1.0
+    assert torch.equal(ours, expected) and ours.shape == (2, 3, 64, 64)
+    out = both.render(["a photo of a cat"] * 2, [1, 2], sizes=(16,), decoder="tiny")[16]
+    assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
+    assert both.decoder_provenance("tiny")["class"] == "AutoencoderTiny"
+    assert both.decoder_provenance("tiny")["local_fingerprint"]
+    with pytest.raises(ValueError, match="DISTILL_TINY_DECODER"):
+        Generator.load(str(tiny_model), device="cpu").render(["a"], [1], sizes=(8,), decoder="tiny")
+
+
+def test_a_missing_tiny_decoder_is_a_load_error_naming_it(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="AutoencoderTiny"):
+        Generator.load(str(tiny_model), device="cpu", tiny_decoder=str(tmp_path / "none-here"))
+
+
+def test_a_short_last_batch_is_padded_to_the_fixed_batch(tiny_model: Path) -> None:
+    eager = Generator.load(str(tiny_model), device="cpu")
+    padded = dataclasses.replace(eager, fixed_batch=4)
+    prompts, seeds = ["a photo of a cat", "a photo of a dog", "a photo of a cat"], [1, 2, 3]
+    calls: list[int] = []
+    original = padded._render
+
+    def counting(p: list[str], *args: object) -> dict[int, np.ndarray]:
+        calls.append(len(p))
+        return original(p, *args)  # type: ignore[arg-type]
+
+    padded._render = counting  # type: ignore[method-assign]
+    out = padded.render(prompts, seeds, sizes=(16,))[16]
+    assert calls == [4] and out.shape[0] == 3
+    assert np.array_equal(out, eager.render(prompts, seeds, sizes=(16,))[16])
+
+
+def test_batch_tuning_measures_doubling_batches(generator: Generator) -> None:
+    best, tried = generator.tune_batch(1, limit=4, gain=1.0)
+    assert [b for b, _ in tried][:1] == [1] and best in (1, 2, 4)
+    assert all(rate is not None and rate > 0 for _, rate in tried)
+
+
+@pytest.mark.slow
+def test_a_compiled_generator_gives_the_eager_images(tiny_model: Path) -> None:
+    """torch.compile (regional: the UNet's repeated blocks, and both decoders) on this CPU."""
+    tiny = str(tiny_model / "tiny_decoder")
+    eager = Generator.load(str(tiny_model), device="cpu", tiny_decoder=tiny)
+    compiled = Generator.load(
+        str(tiny_model), device="cpu", tiny_decoder=tiny, compile="regional", batch_size=4
+    )
+    assert compiled.compile_seconds > 0 and compiled.describe()["compile"] == "regional"
+    prompts, seeds = ["a photo of a cat", "a photo of a dog", "a photo of a cat"], [4, 5, 6]
+    for decoder in ("vae", "tiny"):
+        a = eager.render(prompts, seeds, sizes=(16,), decoder=decoder)[16].astype(int)
+        b = compiled.render(prompts, seeds, sizes=(16,), decoder=decoder)[16].astype(int)
+        assert np.abs(a - b).max() <= 1, decoder  # equal up to rounding
