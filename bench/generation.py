@@ -9,9 +9,12 @@ Modes, each run in its own process so peak memory is its own:
                output, PIL bicubic resize, then the paper's augmentation on the already-shrunk
                image (its RandomCrop to the same size does nothing), PNG files written to disk.
 - engine:      our worker's path (worker.engine.run) for the same classes and IPC, into a zip.
+- uncached:    the same, with every image's prompt through the text encoders (the stock
+               pipeline's prompt path): what encoding each class prompt once saves.
 - bare:        the model's own forward passes only (text encoders + UNet + decoder, batched).
 - service:     the same job through the API, Redis, queue and a worker, POST to succeeded.
-- postprocess: resize-free CPU side only (paper PDA + PNG + zip) on random images, images/s.
+- postprocess: resize-free CPU side only (paper PDA + PNG + zip) on random images, images/s;
+               with --sweep, once per pool kind (threads, processes) and size (1 to 16).
 
 Without --model it builds the tiny random model (CPU smoke figures). With --skeleton it builds
 the full-size SDXL-Turbo architecture from a weightless config directory with random weights
@@ -38,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-MODES = ("reference", "engine", "bare", "service", "postprocess")
+MODES = ("reference", "engine", "uncached", "bare", "service", "postprocess")
+#: Post-processing pools tried by --sweep: threads and processes, 1 to 16 workers.
+SWEEP = [(pool, n) for pool in ("threads", "processes") for n in (1, 2, 4, 8, 16)]
 
 
 def peak_rss_mb() -> float:
@@ -52,14 +57,19 @@ def load(args: argparse.Namespace) -> Any:
 
     if args.skeleton:
         return build_skeleton(Path(args.skeleton), args.device)
+    tiny = Path(args.model) / "tiny_decoder"
     gen = Generator.load(
         str(args.model),
         device=args.device,
         dtype=args.dtype,
         vae_dtype=args.vae_dtype,
         channels_last=args.channels_last,
-        compile_unet=args.compile,
+        tiny_decoder=str(tiny) if tiny.is_dir() else None,
+        compile=args.compile,
+        batch_size=args.batch_size,
     )
+    # "uncached": the stock path, every image's prompt through the text encoders.
+    gen.cache_prompts = args.child != "uncached"
     if gen.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(gen.device)
     return gen
@@ -117,7 +127,7 @@ def spec_for(args: argparse.Namespace) -> Any:
     from core.spec import DatasetSpec
 
     labels = [f"class {i}" for i in range(args.classes)]
-    return DatasetSpec(labels=labels, ipc=args.ipc, image_size=args.size)
+    return DatasetSpec(labels=labels, ipc=args.ipc, image_size=args.size, decoder=args.decoder)
 
 
 def gpu_peak_mb(gen: Any) -> float | None:
@@ -344,6 +354,7 @@ def source_size_for(spec: Any) -> int:
 RUNNERS = {
     "reference": run_reference,
     "engine": run_engine,
+    "uncached": run_engine,
     "bare": run_bare,
     "service": run_service,
     "postprocess": run_postprocess,
@@ -364,13 +375,21 @@ def main() -> int:
     parser.add_argument("--ipc", type=int, default=50)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="post-processing workers")
+    parser.add_argument(
+        "--workers", type=int, default=max(os.cpu_count() or 2, 2), help="post-processing workers"
+    )
     parser.add_argument("--pool", choices=("processes", "threads"), default="threads")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
     parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--compile", choices=("off", "regional", "full"), default="off")
+    parser.add_argument("--decoder", choices=("vae", "tiny"), default="vae")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="postprocess with threads and processes, 1 to 16 workers (one row each)",
+    )
     parser.add_argument("--model", type=Path)
     parser.add_argument("--skeleton", type=Path)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -387,16 +406,25 @@ def main() -> int:
             args.model = build(Path(scratch) / "tiny-model")
         results: dict[str, dict[str, Any]] = {}
         passthrough = _strip_modes(sys.argv[1:])
+        runs: list[tuple[str, str, list[str]]] = []
         for mode in args.modes:
-            command = [sys.executable, __file__, *passthrough, "--child", mode]
+            if mode == "postprocess" and args.sweep:
+                runs += [
+                    (f"pp {pool[:4]} x{n}", mode, ["--pool", pool, "--workers", str(n)])
+                    for pool, n in SWEEP
+                ]
+            else:
+                runs.append((mode, mode, []))
+        for label, mode, extra in runs:
+            command = [sys.executable, __file__, *passthrough, *extra, "--child", mode]
             if args.model is not None and "--model" not in passthrough:
                 command += ["--model", str(args.model)]
             done = subprocess.run(command, capture_output=True, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                print(f"{mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                print(f"{label}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
-            results[mode] = json.loads(line.removeprefix("RESULT "))
+            results[label] = json.loads(line.removeprefix("RESULT "))
 
     device = args.device or ("cuda" if _cuda() else "cpu")
     cpu = platform.processor() or platform.machine()
@@ -424,6 +452,10 @@ def main() -> int:
         ratios["engine/reference"] = results["engine"]["images_per_second"] / max(
             results["reference"]["images_per_second"], 1e-9
         )
+    if "engine" in results and "uncached" in results:
+        ratios["engine/uncached (prompts encoded once)"] = results["engine"][
+            "images_per_second"
+        ] / max(results["uncached"]["images_per_second"], 1e-9)
     if "engine" in results and "bare" in results:
         ratios["engine/bare (sampled)"] = results["engine"]["sampled_per_second"] / max(
             results["bare"]["sampled_per_second"], 1e-9
