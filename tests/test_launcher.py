@@ -41,6 +41,7 @@ def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
     env.update(
         {
             "DISTILL_MODEL": str(tiny_model),
+            "DISTILL_TINY_DECODER": str(tiny_model / "tiny_decoder"),
             "DISTILL_PORT": str(port),
             "DISTILL_DATA_DIR": str(tmp_path / "data"),
             "DISTILL_WORKERS": "2",
