@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint openapi tiny-model bench bench-eval clean
+.PHONY: install run demo test lint openapi tiny-model bench bench-eval clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ openapi: install
 
 tiny-model: install
 	$(PY) -m worker.tiny_model tiny-model
+
+# The whole stack on the tiny random-weight model: no network, no GPU, no weights needed.
+demo: install
+	@test -f tiny-model/tiny_decoder/config.json || $(PY) -m worker.tiny_model tiny-model
+	DISTILL_MODEL=./tiny-model DISTILL_TINY_DECODER=./tiny-model/tiny_decoder \
+	  DISTILL_DEVICE=cpu HF_HUB_OFFLINE=1 $(PY) -m service.launcher
 
 # Generation benchmark (reference / engine / bare / service / post-processing); see BENCHMARKS.md.
 bench: install
