@@ -113,7 +113,9 @@ class Generator:
         only change speed. Raises ``ModelLoadError`` when something cannot be loaded.
         """
         from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+        from diffusers.utils import logging as diffusers_logging
 
+        diffusers_logging.disable_progress_bar()  # a worker's output is its JSON log lines
         started = time.perf_counter()
         target = pick_device(device)
         torch_dtype = pick_dtype(dtype, target)
