@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictFloat,
+    StrictInt,
     Tag,
     ValidationError,
     field_validator,
@@ -41,7 +43,7 @@ DEFAULT_IMAGE_SIZE = 32
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Probability = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
 
 
 def _has_control_chars(text: str) -> bool:
@@ -67,12 +69,16 @@ class FlipParams(_Params):
 
 class BrightnessContrastParams(_Params):
     brightness_limit: (
-        Annotated[float, Field(ge=0, le=1)]
-        | tuple[Annotated[float, Field(ge=-1, le=1)], Annotated[float, Field(ge=-1, le=1)]]
+        Annotated[StrictFloat, Field(ge=0, le=1)]
+        | tuple[
+            Annotated[StrictFloat, Field(ge=-1, le=1)], Annotated[StrictFloat, Field(ge=-1, le=1)]
+        ]
     ) = 0.2
     contrast_limit: (
-        Annotated[float, Field(ge=0, le=1)]
-        | tuple[Annotated[float, Field(ge=-1, le=1)], Annotated[float, Field(ge=-1, le=1)]]
+        Annotated[StrictFloat, Field(ge=0, le=1)]
+        | tuple[
+            Annotated[StrictFloat, Field(ge=-1, le=1)], Annotated[StrictFloat, Field(ge=-1, le=1)]
+        ]
     ) = 0.2
     p: Probability = 0.5
 
@@ -88,8 +94,11 @@ BorderMode = Literal["reflect_101", "reflect", "replicate", "wrap", "constant"]
 
 class RotateParams(_Params):
     limit: (
-        Annotated[float, Field(ge=0, le=180)]
-        | tuple[Annotated[float, Field(ge=-180, le=180)], Annotated[float, Field(ge=-180, le=180)]]
+        Annotated[StrictFloat, Field(ge=0, le=180)]
+        | tuple[
+            Annotated[StrictFloat, Field(ge=-180, le=180)],
+            Annotated[StrictFloat, Field(ge=-180, le=180)],
+        ]
     ) = 90
     # Mirrored borders by default: black corners teach a classifier about black corners.
     border_mode: BorderMode = "reflect_101"
@@ -103,7 +112,7 @@ class RotateParams(_Params):
 
 class GammaParams(_Params):
     gamma_limit: tuple[
-        Annotated[float, Field(gt=0, le=500)], Annotated[float, Field(gt=0, le=500)]
+        Annotated[StrictFloat, Field(gt=0, le=500)], Annotated[StrictFloat, Field(gt=0, le=500)]
     ] = (
         80,
         120,
@@ -121,11 +130,15 @@ class CropParams(_Params):
 
 
 class ResizedCropParams(_Params):
-    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (
+    scale: tuple[
+        Annotated[StrictFloat, Field(gt=0, le=1)], Annotated[StrictFloat, Field(gt=0, le=1)]
+    ] = (
         0.5,
         1.0,
     )
-    ratio: tuple[Annotated[float, Field(gt=0, le=10)], Annotated[float, Field(gt=0, le=10)]] = (
+    ratio: tuple[
+        Annotated[StrictFloat, Field(gt=0, le=10)], Annotated[StrictFloat, Field(gt=0, le=10)]
+    ] = (
         0.75,
         4 / 3,
     )
@@ -138,16 +151,16 @@ class ResizedCropParams(_Params):
 
 
 class ColorJitterParams(_Params):
-    brightness: Annotated[float, Field(ge=0, le=1)] = 0.2
-    contrast: Annotated[float, Field(ge=0, le=1)] = 0.2
-    saturation: Annotated[float, Field(ge=0, le=1)] = 0.2
-    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    brightness: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.2
+    contrast: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.2
+    saturation: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.2
+    hue: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.05
     p: Probability = 0.5
 
 
 class BlurParams(_Params):
     sigma_limit: tuple[
-        Annotated[float, Field(gt=0, le=10)], Annotated[float, Field(gt=0, le=10)]
+        Annotated[StrictFloat, Field(gt=0, le=10)], Annotated[StrictFloat, Field(gt=0, le=10)]
     ] = (
         0.5,
         1.5,
@@ -254,11 +267,11 @@ class AugmentSpec(BaseModel):
         default="paper",
         description='"paper" (the paper\'s six transforms), "none", or a list of transforms.',
     )
-    copies: Annotated[int, Field(ge=0, le=MAX_COPIES)] | None = Field(
+    copies: Annotated[StrictInt, Field(ge=0, le=MAX_COPIES)] | None = Field(
         default=None,
         description="Augmented copies per generated image; default 4, or 0 with policy none.",
     )
-    crop_scale: Annotated[float, Field(ge=1.0, le=4.0)] = Field(
+    crop_scale: Annotated[StrictFloat, Field(ge=1.0, le=4.0)] = Field(
         default=1.25,
         description="Crops are cut from the image resized to crop_scale x image_size.",
     )
@@ -367,23 +380,25 @@ class DatasetSpec(BaseModel):
     preset: PresetName | None = Field(
         default=None, description="A standard class list in its dataset's index order."
     )
-    ipc: int | None = Field(
+    ipc: StrictInt | None = Field(
         default=None, ge=1, le=MAX_IPC, description="Images per class; or use budget_seconds."
     )
-    budget_seconds: float | None = Field(
+    budget_seconds: StrictFloat | None = Field(
         default=None,
         ge=1,
         le=MAX_BUDGET_SECONDS,
         description="Generate as many images per class as fit in this many seconds.",
     )
-    image_size: int | None = Field(
+    image_size: StrictInt | None = Field(
         default=None,
         ge=MIN_IMAGE_SIZE,
         le=MAX_IMAGE_SIZE,
         description="Output side in pixels; default the preset's native size, else 32.",
     )
-    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same request + seed = same data.")
-    resolution: int | None = Field(
+    seed: StrictInt = Field(
+        default=0, ge=0, le=MAX_SEED, description="Same request + seed = same data."
+    )
+    resolution: StrictInt | None = Field(
         default=None,
         ge=128,
         le=1024,

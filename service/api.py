@@ -56,6 +56,8 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
             410: "The job expired (DISTILL_RESULT_TTL) or its archive was removed",
             413: "Request body too large",
             415: "Body is not application/json",
+            416: "The Range asks for no byte of the archive (Content-Range: bytes */size); "
+            "a Range of another unit or a malformed one is ignored (200, the whole archive)",
             422: "Invalid request; `errors` names each offending field",
             429: "Too many requests",
             503: "Redis unreachable or queue full; see Retry-After",
@@ -219,8 +221,7 @@ def cancel_job(
         206: {"content": {"application/zip": {}}, "description": "Part of the archive"},
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
         307: {"description": "With DISTILL_PRESIGN and S3 storage: a presigned download URL"},
-        416: {"description": "The Range asks for no byte of the archive"},
-        **_problems(401, 404, 409, 410, 503),
+        **_problems(401, 404, 409, 410, 416, 503),
     },
 )
 def download_archive(

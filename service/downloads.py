@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from core.settings import Settings
 from core.storage import Storage, StorageError, attachment, open_storage
-from service.errors import ArchiveGone, JobNotFound, Unavailable
+from service.errors import ArchiveGone, JobNotFound, Unavailable, problem_response
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 ARCHIVE_CACHE = "private, max-age=0, must-revalidate"
@@ -87,10 +87,35 @@ def serve_archive(
     presign: bool,
     presign_seconds: int,
 ) -> Response:
-    """The archive download: 304, 307 to a presigned URL, 200, 206 or 416."""
+    """The archive download: 304, 307 to a presigned URL, 200, 206 or 416 (problem+json).
+
+    A ``Range`` this server does not serve (another unit, a malformed or multi-part range, or
+    one under an ``If-Range`` for another version) is ignored, as RFC 9110 allows: 200 with
+    the whole archive. Only a well-formed range that asks for no byte of it is a 416.
+    """
     etag = f'"{found.sha256}"'
     if etag_matches(request, etag):
         return Response(status_code=304, headers={"ETag": etag})
+    wanted = None
+    # A Range under an If-Range for another version would splice two archives: send it whole.
+    if_range = request.headers.get("if-range")
+    if if_range is None or if_range.strip() == etag:
+        try:
+            wanted = byte_range(request.headers.get("range"), found.size)
+        except RangeNotSatisfiable:
+            return problem_response(
+                416,
+                "Range not satisfiable",
+                f"the archive has {found.size} bytes; Range: {request.headers.get('range')} "
+                "asks for none of them",
+                request=request,
+                headers={"Content-Range": f"bytes */{found.size}", "ETag": etag},
+            )
+    if wanted is None:
+        # Whatever Range was sent is ignored: keep FileResponse from reading it either.
+        request.scope["headers"] = [
+            (k, v) for k, v in request.scope["headers"] if k.lower() not in (b"range", b"if-range")
+        ]
     path = found.storage.local_path(found.key)
     if path is not None:
         return FileResponse(
@@ -115,16 +140,6 @@ def serve_archive(
         "Accept-Ranges": "bytes",
         "Content-Disposition": attachment(filename),
     }
-    wanted = None
-    # A Range under an If-Range for another version would splice two archives: send it whole.
-    if_range = request.headers.get("if-range")
-    if if_range is None or if_range.strip() == etag:
-        try:
-            wanted = byte_range(request.headers.get("range"), found.size)
-        except RangeNotSatisfiable:
-            return Response(
-                status_code=416, headers={**headers, "Content-Range": f"bytes */{found.size}"}
-            )
     start, end = wanted if wanted is not None else (0, found.size - 1)
     try:
         # Opened here, so an object removed since it was found is a 410, not a broken stream.

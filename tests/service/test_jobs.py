@@ -251,6 +251,17 @@ def test_archive_etag_range_and_conditional_get(
     assert part.status_code == 206
     assert part.content == data[10:100]
     assert client.get(url, headers={"If-None-Match": full.headers["etag"]}).status_code == 304
+    # RFC 9110: a Range of another unit, a malformed or a multi-part one is ignored (200,
+    # whole); only a well-formed range past the end is a 416, as a problem.
+    for ignored in ("items=0-10", "bytes=abc", "bytes=5-2", "bytes=0-1,4-5", "bytes"):
+        whole = client.get(url, headers={"Range": ignored})
+        assert whole.status_code == 200, ignored
+        assert whole.content == data, ignored
+    beyond = client.get(url, headers={"Range": f"bytes={len(data) + 10}-"})
+    assert beyond.status_code == 416
+    assert beyond.headers["content-type"] == "application/problem+json"
+    assert beyond.headers["content-range"] == f"bytes */{len(data)}"
+    assert beyond.json()["status"] == 416
 
 
 def test_list_jobs_newest_first(client: TestClient, worker: subprocess.Popen[bytes]) -> None:

@@ -195,3 +195,33 @@ def test_a_tiny_decoder_this_service_lacks_is_422_naming_decoder(
         unknown = client.post("/v1/jobs", json={"labels": ["cat"], "ipc": 1, "decoder": "big"})
         assert unknown.status_code == 422
         assert unknown.json()["errors"][0]["field"] == "decoder"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ipc", "3"),
+        ("ipc", True),
+        ("ipc", 3.0),
+        ("seed", "7"),
+        ("image_size", False),
+        ("budget_seconds", "60"),
+        ("resolution", "256"),
+    ],
+)
+def test_fields_take_strict_json_types(idle_client: TestClient, field: str, value: Any) -> None:
+    body: dict[str, Any] = {"labels": ["cat"], "ipc": 2, field: value}
+    if field == "budget_seconds":
+        body.pop("ipc")
+    response = idle_client.post("/v1/jobs", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == field
+
+
+def test_nested_numbers_are_strict_too(idle_client: TestClient) -> None:
+    bad = {"labels": ["cat"], "ipc": 2, "augment": {"copies": "2"}}
+    response = idle_client.post("/v1/jobs", json=bad)
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "augment.copies"
+    good = {"labels": ["cat"], "ipc": 2, "budget_seconds": None, "augment": {"crop_scale": 2}}
+    assert idle_client.post("/v1/jobs", json=good).status_code == 202  # an integer is a number
