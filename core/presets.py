@@ -118,3 +118,26 @@ def get(name: str) -> Preset:
 def from_labels(labels: list[str]) -> tuple[ClassInfo, ...]:
     """Classes for a caller's own label list, in the caller's order."""
     return tuple(ClassInfo(index=i, label=label) for i, label in enumerate(labels))
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """What the ECCV 2024 Dataset Distillation Challenge's evaluator loads for one preset:
+    ``<preset>.pt``, one float32 tensor N x 3 x side x side, class-major, 10 images per class,
+    normalized with these constants (its script's own)."""
+
+    preset: str
+    side: int
+    ipc: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CHALLENGE = {
+    "cifar100": Challenge(
+        "cifar100", 32, 10, mean=(0.5071, 0.4866, 0.4409), std=(0.2673, 0.2564, 0.2762)
+    ),
+    "tinyimagenet": Challenge(
+        "tinyimagenet", 64, 10, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    ),
+}

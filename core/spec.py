@@ -23,6 +23,7 @@ from pydantic import (
     StrictInt,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -299,7 +300,7 @@ class AugmentSpec(BaseModel):
 
 MAX_TEMPLATES = 16
 MAX_BUDGET_SECONDS = 24 * 3600
-Format = Literal["imagefolder", "tensors"]
+Format = Literal["imagefolder", "tensors", "challenge"]
 
 
 def _check_template(template: str) -> str:
@@ -425,8 +426,10 @@ class DatasetSpec(BaseModel):
     formats: list[Format] = Field(
         default_factory=lambda: list[Format](["imagefolder"]),
         min_length=1,
-        max_length=2,
-        description="imagefolder (PNG tree + metadata.jsonl) and/or tensors (tensors.pt).",
+        max_length=3,
+        description="imagefolder (PNG tree + metadata.jsonl), tensors (tensors.pt, and "
+        "normalized.pt for presets), challenge (<preset>.pt: the ECCV 2024 Dataset Distillation "
+        "Challenge's file, presets cifar100 and tinyimagenet).",
     )
     callback_url: str | None = Field(
         default=None,
@@ -484,9 +487,15 @@ class DatasetSpec(BaseModel):
 
     @field_validator("formats")
     @classmethod
-    def _unique_formats(cls, formats: list[str]) -> list[str]:
+    def _unique_formats(cls, formats: list[str], info: ValidationInfo) -> list[str]:
         if len(set(formats)) != len(formats):
             raise ValueError("lists a format twice")
+        preset = info.data.get("preset")
+        if "challenge" in formats and preset not in presets.CHALLENGE:
+            raise ValueError(
+                "challenge is the ECCV 2024 Dataset Distillation Challenge's file, for presets "
+                f"{' and '.join(presets.CHALLENGE)} only (this request's preset: {preset})"
+            )
         return formats
 
     @model_validator(mode="after")

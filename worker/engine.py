@@ -108,7 +108,7 @@ class Outputs:
     def wants_pixels(self, class_index: int, number: int) -> bool:
         """Whether ``add`` needs this image's array (tensors, or a preview tile)."""
         per_sample = self.spec.augment.n_copies + 1
-        return "tensors" in self.spec.formats or self.preview.wants(
+        return self.keeps_pixels or self.preview.wants(
             class_index=class_index, sample=number // per_sample, copy=number % per_sample
         )
 
@@ -127,23 +127,34 @@ class Outputs:
             self.writer.add_png(
                 name, done.png, label=done.cls.index, label_name=done.cls.label, **done.meta
             )
-        if "tensors" in self.spec.formats:
+        if self.keeps_pixels:
             if done.image is None:
                 raise ValueError(f"tensors need the pixels of image {done.number}")
             self._kept.append((done.cls.index, done.number, done.image))
         self.count += 1
         self.per_class[done.cls.index] = self.per_class.get(done.cls.index, 0) + 1
 
+    @property
+    def keeps_pixels(self) -> bool:
+        """Whether every image's array is kept for a tensor file."""
+        return "tensors" in self.spec.formats or "challenge" in self.spec.formats
+
     def write_tensors(self) -> dict[str, Any]:
-        """Add tensors.pt (and normalized.pt for presets); returns their manifest entry."""
-        if "tensors" not in self.spec.formats:
+        """Add tensors.pt (and normalized.pt for presets) and the challenge's ``<preset>.pt``
+        as asked; returns their manifest entries."""
+        if not self.keeps_pixels:
             return {}
         ordered = sorted(self._kept, key=lambda row: (row[0], row[1]))
         images = [row[2] for row in ordered]
         labels = [row[0] for row in ordered]
+        described: dict[str, Any] = {}
+        if "challenge" in self.spec.formats and self.spec.preset:
+            described.update(self._write_challenge(images))
+        if "tensors" not in self.spec.formats:
+            return described
         classes = [c.label for c in self.spec.classes()]
         self.writer.add_file("tensors.pt", formats.tensors_pt(images, labels, classes))
-        described: dict[str, Any] = {
+        described |= {
             "tensors.pt": {
                 "images": "uint8, N x 3 x H x W, values 0..255, RGB, class-major",
                 "labels": "int64, N, class index",
@@ -161,6 +172,35 @@ class Outputs:
                 "std": list(preset.std),
             }
         return described
+
+    def _write_challenge(self, images: list[np.ndarray]) -> dict[str, Any]:
+        assert self.spec.preset is not None
+        rules = presets.CHALLENGE[self.spec.preset]
+        name = f"{rules.preset}.pt"
+        self.writer.add_file(name, formats.challenge_pt(images, mean=rules.mean, std=rules.std))
+        warnings = []
+        per_class = min(self.per_class.values(), default=0)
+        if per_class != rules.ipc or max(self.per_class.values(), default=0) != rules.ipc:
+            warnings.append(
+                f"the challenge's evaluate.py asserts {rules.ipc} images per class "
+                f"({rules.ipc * len(self.spec.classes())} in all); this file has {len(images)}"
+            )
+        if self.spec.size != rules.side:
+            warnings.append(
+                f"the challenge's evaluate.py asserts {rules.side} x {rules.side} px; these are "
+                f"{self.spec.size} x {self.spec.size}"
+            )
+        return {
+            name: {
+                "images": "float32, N x 3 x H x W, (x / 255 - mean) / std, class-major; one "
+                "bare tensor (no dict): labels are implied by order, "
+                f"{rules.ipc} per class in the preset's order",
+                "for": "ECCV 2024 Dataset Distillation Challenge, evaluate.py",
+                "mean": list(rules.mean),
+                "std": list(rules.std),
+                "warnings": warnings,
+            }
+        }
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Tensor outputs: ``tensors.pt`` (uint8 images) and ``normalized.pt`` (the challenge layout).
+"""Tensor outputs: ``tensors.pt`` (uint8 images), ``normalized.pt`` (normalized, with labels)
+and ``<preset>.pt`` (the ECCV 2024 Dataset Distillation Challenge's file: one bare tensor).
 
 Both are class-major (all of class 0, then class 1, ...) and load with
 ``torch.load(path, weights_only=True)``.
@@ -54,3 +55,16 @@ def normalized_pt(
             "std": torch.tensor(std, dtype=torch.float32),
         }
     )
+
+
+def challenge_pt(
+    images: Sequence[np.ndarray], *, mean: Sequence[float], std: Sequence[float]
+) -> bytes:
+    """One float32 tensor (N, 3, H, W) = (x/255 - mean)/std, class-major, nothing else: what
+    the challenge's ``evaluate.py`` loads with ``torch.load`` (labels are implied by order)."""
+    pixels = _stack(images).to(torch.float32).div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    buffer = io.BytesIO()
+    torch.save(((pixels - m) / s).contiguous(), buffer)
+    return buffer.getvalue()

@@ -79,6 +79,8 @@ def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
         total += images * (raw + 300)
     if "tensors" in spec.formats:
         total += images * raw * (5 if spec.preset else 1)
+    if "challenge" in spec.formats:
+        total += images * raw * 4
     return total
 
 

@@ -104,3 +104,13 @@ def test_templates_cycle_and_overrides_win() -> None:
         DatasetSpec(preset="cifar10", ipc=1, prompts=[{"label": "orange", "prompt": "x"}])  # type: ignore[list-item]
     with pytest.raises(ValidationError, match=r"\[1\] must contain \{label\}"):
         DatasetSpec(labels=["a"], ipc=1, prompt_template=["{label}", "no field"])
+
+
+def test_the_challenge_constants_are_its_evaluators() -> None:
+    from core.presets import CHALLENGE
+
+    assert sorted(CHALLENGE) == ["cifar100", "tinyimagenet"]
+    cifar, tiny = CHALLENGE["cifar100"], CHALLENGE["tinyimagenet"]
+    assert (cifar.side, cifar.ipc, tiny.side, tiny.ipc) == (32, 10, 64, 10)
+    assert cifar.mean == (0.5071, 0.4866, 0.4409) and cifar.std == (0.2673, 0.2564, 0.2762)
+    assert tiny.mean == (0.485, 0.456, 0.406) and tiny.std == (0.229, 0.224, 0.225)

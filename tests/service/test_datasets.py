@@ -202,3 +202,51 @@ def test_generation_resolution_is_a_request_option(
     assert json.loads(_zip(native).read("manifest.json"))["sampling"]["resolution"] == 64
     first = "train/000_cat/000_00000.png"
     assert _zip(native).read(first) != _zip(larger).read(first)
+
+
+def test_the_challenge_file_is_what_its_evaluator_loads(
+    client: TestClient, worker: subprocess.Popen[bytes], tmp_path: Any
+) -> None:
+    """Do to ``cifar100.pt`` what the ECCV 2024 DD Challenge's evaluate.py does before it
+    trains: torch.load the path, assert N = 10 x 100, 3 x 32 x 32, labels by position."""
+    body = {"preset": "cifar100", "ipc": 10, "formats": ["imagefolder", "challenge"]}
+    job, data = run_job(client, body)
+    zf = _zip(data)
+    path = tmp_path / "cifar100.pt"
+    path.write_bytes(zf.read("cifar100.pt"))
+    loaded = torch.load(path)  # as the script does: no map_location, default weights_only
+    assert isinstance(loaded, torch.Tensor) and loaded.dtype == torch.float32
+    num_classes = 100
+    assert loaded.shape[0] == 10 * num_classes
+    assert loaded.shape[1] == 3 and loaded.shape[2] == 32 and loaded.shape[3] == 32
+    labels = torch.arange(num_classes).repeat_interleave(10)  # 10 of class 0, then class 1...
+    # Class-major in the preset's order, normalized with the challenge's constants: image k
+    # is the k-th PNG of the ImageFolder tree, whose folder is its label.
+    mean = torch.tensor([0.5071, 0.4866, 0.4409]).view(3, 1, 1)
+    std = torch.tensor([0.2673, 0.2564, 0.2762]).view(3, 1, 1)
+    rows = _rows(zf)
+    by_class = sorted(rows, key=lambda r: (r["label"], r["file_name"]))
+    for k in (0, 9, 10, 517, 999):
+        row = by_class[k]
+        assert row["label"] == int(labels[k])
+        png = np.array(Image.open(io.BytesIO(zf.read(f"train/{row['file_name']}"))))
+        expected = (torch.from_numpy(png).permute(2, 0, 1).float() / 255 - mean) / std
+        assert torch.allclose(loaded[k], expected, atol=1e-5), k
+    manifest = json.loads(zf.read("manifest.json"))
+    entry = manifest["formats"]["cifar100.pt"]
+    assert entry["mean"] == [0.5071, 0.4866, 0.4409] and entry["warnings"] == []
+    assert job["progress"]["written"] == 1000
+
+
+def test_the_challenge_format_warns_off_its_ipc_and_refuses_other_datasets(
+    client: TestClient, worker: subprocess.Popen[bytes]
+) -> None:
+    _, data = run_job(client, {"preset": "cifar100", "ipc": 1, "formats": ["challenge"]})
+    zf = _zip(data)
+    assert torch.load(io.BytesIO(zf.read("cifar100.pt"))).shape == (100, 3, 32, 32)
+    warnings = json.loads(zf.read("manifest.json"))["formats"]["cifar100.pt"]["warnings"]
+    assert len(warnings) == 1 and "10 images per class" in warnings[0]
+    for other in ({"preset": "cifar10", "ipc": 1}, {"labels": ["cat"], "ipc": 1}):
+        refused = client.post("/v1/jobs", json={**other, "formats": ["challenge"]})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"][0]["field"] == "formats"
