@@ -92,3 +92,70 @@ def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
     assert announced, log.read_text()
     with pytest.raises(redis.exceptions.ConnectionError):
         redis.Redis.from_url(announced.group(1), socket_connect_timeout=1).ping()
+
+
+def test_a_killed_worker_is_restarted_and_its_job_succeeds_on_a_second_attempt(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """SIGKILL (an out-of-memory kill, say) the worker mid-job under `make run`'s launcher:
+    the API answers throughout, a new worker comes up, the job runs again and succeeds."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
+    env.update(
+        {
+            "DISTILL_MODEL": str(tiny_model),
+            "DISTILL_TINY_DECODER": str(tiny_model / "tiny_decoder"),
+            "DISTILL_PORT": str(port),
+            "DISTILL_DATA_DIR": str(tmp_path / "data"),
+            "DISTILL_HEARTBEAT_INTERVAL": "0.5",
+            "DISTILL_HEARTBEAT_TTL": "3",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.launcher"],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, proc, log)
+        body = {
+            "labels": [f"class {i}" for i in range(20)],
+            "ipc": 40,
+            "augment": {"policy": "none"},
+        }
+        job_id = httpx.post(f"{base}/v1/jobs", json=body, timeout=10).json()["id"]
+        deadline = time.monotonic() + 60
+        while (job := httpx.get(f"{base}/v1/jobs/{job_id}", timeout=5).json())["progress"][
+            "written"
+        ] == 0:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        first = job["worker"]
+        os.kill(int(first.split(".")[-2]), signal.SIGKILL)
+        answered = 0
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(f"{base}/v1/jobs/{job_id}", timeout=5).json())[
+            "state"
+        ] not in TERMINAL:
+            answered += 1  # every read answers: the API is up while the worker is gone
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+        assert job["state"] == "succeeded", job
+        assert job["attempts"] == 2 and job["worker"] != first
+        assert "lost on attempt 1" in (job["last_interruption"] or "")
+        assert answered > 0
+        text = log.read_text()
+        assert "worker-1 exited with status -9; restarting it in 1 s" in text, text
+        assert "worker-1 restarted" in text
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()
