@@ -46,6 +46,10 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
+#: A binary body, declared so that generated clients hand the caller its bytes.
+_BINARY = {"type": "string", "format": "binary"}
+
+
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {
         code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": text}
@@ -84,6 +88,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(owner_for)])
     "/jobs",
     status_code=status.HTTP_202_ACCEPTED,
     operation_id="createJob",
+    tags=["jobs"],
     summary="Request a distilled dataset",
     response_model=JobPublic,
     responses={
@@ -154,6 +159,7 @@ def _prefer_wait(prefer: str | None) -> int | None:
 @router.get(
     "/jobs",
     operation_id="listJobs",
+    tags=["jobs"],
     summary="Your jobs, newest first, a page at a time",
     response_model=JobList,
     responses=_problems(401, 422, 503),
@@ -184,6 +190,7 @@ def list_jobs(
 @router.get(
     "/jobs/{job_id}",
     operation_id="getJob",
+    tags=["jobs"],
     summary="A job's state, progress and result",
     response_model=JobPublic,
     responses=_problems(401, 404, 410, 503),
@@ -199,6 +206,7 @@ def get_job(
 @router.post(
     "/jobs/{job_id}/cancel",
     operation_id="cancelJob",
+    tags=["jobs"],
     summary="Cancel a queued or running job",
     response_model=JobPublic,
     responses=_problems(401, 404, 409, 410, 503),
@@ -214,11 +222,15 @@ def cancel_job(
 @router.get(
     "/jobs/{job_id}/archive",
     operation_id="downloadArchive",
+    tags=["jobs"],
     summary="Download the finished dataset (zip; Range and ETag supported)",
     response_class=FileResponse,
     responses={
-        200: {"content": {"application/zip": {}}, "description": "The archive"},
-        206: {"content": {"application/zip": {}}, "description": "Part of the archive"},
+        200: {"content": {"application/zip": {"schema": _BINARY}}, "description": "The archive"},
+        206: {
+            "content": {"application/zip": {"schema": _BINARY}},
+            "description": "Part of the archive",
+        },
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
         307: {"description": "With DISTILL_PRESIGN and S3 storage: a presigned download URL"},
         **_problems(401, 404, 409, 410, 416, 503),
@@ -240,10 +252,11 @@ def download_archive(
 @router.get(
     "/jobs/{job_id}/preview.png",
     operation_id="getPreview",
+    tags=["jobs"],
     summary="Contact sheet of a finished job: generated images and their augmented copies",
     response_class=FileResponse,
     responses={
-        200: {"content": {"image/png": {}}, "description": "The contact sheet"},
+        200: {"content": {"image/png": {"schema": _BINARY}}, "description": "The contact sheet"},
         **_problems(401, 404, 410, 503),
     },
 )
@@ -255,6 +268,7 @@ def get_preview(job_id: str, redis: RedisDep, settings: SettingsDep, owner: Owne
     "/jobs/{job_id}/evaluations",
     status_code=status.HTTP_202_ACCEPTED,
     operation_id="createEvaluation",
+    tags=["evaluations"],
     summary="Measure the dataset: train the benchmark ConvNet on it, test on a named test set",
     response_model=Evaluation,
     responses=_problems(401, 404, 409, 410, 422, 503),
@@ -278,6 +292,7 @@ def create_evaluation(
 @router.get(
     "/jobs/{job_id}/evaluations",
     operation_id="listEvaluations",
+    tags=["evaluations"],
     summary="A job's evaluations",
     response_model=EvaluationList,
     responses=_problems(401, 404, 410, 503),
@@ -291,6 +306,7 @@ def list_evaluations(
 @router.get(
     "/jobs/{job_id}/evaluations/{eval_id}",
     operation_id="getEvaluation",
+    tags=["evaluations"],
     summary="One evaluation: state, progress, accuracy per run, mean, std, protocol",
     response_model=Evaluation,
     responses=_problems(401, 404, 410, 503),
@@ -318,6 +334,7 @@ def _preset_summary(preset: presets.Preset) -> dict[str, object]:
 @router.get(
     "/presets",
     operation_id="listPresets",
+    tags=["presets"],
     summary="Standard class lists usable as `preset`",
     response_model=PresetList,
 )
@@ -330,6 +347,7 @@ def list_presets() -> PresetList:
 @router.get(
     "/presets/{name}",
     operation_id="getPreset",
+    tags=["presets"],
     summary="One preset with every class in class-index order",
     response_model=PresetDetail,
     responses=_problems(404),
@@ -352,6 +370,7 @@ health_router = APIRouter()
     "/metrics",
     dependencies=[Depends(owner_for)],
     operation_id="metrics",
+    tags=["health"],
     summary="Prometheus metrics for the whole service (all workers)",
     response_class=PlainTextResponse,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
@@ -360,7 +379,9 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
-@health_router.get("/healthz", operation_id="health", summary="The API process is alive")
+@health_router.get(
+    "/healthz", operation_id="health", tags=["health"], summary="The API process is alive"
+)
 def healthz() -> Health:
     return Health(status="ok")
 
@@ -368,6 +389,7 @@ def healthz() -> Health:
 @health_router.get(
     "/readyz",
     operation_id="readiness",
+    tags=["health"],
     summary="Redis reachable and a worker with its model loaded",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready; `detail` says why"}},

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from core.evaluations import EvaluationRequest
 from core.spec import DatasetSpec
 from core.states import JobState
 
@@ -119,7 +120,7 @@ class Evaluation(BaseModel):
     job_id: str
     state: str = Field(description="queued, running, succeeded or failed.")
     testset: str
-    request: dict[str, Any]
+    request: EvaluationRequest
     progress: EvaluationProgress
     result: dict[str, Any] | None = Field(
         None, description="accuracies per run, mean, std, protocol, seconds, device."
