@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         action="append",
-        choices=["imagefolder", "tensors"],
-        help="archive format; repeat for both",
+        choices=["imagefolder", "tensors", "challenge", "webdataset"],
+        help="archive format; repeat for several",
     )
     p.add_argument("--spec", metavar="FILE", help="JSON request body to start from ('-': stdin)")
     p.add_argument("--idempotency-key", metavar="KEY", help="makes re-running this safe")

@@ -300,7 +300,7 @@ class AugmentSpec(BaseModel):
 
 MAX_TEMPLATES = 16
 MAX_BUDGET_SECONDS = 24 * 3600
-Format = Literal["imagefolder", "tensors", "challenge"]
+Format = Literal["imagefolder", "tensors", "challenge", "webdataset"]
 
 
 def _check_template(template: str) -> str:
@@ -426,10 +426,12 @@ class DatasetSpec(BaseModel):
     formats: list[Format] = Field(
         default_factory=lambda: list[Format](["imagefolder"]),
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="imagefolder (PNG tree + metadata.jsonl), tensors (tensors.pt, and "
         "normalized.pt for presets), challenge (<preset>.pt: the ECCV 2024 Dataset Distillation "
-        "Challenge's file, presets cifar100 and tinyimagenet).",
+        "Challenge's file, presets cifar100 and tinyimagenet), webdataset (tar shards "
+        "webdataset/train-NNNNNN.tar of <key>.png, <key>.cls and <key>.json samples, at most "
+        "10,000 samples or 1 GiB each).",
     )
     callback_url: str | None = Field(
         default=None,

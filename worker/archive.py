@@ -4,6 +4,7 @@ Layout::
 
     train/000_cat/000_00000.png          class index, slug, image number within the class
     train/metadata.jsonl                 one line per image (Hugging Face imagefolder format)
+    webdataset/train-000000.tar          WebDataset shards (worker/webdataset.py), if asked
     manifest.json                        request, classes, model, versions, counts, timings
 
 Images go straight into a temporary ``.part`` file as they are made; the archive appears
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import unicodedata
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +32,7 @@ import cv2
 import numpy as np
 
 from core.storage import fsync_dir
+from worker.webdataset import ShardWriter, encode_sample
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SLUG_CHARS = 40
@@ -54,6 +57,15 @@ def class_dir(index: int, label: str) -> str:
 def image_name(index: int, label: str, number: int) -> str:
     """Path of one image relative to ``train/``."""
     return f"{class_dir(index, label)}/{index:03d}_{number:05d}.png"
+
+
+#: Formats that hold each image's PNG bytes.
+PNG_FORMATS = frozenset({"imagefolder", "webdataset"})
+
+
+def wants_png(formats: Iterable[str]) -> bool:
+    """Whether any of ``formats`` needs every image PNG-encoded."""
+    return not PNG_FORMATS.isdisjoint(formats)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -101,6 +113,9 @@ class ArchiveWriter:
         # many images the job makes; they are copied into the zip on commit.
         self._metadata = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 - closed in commit/abort
         self._rows = 0
+        # WebDataset shards stream into anonymous temporary files on the archive's volume
+        # (they can be as large as the images); copied into the zip on commit as well.
+        self.webdataset = ShardWriter(directory=self.partial.parent)
         self._committed = False
 
     def __enter__(self) -> ArchiveWriter:
@@ -135,6 +150,11 @@ class ArchiveWriter:
         self._write(f"train/{file_name}", png)
         self._row({"file_name": file_name, **metadata})
 
+    def add_sample(self, key: str, file_name: str, png: bytes, **metadata: Any) -> None:
+        """Add one WebDataset sample ``<key>.png/.cls/.json``; its JSON is the metadata line
+        ``add_png(file_name, png, **metadata)`` would write."""
+        self.webdataset.add(key, encode_sample(png, {"file_name": file_name, **metadata}))
+
     def add_file(self, name: str, data: bytes, *, compress: bool = False) -> None:
         """Add another member (tensor files, say) at ``name``."""
         self._write(name, data, compress=compress)
@@ -149,6 +169,14 @@ class ArchiveWriter:
             with self._zip.open(info, mode="w") as member:
                 shutil.copyfileobj(self._metadata, member, 1 << 20)
         self._metadata.close()
+        for name, size, handle in self.webdataset.shards():
+            info = zipfile.ZipInfo(name, date_time=_EPOCH)
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            info.file_size = size  # decides zip64 up front
+            with self._zip.open(info, mode="w") as member:
+                shutil.copyfileobj(handle, member, 1 << 20)
+        self.webdataset.close()
         manifest_bytes = json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")
         self._write("manifest.json", manifest_bytes + b"\n", compress=True)
         self._zip.close()
@@ -167,6 +195,7 @@ class ArchiveWriter:
         """Drop the partial archive."""
         try:
             self._metadata.close()
+            self.webdataset.close()
             self._zip.close()
         finally:
             self.partial.unlink(missing_ok=True)

@@ -23,10 +23,11 @@ from core import presets
 from core.presets import ClassInfo
 from core.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
 from worker import formats, postprocess
-from worker.archive import ArchiveWriter, image_name
+from worker.archive import ArchiveWriter, image_name, wants_png
 from worker.augment import source_size
 from worker.generator import Generator
 from worker.preview import PreviewCollector
+from worker.webdataset import sample_key
 
 #: Batches whose post-processing may be in flight while the next one is sampled.
 MAX_PENDING_BATCHES = 2
@@ -96,7 +97,8 @@ def plan(spec: DatasetSpec) -> Sequence[Item] | Iterator[Item]:
 
 @dataclass
 class Outputs:
-    """Where each finished image goes: the PNG tree and/or the in-memory tensor lists."""
+    """Where each finished image goes: the PNG tree, WebDataset shards and/or the in-memory
+    tensor lists."""
 
     spec: DatasetSpec
     writer: ArchiveWriter
@@ -124,15 +126,29 @@ class Outputs:
             )
         if done.png is not None:
             name = image_name(done.cls.index, done.cls.label, done.number)
-            self.writer.add_png(
-                name, done.png, label=done.cls.index, label_name=done.cls.label, **done.meta
-            )
+            meta = {"label": done.cls.index, "label_name": done.cls.label, **done.meta}
+            if "imagefolder" in self.spec.formats:
+                self.writer.add_png(name, done.png, **meta)
+            if "webdataset" in self.spec.formats:
+                key = sample_key(done.cls.index, done.number)
+                self.writer.add_sample(key, name, done.png, **meta)
         if self.keeps_pixels:
             if done.image is None:
                 raise ValueError(f"tensors need the pixels of image {done.number}")
             self._kept.append((done.cls.index, done.number, done.image))
         self.count += 1
         self.per_class[done.cls.index] = self.per_class.get(done.cls.index, 0) + 1
+
+    @property
+    def wants_png(self) -> bool:
+        """Whether ``add`` needs every image's PNG bytes (imagefolder, webdataset)."""
+        return wants_png(self.spec.formats)
+
+    def webdataset_entry(self) -> dict[str, Any]:
+        """The manifest's ``formats`` entry for the WebDataset shards, if asked for."""
+        if "webdataset" not in self.spec.formats:
+            return {}
+        return {"webdataset": self.writer.webdataset.description()}
 
     @property
     def keeps_pixels(self) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 
 from core.presets import ClassInfo
 from core.spec import DatasetSpec, derive_seed
-from worker.archive import encode_png, image_name
+from worker.archive import encode_png, image_name, wants_png
 from worker.augment import augment_copies, build_transform
 
 _local = threading.local()
@@ -61,7 +61,7 @@ def finish_item(
     """Everything one sampled image becomes: itself and its augmented copies, encoded."""
     copies = spec.augment.n_copies
     first = sample * (copies + 1)
-    encode = "imagefolder" in spec.formats
+    encode = wants_png(spec.formats)
     base_name = image_name(cls.index, cls.label, first)
     common = {"prompt": prompt, "seed": seed}
     done = [
