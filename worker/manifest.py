@@ -113,6 +113,7 @@ def build(
                 if "imagefolder" in spec.formats
                 else {}
             ),
+            **outputs.webdataset_entry(),
             **tensors,
         },
         "versions": dict(library_versions()),

@@ -36,7 +36,7 @@ from core.records import JobRecord, Piece, ShardRecord
 from core.spec import DatasetSpec
 from core.states import JobState
 from core.storage import Storage, open_storage
-from worker import engine, manifest, postprocess, runtime
+from worker import card, engine, manifest, postprocess, runtime
 from worker.archive import ArchiveInfo, ArchiveWriter, decode_png
 from worker.augment import source_size
 
@@ -70,8 +70,12 @@ def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
     """An upper estimate of a fixed-ipc job's archive size (0 for a time-budget job), or of
     ``images`` of its images (one shard's).
 
-    PNG of noisy pixels is about the raw size; zip headers add about 100 bytes a member.
+    PNG of noisy pixels is about the raw size; zip headers add about 100 bytes a member, tar
+    headers and a sample's .cls and .json about 1.5 KiB. WebDataset shards are written to
+    temporary files first, so one shard's worth more is needed while it is copied in.
     """
+    from worker import webdataset  # here, not at the top: this function is all that needs it
+
     images = spec.total_images if images is None else images
     raw = spec.size * spec.size * 3
     total = 0
@@ -81,6 +85,9 @@ def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
         total += images * raw * (5 if spec.preset else 1)
     if "challenge" in spec.formats:
         total += images * raw * 4
+    if "webdataset" in spec.formats:
+        shards = images * (raw + webdataset.OVERHEAD_BYTES)
+        total += shards + min(shards, webdataset.MAX_BYTES)
     return total
 
 
@@ -306,16 +313,16 @@ def _publish(
     sheet = outputs.preview.render(spec.size)
     writer.add_file("preview.png", sheet)
     finished = time.time()
-    info = writer.commit(
-        manifest.build(
-            spec,
-            generator=rt.generator,
-            outputs=outputs,
-            tensors=tensors,
-            run=run,
-            batch_size=rt.batch_size,
-        )
+    described = manifest.build(
+        spec,
+        generator=rt.generator,
+        outputs=outputs,
+        tensors=tensors,
+        run=run,
+        batch_size=rt.batch_size,
     )
+    writer.add_file("README.md", card.render(described), compress=True)
+    info = writer.commit(described)
     key = keys.archive(job_id)
     patiently(lambda: store.put(key, info.path))
     patiently(lambda: store.put_bytes(keys.preview(job_id), sheet))
@@ -435,5 +442,5 @@ def _copy_part(path: Path, outputs: engine.Outputs, classes: Sequence[ClassInfo]
             number = int(name.rsplit("_", 1)[1].removesuffix(".png"))
             png = part.read(f"train/{name}")
             image = decode_png(png) if outputs.wants_pixels(cls.index, number) else None
-            keep_png = png if "imagefolder" in outputs.spec.formats else None
+            keep_png = png if outputs.wants_png else None
             outputs.add(postprocess.Finished(cls, number, image, keep_png, row))

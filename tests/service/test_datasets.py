@@ -80,7 +80,9 @@ def test_wordnet_preset_records_wnids(client: TestClient, worker: subprocess.Pop
     assert manifest["classes"][0]["label"] == "goldfish"
     assert manifest["classes"][0]["prompts"] == ["a photo of a goldfish"]
     assert not [n for n in zf.namelist() if n.startswith("train/")]
-    assert {"tensors.pt", "normalized.pt", "manifest.json", "preview.png"} == set(zf.namelist())
+    assert {"tensors.pt", "normalized.pt", "manifest.json", "preview.png", "README.md"} == set(
+        zf.namelist()
+    )
 
 
 def test_tensors_load_back_and_match_the_pngs(

@@ -1,0 +1,554 @@
+"""The archive's dataset card: ``README.md`` at its root, for a person and for Hugging Face.
+
+A YAML header that the ``datasets`` library and the Hub read, then a body a person reads: what
+the dataset is, its classes and prompts, the model and its licence, the seed, the counts and
+how to load it.
+
+The header's ``configs`` entry points the ``imagefolder`` builder at ``train/**`` and carries
+the features, so ``load_dataset(<extracted folder>)`` gives ``label`` as a ``ClassLabel`` whose
+names are the classes in index order. (The builder applies a config's ``features``; a bare
+``dataset_info.features`` is replaced by what it infers from ``metadata.jsonl``, where ``label``
+is a plain integer.) ``load_dataset("imagefolder", ...)`` never reads a card: the body says how
+to pass the card's features to it.
+
+The card is made from the manifest alone (plus, for a local model directory, the licence its
+own README states), so it is as deterministic as the manifest: the same request gives the same
+card, byte for byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: What the card calls the method the service follows.
+METHOD = "Generative Dataset Distillation Based on Diffusion Model"
+METHOD_NOTE = "Su et al., ECCV 2024 Dataset Distillation Challenge"
+SERVICE = "distill-service"
+
+
+@dataclass(frozen=True)
+class License:
+    """A model's licence as its Hub card states it (``license``, ``license_name``,
+    ``license_link``) and its name in words."""
+
+    id: str
+    title: str
+    name: str | None = None
+    link: str | None = None
+    note: str | None = None
+
+
+_SAI_NC = "Stability AI Non-Commercial Research Community License"
+_SAI_NOTE = (
+    "Non-commercial research use only; commercial use needs a licence from Stability AI "
+    "(https://stability.ai/license)."
+)
+
+#: Licences of the Hub models the service is used with, as their model cards state them.
+KNOWN_LICENSES: dict[str, License] = {
+    "stabilityai/sdxl-turbo": License(
+        "other",
+        _SAI_NC,
+        name="sai-nc-community",
+        link="https://huggingface.co/stabilityai/sdxl-turbo/blob/main/LICENSE.md",
+        note=_SAI_NOTE,
+    ),
+    "stabilityai/sd-turbo": License(
+        "other",
+        _SAI_NC,
+        name="sai-nc-community",
+        link="https://huggingface.co/stabilityai/sd-turbo/blob/main/LICENSE.md",
+        note=_SAI_NOTE,
+    ),
+    "madebyollin/taesdxl": License("mit", "MIT License"),
+    "facebook/dit-xl-2-256": License(
+        "cc-by-nc-4.0",
+        "Creative Commons Attribution-NonCommercial 4.0 International",
+        note="Non-commercial use only.",
+    ),
+}
+
+UNKNOWN = License(
+    "unknown",
+    "unknown",
+    note="The model does not state a licence this service knows; the terms of its weights apply.",
+)
+
+#: ``train/metadata.jsonl`` columns besides ``file_name`` and ``label`` (worker/engine.py
+#: ``Outputs.add`` and worker/postprocess.py ``finish_item``) and their ``datasets`` types.
+#: ``copy`` is only on augmented copies' lines.
+METADATA_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("label_name", "string"),
+    ("prompt", "string"),
+    ("seed", "int64"),
+    ("kind", "string"),
+    ("source", "string"),
+)
+COPY_COLUMN = ("copy", "int64")
+
+_HUB_CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
+
+
+def _front_matter(readme: Path) -> dict[str, Any]:
+    """The YAML header of a model card, or {} if there is none or it does not parse."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    header = text[3:].split("\n---", 1)[0]
+    try:
+        data = yaml.safe_load(header)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_license(model: str) -> License:
+    """The licence of ``model`` as it states it: a known Hub id, a local directory whose
+    README.md says (or that sits in the Hub cache under a known id), else ``UNKNOWN``."""
+    known = KNOWN_LICENSES.get(model.strip().lower())
+    if known is not None:
+        return known
+    path = Path(model)
+    if not path.is_dir():
+        return UNKNOWN
+    stated = _front_matter(path / "README.md")
+    license_id = stated.get("license")
+    if isinstance(license_id, str) and license_id.strip():
+        name = stated.get("license_name")
+        link = stated.get("license_link")
+        return License(
+            license_id.strip(),
+            str(name) if name else license_id.strip(),
+            name=str(name) if name else None,
+            link=str(link) if link else None,
+        )
+    # A snapshot in the Hub cache: .../models--<org>--<name>/snapshots/<commit>.
+    for part in path.resolve().parts:
+        match = _HUB_CACHE_DIR.match(part)
+        if match:
+            return KNOWN_LICENSES.get(f"{match[1]}/{match[2]}".lower(), UNKNOWN)
+    return UNKNOWN
+
+
+def class_names(classes: Sequence[dict[str, Any]]) -> list[str]:
+    """``ClassLabel`` names in index order: the labels, made unique where a preset repeats
+    one (ImageNet's two "crane"s get their WordNet ids: "crane (n02012849)")."""
+    repeated = Counter(c["label"] for c in classes)
+    names = [
+        f"{c['label']} ({c.get('wnid') or c['index']})" if repeated[c["label"]] > 1 else c["label"]
+        for c in classes
+    ]
+    if len(set(names)) != len(names):  # never for the presets; folder names are unique
+        names = [str(c["folder"]).removeprefix("train/") for c in classes]
+    return names
+
+
+def _columns(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    columns = list(METADATA_COLUMNS)
+    if manifest["counts"].get("augmented", 0) > 0:
+        columns.append(COPY_COLUMN)
+    return columns
+
+
+def features(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The imagefolder dataset's features in the card's YAML form (``Features._to_yaml_list``)."""
+    names = class_names(manifest["classes"])
+    return [
+        {"name": "image", "dtype": "image"},
+        {
+            "name": "label",
+            "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(names)}}},
+        },
+        *({"name": name, "dtype": dtype} for name, dtype in _columns(manifest)),
+    ]
+
+
+def _size_category(count: int) -> str:
+    bounds = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"))
+    for bound, name in bounds:
+        if count < bound:
+            return name
+    return "100K<n<1M" if count < 1_000_000 else "1M<n<10M"
+
+
+def _title(manifest: dict[str, Any]) -> str:
+    preset = manifest.get("preset")
+    if preset:
+        return f"Distilled {preset['title']}"
+    labels = [c["label"] for c in manifest["classes"]]
+    shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+    return f"Distilled dataset: {shown}"
+
+
+def header(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The card's YAML header as a dict."""
+    model = model_license(str(manifest["model"].get("model", "")))
+    data: dict[str, Any] = {"pretty_name": _title(manifest), "license": model.id}
+    if model.name:
+        data["license_name"] = model.name
+    if model.link:
+        data["license_link"] = model.link
+    data |= {
+        "task_categories": ["image-classification"],
+        "tags": ["synthetic", "dataset-distillation", SERVICE],
+        "size_categories": [_size_category(int(manifest["counts"]["images"]))],
+    }
+    formats = manifest.get("formats", {})
+    if "imagefolder" in formats:
+        feature_list = features(manifest)
+        data["configs"] = [
+            {
+                "config_name": "default",
+                "data_files": [{"split": "train", "path": "train/**"}],
+                "features": feature_list,
+            }
+        ]
+        data["dataset_info"] = {
+            "config_name": "default",
+            "features": copy.deepcopy(feature_list),  # a copy: no YAML anchors in the card
+            # num_bytes is the loaded table's size, unknown until loaded; datasets checks only
+            # num_examples (and replaces both with what it counted).
+            "splits": [
+                {"name": "train", "num_bytes": 0, "num_examples": manifest["counts"]["images"]}
+            ],
+        }
+    elif "webdataset" in formats:
+        data["configs"] = [
+            {
+                "config_name": "default",
+                "data_files": [{"split": "train", "path": "webdataset/train-*.tar"}],
+            }
+        ]
+    else:
+        data["viewer"] = False
+    return data
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#])")
+
+
+def _md(text: object) -> str:
+    """Text safe inside a Markdown table cell or line (labels and prompts are the caller's)."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def _rows(cells: Iterable[Sequence[object]]) -> list[str]:
+    return ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+
+
+def _code(text: object) -> str:
+    """``text`` as an inline code span (one longer than any backtick run inside)."""
+    value = str(text)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", value)), default=0) + 1)
+    pad = " " if value.startswith("`") or value.endswith("`") else ""
+    return f"{fence}{pad}{value}{pad}{fence}"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _model_ref(model: str) -> str:
+    """A model id as code, linked to its Hub page when it reads as a Hub id (not a path)."""
+    if _HUB_ID.match(model) and not Path(model).exists():
+        return f"[{_code(model)}](https://huggingface.co/{model})"
+    return _code(model)
+
+
+def _license_line(lic: License) -> str:
+    if lic.id == "unknown":
+        return "unknown"
+    words = lic.title
+    if lic.link:
+        words = f"[{words}]({lic.link})"
+    tag = f"`license: {lic.id}`" + (f", `license_name: {lic.name}`" if lic.name else "")
+    return f"{words} ({tag})"
+
+
+def body(manifest: dict[str, Any]) -> str:
+    """The Markdown a person reads."""
+    request = manifest["request"]
+    model = manifest["model"]
+    decoder = manifest.get("decoder") or {}
+    sampling = manifest.get("sampling", {})
+    counts = manifest["counts"]
+    classes = manifest["classes"]
+    names = class_names(classes)
+    model_id = str(model.get("model", ""))
+    lic = model_license(model_id)
+    revision = model.get("revision")
+    per_class = [int(c["images"]) for c in classes]
+    ipc = (
+        str(counts["images_per_class"])
+        if min(per_class, default=0) == max(per_class, default=0)
+        else f"{min(per_class)} to {max(per_class)}"
+    )
+
+    out: list[str] = [f"# {_md(_title(manifest))}", ""]
+    out += [
+        f"{counts['images']} synthetic images in {counts['classes']} classes ({ipc} per class), "
+        f"{sampling.get('output_size', request.get('image_size'))} px RGB, distilled by "
+        f'{SERVICE} with {_model_ref(model_id)} following "{METHOD}" ({METHOD_NOTE}): each '
+        "class name becomes a text prompt, the model samples an image per seed in "
+        f"{model.get('num_inference_steps', '?')} step(s) with guidance scale "
+        f"{model.get('guidance_scale', '?')}, the image is resized to the output size, and "
+        "post-generation augmentation adds copies of it.",
+        "",
+        "No image comes from a real dataset: every one was generated from its class's prompt.",
+        "",
+        "## Licence",
+        "",
+        f"The images were generated by {_model_ref(model_id)}, whose licence is "
+        f"{_license_line(lic)}." + (f" {lic.note}" if lic.note else ""),
+        "Whatever you do with this dataset is bound by the model's terms.",
+    ]
+    decoder_id = decoder.get("id")
+    if decoder.get("decoder") == "tiny" and decoder_id:
+        out += [
+            "",
+            f"Latents were decoded by {_model_ref(str(decoder_id))}, licence "
+            f"{_license_line(model_license(str(decoder_id)))}.",
+        ]
+    out += ["", "## How it was made", ""]
+    made = [
+        ("model", _model_ref(model_id)),
+        ("revision", _code(revision) if revision else "not pinned (the default branch at load)"),
+        ("licence", _license_line(lic)),
+        ("pipeline", f"{_md(model.get('pipeline', '?'))}, {_md(model.get('scheduler', '?'))}"),
+        ("steps, guidance", f"{model.get('num_inference_steps')}, {model.get('guidance_scale')}"),
+        (
+            "decoder",
+            f"{_md(decoder.get('decoder', '?'))} ({_md(decoder.get('class', '?'))}"
+            + (f", {_code(decoder_id)}" if decoder_id else "")
+            + ")",
+        ),
+        ("sampling resolution", f"{sampling.get('resolution')} px"),
+        ("output size", f"{sampling.get('output_size')} px"),
+        ("seed", request.get("seed")),
+        (
+            "augmentation",
+            f"policy {_code(_policy(request.get('augment', {})))}, up to "
+            f"{request.get('augment', {}).get('copies', 0)} copies per generated image (within "
+            "the images per class)",
+        ),
+    ]
+    if manifest.get("preset"):
+        made.append(("preset", _md(manifest["preset"]["name"])))
+    budget = manifest.get("budget")
+    if budget:
+        made.append(("time budget", f"{budget['seconds']} s (reached {budget['ipc_reached']})"))
+    out += _rows([("", "value"), ("---", "---"), *made])
+    out += [
+        "",
+        "Per-image seeds are in `train/metadata.jsonl`; `manifest.json` holds the whole request, "
+        "the scheduler's configuration and the library versions. POSTing its `request` to the "
+        "service on the same model, device and batch size makes this archive again, byte for "
+        "byte.",
+        "",
+        "## Counts",
+        "",
+    ]
+    out += _rows(
+        [
+            ("classes", "images per class", "images", "generated", "augmented"),
+            ("---",) * 5,
+            (
+                counts["classes"],
+                counts["images_per_class"],
+                counts["images"],
+                counts["generated"],
+                counts["augmented"],
+            ),
+        ]
+    )
+    out += ["", "## Classes", ""]
+    has_wnid = any(c.get("wnid") for c in classes)
+    head = ("index", "label", *(("wnid",) if has_wnid else ()), "folder", "images", "prompts")
+    out += _rows(
+        [
+            head,
+            ("---",) * len(head),
+            *(
+                (
+                    c["index"],
+                    _md(name),
+                    *((_md(c.get("wnid") or ""),) if has_wnid else ()),
+                    _code(c["folder"]),
+                    c["images"],
+                    "<br>".join(_md(p) for p in c["prompts"]),
+                )
+                for c, name in zip(classes, names, strict=True)
+            ),
+        ]
+    )
+    if names != [c["label"] for c in classes]:
+        out += [
+            "",
+            "A label the class list repeats is made unique in the `ClassLabel` names (with its "
+            "WordNet id); `label_name` in `metadata.jsonl` keeps the label as it is.",
+        ]
+    out += ["", "## Files", ""]
+    out += _files(manifest)
+    out += ["", "## Loading", ""]
+    out += _loading(manifest, names)
+    out.append("")
+    return "\n".join(out)
+
+
+def _policy(augment: dict[str, Any]) -> str:
+    policy = augment.get("policy", "paper")
+    if isinstance(policy, list):
+        return ", ".join(str(step.get("name")) for step in policy)
+    return str(policy)
+
+
+def _files(manifest: dict[str, Any]) -> list[str]:
+    formats = manifest.get("formats", {})
+    lines = []
+    if "imagefolder" in formats:
+        lines += [
+            "- `train/<index>_<name>/<index>_<n>.png`: RGB PNGs, one folder per class; the "
+            "3-digit index prefix sorts the folders in class-index order.",
+            "- `train/metadata.jsonl`: one line per image: `file_name`, `label` (class index), "
+            "`label_name`, `prompt`, `seed`, `kind` (`generated` or `augmented`), `source` "
+            "(the generated image an augmented copy was made from)"
+            + (", `copy` (its number)" if manifest["counts"].get("augmented", 0) > 0 else "")
+            + ".",
+        ]
+    if "webdataset" in formats:
+        lines.append(
+            "- `webdataset/train-NNNNNN.tar`: WebDataset shards of `<key>.png`, `<key>.cls` "
+            "(class index) and `<key>.json` (the image's metadata line)."
+        )
+    for name, entry in formats.items():
+        if name.endswith(".pt") and isinstance(entry, dict):
+            what = "; ".join(
+                f"`{key}`: {_md(value)}" for key, value in entry.items() if isinstance(value, str)
+            )
+            lines.append(f"- `{name}`: {what}.")
+    lines += [
+        "- `manifest.json`: the request, classes, model, sampling, counts and library versions.",
+        "- `preview.png`: a contact sheet of the first classes.",
+    ]
+    return lines
+
+
+def _loading(manifest: dict[str, Any], names: list[str]) -> list[str]:
+    formats = manifest.get("formats", {})
+    lines: list[str] = []
+    if "imagefolder" in formats:
+        first = next(iter(manifest.get("class_to_idx", {})), "000_...")
+        lines += [
+            "Unzip the archive (to `dataset/` here). With torchvision:",
+            "",
+            "```python",
+            "from torchvision.datasets import ImageFolder",
+            "",
+            'train = ImageFolder("dataset/train")  # metadata.jsonl beside the folders is skipped',
+            f"# train.classes[0] == {first!r}: folder names; the class index is the label",
+            "```",
+            "",
+            "With Hugging Face `datasets`, from the folder: this card makes `label` a "
+            f"`ClassLabel` whose names are the {len(names)} classes in index order.",
+            "",
+            "```python",
+            "from datasets import load_dataset",
+            "",
+            'ds = load_dataset("dataset", split="train")',
+            f"# ds.features['label'].names[0] == {names[0]!r}",
+            "```",
+            "",
+            '`load_dataset("imagefolder", ...)` does not read this card: `label` comes as a '
+            "plain integer unless you pass the card's features, the same way for the folder "
+            "and for the zip itself:",
+            "",
+            "```python",
+            "import zipfile",
+            "",
+            "from datasets import load_dataset",
+            "from datasets.info import DatasetInfosDict",
+            "from huggingface_hub import DatasetCard",
+            "",
+            'with zipfile.ZipFile("dataset.zip") as zf:',
+            '    card = DatasetCard(zf.read("README.md").decode("utf-8"))',
+            'features = DatasetInfosDict.from_dataset_card_data(card.data)["default"].features',
+            'ds = load_dataset("imagefolder", data_files="dataset.zip", split="train", '
+            "features=features)",
+            '# or: load_dataset("imagefolder", data_dir="dataset", split="train", '
+            "features=features)",
+            "```",
+        ]
+    if "webdataset" in formats:
+        lines += [
+            "",
+            "WebDataset shards (`webdataset/`, after unzipping):",
+            "",
+            "```python",
+            "import glob",
+            "",
+            "import webdataset as wds",
+            "",
+            'urls = sorted(glob.glob("dataset/webdataset/train-*.tar"))',
+            'ds = wds.WebDataset(urls, shardshuffle=False).decode("pil")',
+            "```",
+        ]
+    tensor_files = [name for name in formats if name.endswith(".pt")]
+    if tensor_files:
+        lines += [
+            "",
+            "Tensor files load with `torch.load`:",
+            "",
+            "```python",
+            "import torch",
+            "",
+        ]
+        for name in tensor_files:
+            if name == "tensors.pt":
+                lines.append(
+                    'data = torch.load("dataset/tensors.pt", weights_only=True)  '
+                    '# data["images"] uint8 N x 3 x H x W, data["labels"], data["classes"]'
+                )
+            elif name == "normalized.pt":
+                lines.append(
+                    'normalized = torch.load("dataset/normalized.pt", weights_only=True)  '
+                    "# float32 images, labels, mean, std"
+                )
+            else:
+                lines.append(
+                    f'images = torch.load("dataset/{name}", weights_only=True)  '
+                    "# one float32 tensor, labels implied by order"
+                )
+        lines.append("```")
+    return _squeeze(lines)
+
+
+def _squeeze(lines: list[str]) -> list[str]:
+    """Drop a leading blank line and any blank line doubled by a skipped optional line."""
+    out: list[str] = []
+    for line in lines:
+        if line == "" and (not out or out[-1] == ""):
+            continue
+        out.append(line)
+    return out
+
+
+def render(manifest: dict[str, Any]) -> bytes:
+    """``README.md``: the YAML header and the body, UTF-8."""
+    yaml_text = yaml.safe_dump(
+        header(manifest),
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=False,
+        width=1 << 20,  # one line per value: no folded labels
+    )
+    return f"---\n{yaml_text}---\n\n{body(manifest)}".encode()
