@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # Two targets on one dependency layer order:
 #   docker build --target api    -t distill-api .     slim Python, no torch/CUDA
 #   docker build --target worker -t distill-worker .  torch 2.13.0 CUDA build + diffusers
@@ -21,14 +20,11 @@ RUN useradd --create-home --uid 10001 distill \
 WORKDIR /app
 COPY pyproject.toml ./
 # Requirement lists straight from pyproject.toml: one source of truth for versions.
-RUN python - <<'PY'
-import tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-open("/tmp/requirements-api.txt", "w").write("\n".join(project["dependencies"]) + "\n")
-open("/tmp/requirements-worker.txt", "w").write(
-    "\n".join(project["optional-dependencies"]["worker"]) + "\n"
-)
-PY
+# One line, no RUN heredoc: builders without BuildKit (podman/buildah, classic docker) take it.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+open('/tmp/requirements-api.txt', 'w').write(chr(10).join(p['dependencies']) + chr(10)); \
+open('/tmp/requirements-worker.txt', 'w').write( \
+    chr(10).join(p['optional-dependencies']['worker']) + chr(10))"
 # Layer 1 (both targets): what the API needs.
 RUN pip install -r /tmp/requirements-api.txt
 
