@@ -33,9 +33,11 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     pytest.fail(f"stack never became ready:\n{log.read_text()}")
 
 
-def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
-    tiny_model: Path, tmp_path: Path
-) -> None:
+def _launch(
+    tiny_model: Path, tmp_path: Path, **extra: str
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`python -m service.launcher` on the tiny model, as `make run` starts it, on a free
+    port; returns it, its base URL and its log."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
     env.update(
@@ -44,9 +46,9 @@ def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
             "DISTILL_TINY_DECODER": str(tiny_model / "tiny_decoder"),
             "DISTILL_PORT": str(port),
             "DISTILL_DATA_DIR": str(tmp_path / "data"),
-            "DISTILL_WORKERS": "2",
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(ROOT),
+            **extra,
         }
     )
     log = tmp_path / "launcher.log"
@@ -58,7 +60,13 @@ def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
         )
-    base = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_launcher_runs_redis_worker_and_api_and_stops_them_together(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    proc, base, log = _launch(tiny_model, tmp_path, DISTILL_WORKERS="2")
     try:
         _wait_ready(base, proc, log)
         deadline = time.monotonic() + 60
@@ -99,30 +107,9 @@ def test_a_killed_worker_is_restarted_and_its_job_succeeds_on_a_second_attempt(
 ) -> None:
     """SIGKILL (an out-of-memory kill, say) the worker mid-job under `make run`'s launcher:
     the API answers throughout, a new worker comes up, the job runs again and succeeds."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
-    env.update(
-        {
-            "DISTILL_MODEL": str(tiny_model),
-            "DISTILL_TINY_DECODER": str(tiny_model / "tiny_decoder"),
-            "DISTILL_PORT": str(port),
-            "DISTILL_DATA_DIR": str(tmp_path / "data"),
-            "DISTILL_HEARTBEAT_INTERVAL": "0.5",
-            "DISTILL_HEARTBEAT_TTL": "3",
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": str(ROOT),
-        }
+    proc, base, log = _launch(
+        tiny_model, tmp_path, DISTILL_HEARTBEAT_INTERVAL="0.5", DISTILL_HEARTBEAT_TTL="3"
     )
-    log = tmp_path / "launcher.log"
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.launcher"],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
-    base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(base, proc, log)
         body = {
