@@ -43,11 +43,11 @@ FROM base AS worker
 # its CUDA runtime libraries; the host needs only the NVIDIA driver and container toolkit.
 # A different wheel index (e.g. another CUDA line) can be chosen at build time.
 ARG TORCH_INDEX_URL=""
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --extra-index-url "$TORCH_INDEX_URL" -r /tmp/requirements-worker.txt; \
-    else \
-        pip install -r /tmp/requirements-worker.txt; \
-    fi
+# Or a directory of wheels mounted into the build (`podman build -v /opt/wheels:/wheels:ro
+# --build-arg WHEELS=/wheels`), e.g. a CPU torch wheel for a build without a GPU in mind.
+ARG WHEELS=""
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        ${WHEELS:+--find-links "$WHEELS"} -r /tmp/requirements-worker.txt
 # SDXL-Turbo's weights (about 7 GB) land here once; mount a volume to keep them.
 ENV HF_HOME=/cache/huggingface \
     TORCHINDUCTOR_CACHE_DIR=/cache/huggingface/torchinductor
