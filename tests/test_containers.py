@@ -32,7 +32,8 @@ WORKER = "localhost/distill-worker:test"
 #: Build failures that say the machine cannot build here, not that the Dockerfile is wrong.
 _ENVIRONMENT = re.compile(
     r"NewConnectionError|CERTIFICATE_VERIFY_FAILED|Temporary failure in name resolution|"
-    r"Name or service not known|error setting rlimit|Network is unreachable"
+    r"Name or service not known|error setting rlimit|Network is unreachable|"
+    r"Temporary failure resolving|Could not resolve|Failed to fetch"
 )
 
 pytestmark = pytest.mark.slow
@@ -65,10 +66,14 @@ def _wheel_dir() -> Path | None:
     return None
 
 
-def _run(command: list[str], *, timeout: float, what: str) -> None:
+def _run(command: list[str], *, timeout: float, what: str, environment: bool = False) -> None:
+    """Run a build step; a failure is a skip when it is the machine's (``environment``: any
+    failure of this step is), else a test failure."""
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         text = done.stdout[-4000:] + done.stderr[-4000:]
+        if environment:
+            pytest.skip(f"{what}: this machine cannot do it: {text.strip()[-300:]}")
         if _ENVIRONMENT.search(text):
             pytest.skip(f"{what}: this machine cannot build here: {_ENVIRONMENT.search(text)[0]}")
         pytest.fail(f"{what} failed:\n{text}")
@@ -93,7 +98,19 @@ def images() -> None:
             "$1/etc/ssl/certs/ca-certificates.crt' "
             f"bookworm - | podman import - {BASE}"
         )
-        _run(["bash", "-o", "pipefail", "-c", script], timeout=600, what="base image")
+        _run(
+            ["bash", "-o", "pipefail", "-c", script],
+            timeout=600,
+            what="base image from Debian packages",
+            environment=True,
+        )
+    # Can this machine run a container at all (namespaces, cgroups, limits)?
+    _run(
+        ["podman", "run", "--rm", *_limits(), BASE, "python", "-c", "print(1)"],
+        timeout=120,
+        what="running a container",
+        environment=True,
+    )
     build = ["podman", "build", *_limits(), "--build-arg", f"PYTHON_IMAGE={BASE}"]
     started = time.monotonic()
     _run([*build, "--target", "api", "-t", API, str(ROOT)], timeout=900, what="api image")
