@@ -43,8 +43,6 @@ class WorkerInfo:
     decoders: tuple[str, ...] = ()
     compile: str | None = None
     compile_seconds: float | None = None
-    #: Every field as published, probes included.
-    fields: Mapping[str, str] | None = None
 
     @property
     def ready(self) -> bool:
@@ -77,7 +75,6 @@ class WorkerInfo:
             decoders=tuple(d for d in fields.get("decoders", "").split(",") if d),
             compile=fields.get("compile"),
             compile_seconds=number("compile_seconds"),
-            fields=dict(fields),
         )
 
 

@@ -36,6 +36,16 @@ def tensors_pt(images: Sequence[np.ndarray], labels: Sequence[int], classes: lis
     )
 
 
+def _normalized(
+    images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """(x/255 - mean)/std as float32 (N, 3, H, W)."""
+    pixels = _stack(images).to(torch.float32).div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (pixels - m) / s
+
+
 def normalized_pt(
     images: Sequence[np.ndarray],
     labels: Sequence[int],
@@ -44,12 +54,9 @@ def normalized_pt(
     std: Sequence[float],
 ) -> bytes:
     """``{"images": float32 (N,3,H,W) = (x/255 - mean)/std, "labels": int64, "mean", "std"}``."""
-    pixels = _stack(images).to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return _save(
         {
-            "images": (pixels - m) / s,
+            "images": _normalized(images, mean, std),
             "labels": torch.tensor(list(labels), dtype=torch.int64),
             "mean": torch.tensor(mean, dtype=torch.float32),
             "std": torch.tensor(std, dtype=torch.float32),
@@ -62,9 +69,6 @@ def challenge_pt(
 ) -> bytes:
     """One float32 tensor (N, 3, H, W) = (x/255 - mean)/std, class-major, nothing else: what
     the challenge's ``evaluate.py`` loads with ``torch.load`` (labels are implied by order)."""
-    pixels = _stack(images).to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     buffer = io.BytesIO()
-    torch.save(((pixels - m) / s).contiguous(), buffer)
+    torch.save(_normalized(images, mean, std).contiguous(), buffer)
     return buffer.getvalue()

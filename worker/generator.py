@@ -183,8 +183,6 @@ class Generator:
         guide does. Compiled graphs run at one batch size (``batch_size``, shorter batches are
         padded) and are warmed up here, so the first job does not pay for compiling.
         """
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         pipeline.set_progress_bar_config(disable=True)
         # The watermark would be applied to decoded images; we decode ourselves, and never add one.
         pipeline.watermark = None
@@ -209,14 +207,11 @@ class Generator:
             revision=revision,
             resolution=resolution or native,
             decode_dtype=decode,
-            options={"channels_last": use_channels_last, "compile": compile},
+            options={"channels_last": use_channels_last, "compile": "off"},
             tiny=tiny,
             tiny_id=tiny_id,
-            compile=compile,
-            fixed_batch=batch_size if compile != "off" else None,
         )
-        if compile != "off":
-            generator.compile_graphs()
+        generator.enable_compile(compile, batch_size=batch_size or 1)
         return generator
 
     def enable_compile(self, mode: str, *, batch_size: int) -> float:

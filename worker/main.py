@@ -154,19 +154,6 @@ class StatusBeacon:
                 next_round = time.monotonic() + maintenance.INTERVAL_S
 
 
-def quiet_libraries() -> None:
-    """Keep library notices and progress bars out of the worker's output: every line it
-    prints is one of our JSON log lines or a one-line error. Call before importing them."""
-    for name, value in (
-        ("TRANSFORMERS_VERBOSITY", "error"),
-        ("DIFFUSERS_VERBOSITY", "error"),
-        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-        ("NO_ALBUMENTATIONS_UPDATE", "1"),
-    ):
-        os.environ.setdefault(name, value)
-
-
 def _batch_size(generator: Generator, settings: Settings) -> int:
     """``DISTILL_BATCH_SIZE``, or on a GPU (``DISTILL_AUTO_BATCH``) the fastest batch from it
     up that fits in memory."""
@@ -186,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one worker until SIGINT/SIGTERM; exit 2 when the model cannot be loaded."""
     settings = settings_or_exit("distill worker")
     logs.configure(settings.log_level)
-    quiet_libraries()
+    runtime.quiet_libraries()
     name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     redis = Redis.from_url(settings.redis_url)
     beacon = StatusBeacon(redis, name, settings)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args(argv)
-    from worker.main import quiet_libraries
+    from worker.runtime import quiet_libraries
 
     quiet_libraries()
     started = time.perf_counter()
