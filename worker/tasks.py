@@ -258,6 +258,8 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
         if run is None or hooks.should_cancel():
             writer.abort()  # gone before anyone can see the job ended
             return _stopped(redis, piece, written=outputs.count)
+        # This worker's own sampling rate (advertised in its status); assembly is not sampling.
+        runtime.record_rate(outputs.count / max(time.time() - started, 1e-6))
         if shard is None:
             return _publish(redis, store, piece.job_id, writer, outputs, run, started=started)
         info = writer.commit(
@@ -269,7 +271,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
                 "images": outputs.count,
             }
         )
-    return _publish_part(redis, store, piece, info, outputs, run, started=started)
+    return _publish_part(redis, store, piece, info, outputs, run)
 
 
 def _stopped(redis: Redis, piece: Piece, *, written: int) -> dict[str, Any]:
@@ -326,8 +328,6 @@ def _publish(
     key = keys.archive(job_id)
     patiently(lambda: store.put(key, info.path))
     patiently(lambda: store.put_bytes(keys.preview(job_id), sheet))
-    if not extra:
-        runtime.record_rate(outputs.count / max(finished - started, 1e-6))
     fields: dict[str, str | int | float] = {
         "archive_key": key,
         "archive_size": info.size_bytes,
@@ -350,8 +350,6 @@ def _publish_part(
     info: ArchiveInfo,
     outputs: engine.Outputs,
     run: engine.RunResult,
-    *,
-    started: float,
 ) -> dict[str, Any]:
     """Put a shard's part in the store; then top up the job's window and, after the last
     shard, enqueue the assembly."""
@@ -360,7 +358,6 @@ def _publish_part(
     job_id, index = piece.job_id, piece.index
     key = keys.part(job_id, index)
     size = patiently(lambda: store.put(key, info.path))
-    runtime.record_rate(outputs.count / max(time.time() - started, 1e-6))
     done = {
         "written": outputs.count,
         "generated": run.generated,
