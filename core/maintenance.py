@@ -35,13 +35,20 @@ log = logging.getLogger("distill.maintenance")
 
 #: Seconds between two rounds in one process.
 INTERVAL_S = 2.0
-#: The lock outlives a stuck holder by this much at most.
-LOCK_S = 30
-
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def lock_seconds(settings: Settings) -> int:
+    """How long the lock outlives a holder that died mid-round: one heartbeat TTL, the time a
+    dead worker takes to count as dead anyway. A live holder extends it between steps."""
+    return max(int(settings.heartbeat_ttl), 1)
 
 
 def reap(redis: Redis, queue: str) -> None:
@@ -51,6 +58,13 @@ def reap(redis: Redis, queue: str) -> None:
     ).cleanup()
 
 
+def take_lock(redis: Redis, settings: Settings) -> str | None:
+    """The queue's maintenance lock for one round, or None while another process holds it."""
+    token = uuid.uuid4().hex
+    lock = keys.maintenance_lock(settings.queue_name)
+    return token if redis.set(lock, token, nx=True, ex=lock_seconds(settings)) else None
+
+
 def run_once(redis: Redis, settings: Settings, *, scratch: Path | None = None) -> bool:
     """One round; True when this process held the lock and did the shared part.
 
@@ -58,19 +72,25 @@ def run_once(redis: Redis, settings: Settings, *, scratch: Path | None = None) -
     directory), when the store sweep is due.
     """
     queue = settings.queue_name
-    token = uuid.uuid4().hex
     lock = keys.maintenance_lock(queue)
-    if not redis.set(lock, token, nx=True, ex=LOCK_S):
+    hold = lock_seconds(settings)
+    token = take_lock(redis, settings)
+    if token is None:
         return False
     try:
         reap(redis, queue)
+        redis.eval(_EXTEND, 1, lock, token, hold)
         shards.tend(redis, settings)
+        redis.eval(_EXTEND, 1, lock, token, hold)
         workers.prune(redis, queue)
         due = max(int(settings.sweep_interval * 1000), 1)
-        if redis.set(keys.sweep_due(queue), "1", nx=True, px=due):
-            sweep(redis, settings, scratch=scratch)
+        sweep_now = bool(redis.set(keys.sweep_due(queue), "1", nx=True, px=due))
     finally:
         redis.eval(_RELEASE, 1, lock, token)
+    if sweep_now:
+        # Outside the lock: a long sweep of a big store must not hold up reaping. The due key
+        # keeps it to one process per interval.
+        sweep(redis, settings, scratch=scratch)
     return True
 
 
