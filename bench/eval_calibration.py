@@ -80,13 +80,36 @@ def write_subset(
     parts: list[tuple[list[Path], list[Path]]], ipc: int, seed: int, path: Path
 ) -> None:
     """IPC random pool images per class as an archive in the service's format."""
-    preset = presets.get("cifar10")
     rng = np.random.default_rng([seed, ipc])
+    chosen = [sorted(rng.choice(len(pool), size=ipc, replace=False).tolist()) for pool, _ in parts]
+    write_selection(
+        parts,
+        chosen,
+        path,
+        request={
+            "preset": "cifar10",
+            "ipc": ipc,
+            "image_size": 32,
+            "seed": seed,
+            "source": f"random real CIFAR-10 test images (first {POOL} per class)",
+        },
+    )
+
+
+def write_selection(
+    parts: list[tuple[list[Path], list[Path]]],
+    chosen: list[list[int]],
+    path: Path,
+    *,
+    request: dict[str, Any],
+) -> None:
+    """The pool images at ``chosen[c]`` (indices into class c's pool, in that order) as an
+    archive in the service's format, with the CIFAR-10 preset and ``request`` in its manifest."""
+    preset = presets.get("cifar10")
     writer = ArchiveWriter(final=path, partial=path.with_name(f".{path.name}.part"))
     with writer:
-        for cls, (pool, _) in zip(preset.classes, parts, strict=True):
-            chosen = sorted(rng.choice(len(pool), size=ipc, replace=False).tolist())
-            for number, index in enumerate(chosen):
+        for cls, (pool, _), picks in zip(preset.classes, parts, chosen, strict=True):
+            for number, index in enumerate(picks):
                 image = np.asarray(Image.open(pool[index]).convert("RGB"))
                 writer.add_image(
                     image_name(cls.index, cls.label, number),
@@ -96,16 +119,11 @@ def write_subset(
                     kind="real",
                     source=pool[index].name,
                 )
+        counts = [len(picks) for picks in chosen]
         writer.commit(
             {
                 "format": "distill-service/archive-v1",
-                "request": {
-                    "preset": "cifar10",
-                    "ipc": ipc,
-                    "image_size": 32,
-                    "seed": seed,
-                    "source": f"random real CIFAR-10 test images (first {POOL} per class)",
-                },
+                "request": request,
                 "preset": {
                     "name": preset.name,
                     "title": preset.title,
@@ -118,12 +136,16 @@ def write_subset(
                         "label": c.label,
                         "wnid": c.wnid,
                         "folder": f"train/{class_dir(c.index, c.label)}",
-                        "images": ipc,
+                        "images": count,
                     }
-                    for c in preset.classes
+                    for c, count in zip(preset.classes, counts, strict=True)
                 ],
                 "class_to_idx": {class_dir(c.index, c.label): c.index for c in preset.classes},
-                "counts": {"classes": 10, "images_per_class": ipc, "images": 10 * ipc},
+                "counts": {
+                    "classes": len(counts),
+                    "images_per_class": max(counts),
+                    "images": sum(counts),
+                },
             }
         )
 

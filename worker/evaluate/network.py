@@ -49,7 +49,12 @@ class ConvNet(nn.Module):
         self.width = width
         self.image_size = image_size
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, width * side * side): what the classifier sees, and what
+        coreset selection (herding, k-center) measures distances in."""
+        return torch.flatten(self.features(x), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for images (N, channels, image_size, image_size)."""
-        logits: torch.Tensor = self.classifier(torch.flatten(self.features(x), 1))
+        logits: torch.Tensor = self.classifier(self.embed(x))
         return logits
