@@ -11,6 +11,8 @@ Redis::
     distill:shards-done:<id>      set    indexes of the shards whose part is stored
     distill:sharded               set    sharded jobs in flight (maintenance looks here)
     distill:eval:<id>             hash   one evaluation: job, test set, progress, result
+    distill:reference:<id>        hash   one reference set: name, owner, classes, counts, digest
+    distill:references:<owner>    zset   one owner's reference set ids by creation time
     distill:worker:<name>         hash   one worker's status; expires unless it beats
     distill:workers:<queue>       set    names of the workers serving a queue (the registry)
     distill:gpu:<uuid>            str    the worker that holds a GPU (expires unless refreshed)
@@ -26,6 +28,7 @@ Store (relative to ``DISTILL_STORAGE``)::
     <id>.preview.png              its contact sheet
     <id>.manifest.json            the manifest with evaluation results
     parts/<id>/<kkkk>.zip         one shard's part archive
+    references/<id>.zip           a reference set, normalized (``core.references``)
 
 RQ entries: a job in one piece is RQ job ``<id>``; a shard ``<id>-s<kkkk>``; the assembly
 ``<id>-assemble``; the removal of a job's parts ``<id>-cleanup``.
@@ -85,6 +88,14 @@ def evaluation(eval_id: str) -> str:
     return f"{PREFIX}:eval:{eval_id}"
 
 
+def reference(reference_id: str) -> str:
+    return f"{PREFIX}:reference:{reference_id}"
+
+
+def references_index(owner: str) -> str:
+    return f"{PREFIX}:references:{owner}"
+
+
 def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
@@ -140,6 +151,13 @@ def part(job_id: str, index: int) -> str:
 
 def parts_prefix(job_id: str) -> str:
     return f"parts/{job_id}/"
+
+
+REFERENCES_PREFIX = "references/"
+
+
+def reference_archive(reference_id: str) -> str:
+    return f"{REFERENCES_PREFIX}{reference_id}.zip"
 
 
 # RQ entry ids.

@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     testsets_dir: Path | None = Field(
         None, description="Named test sets for evaluations (ImageFolder dirs or zips)."
     )
+    references_dir: Path | None = Field(
+        None, description="Named reference sets of real images (ImageFolder dirs or zips)."
+    )
+    max_reference_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Most bytes one reference upload may hold (413)."
+    )
+    max_reference_images: int = Field(
+        100_000, ge=1, le=10_000_000, description="Most images one reference upload may hold."
+    )
+    max_reference_pixels: int = Field(
+        50_000_000, ge=64, description="Most pixels one reference image may have (header)."
+    )
 
     # Model and generation.
     model: str = Field("stabilityai/sdxl-turbo", description="Hub id or local pipeline dir.")

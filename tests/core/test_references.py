@@ -1,0 +1,311 @@
+"""Reference sets: ingesting uploads (and refusing hostile ones), records, named sets, matching."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from redis import Redis
+
+from core import keys, references
+from core.references import ReferenceError, ReferenceTooLarge, UnsupportedArchive
+from core.storage import LocalStorage
+from service.redis_server import EmbeddedRedis
+
+LIMITS = {"max_bytes": 10 * 1024 * 1024, "max_images": 100, "max_pixels": 1_000_000}
+
+
+def png(color: tuple[int, int, int] = (200, 10, 10), size: tuple[int, int] = (8, 8)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def jpeg(color: tuple[int, int, int] = (10, 200, 10)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that is only a signature, an IHDR chunk claiming ``width`` x ``height`` and IEND."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def write_zip(path: Path, members: dict[str, bytes], *, deflate: bool = False) -> Path:
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=method) as archive:
+        for name, data in members.items():
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=method)
+    return path
+
+
+def write_tar(path: Path, members: dict[str, bytes], *, mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+SET = {
+    "train/cat/a.png": png((1, 2, 3)),
+    "train/cat/b.jpg": jpeg(),
+    "train/cat/copy-of-a.png": png((1, 2, 3)),
+    "train/dog/c.png": png((9, 9, 9)),
+    "train/dog/.DS_Store": b"\x00\x00junk",
+    "__MACOSX/train/dog/._c.png": b"resource fork",
+}
+
+
+def scratch(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_zip_is_normalized_to_digest_names_with_a_manifest(tmp_path: Path) -> None:
+    source = write_zip(tmp_path / "set.zip", SET)
+    out, info = references.ingest(source, **LIMITS, name="pets", owner="o1")
+    assert [(c.name, c.images) for c in info.classes] == [("cat", 2), ("dog", 1)]
+    assert info.images == 3 and info.name == "pets" and info.owner == "o1"
+    assert info.bytes == len(SET["train/cat/a.png"]) + len(jpeg()) + len(SET["train/dog/c.png"])
+    with zipfile.ZipFile(out) as archive:
+        names = archive.namelist()
+        manifest = json.loads(archive.read(references.MANIFEST))
+    # Every image under its class, named by its digest and its real type.
+    import hashlib
+
+    a = hashlib.sha256(SET["train/cat/a.png"]).hexdigest()
+    b = hashlib.sha256(jpeg()).hexdigest()
+    assert f"cat/{a}.png" in names and f"cat/{b}.jpg" in names
+    assert len([n for n in names if n != references.MANIFEST]) == 3
+    sources = {i["source"] for c in manifest["classes"] for i in c["images"]}
+    assert "train/dog/c.png" in sources and not any("DS_Store" in s for s in sources)
+    assert len(info.digest) == 64
+
+
+def test_every_container_gives_the_same_set(tmp_path: Path) -> None:
+    clean = {k: v for k, v in SET.items() if not k.startswith("__MACOSX")}
+    digests = set()
+    for name, mode in [("a.tar", "w"), ("a.tgz", "w:gz"), ("a.tbz", "w:bz2"), ("a.txz", "w:xz")]:
+        _, info = references.ingest(write_tar(tmp_path / name, clean, mode=mode), **LIMITS)
+        digests.add(info.digest)
+    _, info = references.ingest(write_zip(tmp_path / "b.zip", SET, deflate=True), **LIMITS)
+    digests.add(info.digest)
+    # Without the top-level folder: the same classes, the same digest.
+    flat = {k.removeprefix("train/"): v for k, v in clean.items()}
+    _, info = references.ingest(write_zip(tmp_path / "c.zip", flat), **LIMITS)
+    digests.add(info.digest)
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize(
+    ("members", "member", "status"),
+    [
+        ({"cat/a.png": png(), "../x.png": png()}, "../x.png", 422),
+        ({"cat/a.png": png(), "cat/../../x.png": png()}, "cat/../../x.png", 422),
+        ({"cat/a.png": png(), "/etc/x.png": png()}, "/etc/x.png", 422),
+        ({"cat/a.png": png(), "C:/x.png": png()}, "C:/x.png", 422),
+        ({"cat/a.png": png(), "cat\\b.png": png()}, "cat\\b.png", 422),
+        ({"cat/a.png": png(), "cat/inner.zip": b"PK\x03\x04rest"}, "cat/inner.zip", 422),
+        ({"cat/a.png": png(), "cat/b.png": b"PK\x03\x04 a zip, named .png"}, "cat/b.png", 422),
+        ({"cat/a.png": png(), "cat/b.png": b"\x1f\x8b\x08 gzip bytes"}, "cat/b.png", 422),
+        ({"cat/a.png": png(), "cat/notes.png": b"just some text\n"}, "cat/notes.png", 422),
+        ({"cat/a.png": png(), "cat/huge.png": png_header(50_000, 50_000)}, "cat/huge.png", 413),
+        ({"cat/a.png": png(), "cat/big.png": png(size=(1001, 1000))}, "cat/big.png", 413),
+        ({"cat/a.png": png(), "loose.png": png()}, "loose.png", 422),
+    ],
+)
+def test_hostile_zip_members_are_refused_by_name(
+    tmp_path: Path, members: dict[str, bytes], member: str, status: int
+) -> None:
+    source = write_zip(tmp_path / "bad.zip", members)
+    before = scratch(tmp_path)
+    with pytest.raises(ReferenceError) as caught:
+        references.ingest(source, **LIMITS)
+    assert caught.value.member == member, caught.value
+    assert repr(member) in str(caught.value)
+    assert caught.value.status == status
+    assert scratch(tmp_path) == before  # no partial output left
+
+
+def _tar_with(tmp_path: Path, special: tarfile.TarInfo) -> Path:
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as archive:
+        good = tarfile.TarInfo("cat/a.png")
+        data = png()
+        good.size = len(data)
+        archive.addfile(good, io.BytesIO(data))
+        archive.addfile(special)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE]
+)
+def test_links_and_devices_in_a_tar_are_refused(tmp_path: Path, kind: bytes) -> None:
+    special = tarfile.TarInfo("cat/b.png")
+    special.type = kind
+    special.linkname = "/etc/passwd"
+    with pytest.raises(ReferenceError) as caught:
+        references.ingest(_tar_with(tmp_path, special), **LIMITS)
+    assert caught.value.member == "cat/b.png" and caught.value.status == 422
+
+
+def test_symlink_in_a_zip_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "link.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("cat/a.png", png())
+        info = zipfile.ZipInfo("cat/b.png")
+        info.create_system = 3
+        info.external_attr = (0o120777) << 16
+        archive.writestr(info, "/etc/passwd")
+    with pytest.raises(ReferenceError) as caught:
+        references.ingest(path, **LIMITS)
+    assert caught.value.member == "cat/b.png"
+
+
+def test_a_zip_bomb_is_refused_from_its_headers(tmp_path: Path) -> None:
+    zeros = b"\x00" * (50 * 1024 * 1024)
+    source = write_zip(
+        tmp_path / "bomb.zip", {"cat/a.png": png(), "cat/z.png": zeros}, deflate=True
+    )
+    assert source.stat().st_size < 1024 * 1024  # small upload, huge content
+    with pytest.raises(ReferenceTooLarge) as caught:
+        references.ingest(source, **{**LIMITS, "max_bytes": 1024 * 1024})
+    assert caught.value.member == "cat/z.png" and caught.value.status == 413
+    assert scratch(tmp_path) == ["bomb.zip"]
+
+
+def test_a_gzip_tar_bomb_stops_while_reading(tmp_path: Path) -> None:
+    # A tar whose headers are small but whose data expands: limited as it is decompressed.
+    source = write_tar(
+        tmp_path / "bomb.tgz", {"cat/a.png": png(), "cat/z.png": b"\x00" * (20 << 20)}, mode="w:gz"
+    )
+    with pytest.raises(ReferenceTooLarge):
+        references.ingest(source, **{**LIMITS, "max_bytes": 1024 * 1024})
+
+
+def test_too_many_images_classes_or_none(tmp_path: Path) -> None:
+    four = {f"cat/{i}.png": png((i, i, i)) for i in range(4)}
+    with pytest.raises(ReferenceTooLarge) as caught:
+        references.ingest(write_zip(tmp_path / "a.zip", four), **{**LIMITS, "max_images": 3})
+    assert caught.value.member == "cat/3.png" and caught.value.status == 413
+    classes = {f"c{i}/x.png": png((i, 0, 0)) for i in range(3)}
+    with pytest.raises(ReferenceError, match="3 class folders"):
+        references.ingest(write_zip(tmp_path / "b.zip", classes), **LIMITS, max_classes=2)
+    with pytest.raises(ReferenceError, match="no images"):
+        references.ingest(write_zip(tmp_path / "c.zip", {"cat/.DS_Store": b"x"}), **LIMITS)
+    with pytest.raises(UnsupportedArchive) as unsupported:
+        (tmp_path / "d.bin").write_bytes(b"hello, not an archive" * 40)
+        references.ingest(tmp_path / "d.bin", **LIMITS)
+    assert unsupported.value.status == 415
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def test_store_read_list_delete_per_owner(tmp_path: Path, redis: Redis) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    owner, other = f"o-{tmp_path.name}", f"p-{tmp_path.name}"
+    out, info = references.ingest(write_zip(tmp_path / "s.zip", SET), **LIMITS, owner=owner)
+    stored = references.store(redis, storage, out, info, ttl=3600)
+    assert not out.exists()  # moved into the store
+    key = keys.reference_archive(info.id)
+    assert storage.size(key) is not None
+    assert 3590 < redis.ttl(keys.reference(info.id)) <= 3600
+    assert references.read(redis, info.id, owner=owner) == stored
+    assert references.read(redis, info.id, owner=other) is None
+    assert [i.id for i in references.list_for(redis, owner)] == [info.id]
+    assert references.list_for(redis, other) == []
+    assert references.delete(redis, storage, info.id, owner=other) is False
+    assert references.delete(redis, storage, info.id, owner=owner) is True
+    assert storage.size(key) is None and references.read(redis, info.id) is None
+    assert references.list_for(redis, owner) == []
+
+
+def test_sweep_removes_sets_whose_record_expired(tmp_path: Path, redis: Redis) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    out, info = references.ingest(write_zip(tmp_path / "s.zip", SET), **LIMITS)
+    references.store(redis, storage, out, info, ttl=3600)
+    assert references.sweep(redis, storage) == []
+    redis.delete(keys.reference(info.id))
+    assert references.sweep(redis, storage) == [keys.reference_archive(info.id)]
+
+
+# --- named sets --------------------------------------------------------------------------------
+
+
+def test_named_sets_are_found_like_test_sets(tmp_path: Path) -> None:
+    root = tmp_path / "refs"
+    (root / "pets" / "train" / "cat").mkdir(parents=True)
+    (root / "pets" / "train" / "cat" / "1.png").write_bytes(png())
+    (root / "pets" / "train" / "dog").mkdir()
+    (root / "pets" / "train" / "dog" / "2.png").write_bytes(png((0, 0, 0)))
+    write_zip(root / "zipped.zip", {"n01440764_tench/a.png": png(), "n01443537/b.png": png()})
+    assert references.named_sets(root) == ["pets", "zipped"]
+    assert references.named_path(root, "../refs") is None
+    assert references.named_path(None, "pets") is None
+    pets = references.named_path(root, "pets")
+    assert pets is not None
+    assert references.members(pets) == {"cat": ["train/cat/1.png"], "dog": ["train/dog/2.png"]}
+    zipped = references.named_path(root, "zipped")
+    assert zipped is not None
+    assert list(references.members(zipped)) == ["n01440764_tench", "n01443537"]
+
+
+# --- matching ----------------------------------------------------------------------------------
+
+
+def test_match_by_name_index_prefix_and_wnid_in_class_order() -> None:
+    folders = ["000_airplane", "Automobile", "n01440764", "n01443537_goldfish", "bird"]
+    classes = [
+        ("goldfish", "n01443537"),
+        ("tench", "n01440764"),
+        ("automobile", None),
+        ("airplane", None),
+    ]
+    assert references.match(classes, folders) == [
+        "n01443537_goldfish",
+        "n01440764",
+        "automobile".capitalize(),
+        "000_airplane",
+    ]
+    # A wnid class without a wnid folder falls back to its name.
+    assert references.match([("bird", "n01530575")], folders) == ["bird"]
+
+
+def test_match_lists_every_missing_or_empty_class() -> None:
+    with pytest.raises(ValueError) as caught:
+        references.match(
+            [("cat", None), ("dog", None), ("ship", None), ("tench", "n01440764")],
+            {"cat": 3, "dog": 0, "n01440764": 2},
+        )
+    text = str(caught.value)
+    assert "ship" in text and "dog (dog)" in text and "cat" not in text.split("ship")[0][:-10]
+    with pytest.raises(ValueError, match="several folders"):
+        references.match([("cat", None)], ["cat", "001_cat"])
+    with pytest.raises(ValueError, match="one folder for several classes"):
+        references.match([("crane", None), ("Crane", None)], ["crane"])
