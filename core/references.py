@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 from redis.typing import EncodableT, FieldT
@@ -360,6 +359,9 @@ def identify(data: bytes, member: str, *, max_pixels: int) -> str:
     decoded); ReferenceError naming ``member`` for anything else."""
     if _looks_like_archive(member, data[:512]):
         raise ReferenceError("nested archives are refused", member=member)
+    # Imported here: the API process loads Pillow only when an upload arrives.
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

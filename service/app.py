@@ -10,7 +10,7 @@ from redis import Redis
 
 from core import maintenance
 from core.settings import Settings, get_settings
-from service import errors, ui
+from service import errors, references, ui
 from service.api import health_router, router
 from service.guards import BodyGuard
 from service.metrics import registry_for
@@ -52,8 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(references.router)
     app.include_router(health_router)
     app.include_router(ui.router)
     errors.install(app)
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyGuard, max_bytes=settings.max_body_bytes, uploads=references.UPLOAD_PATHS
+    )
     return app

@@ -1,9 +1,13 @@
 """ASGI guard for request bodies: JSON only (415), and no larger than the limit (413).
 
 It runs before FastAPI reads the body, so an oversized upload is refused without buffering it.
+Upload routes (``uploads``: reference-set archives) are let through: they are not JSON and
+enforce their own, larger limit while they stream the body.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,12 +18,17 @@ _WITH_BODY = {"POST", "PUT", "PATCH"}
 
 
 class BodyGuard:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, uploads: Collection[str] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = frozenset(uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in _WITH_BODY
+            or scope["path"] in self.uploads
+        ):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

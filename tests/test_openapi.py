@@ -35,6 +35,10 @@ def test_operations_have_stable_ids_and_problem_responses() -> None:
         "createEvaluation",
         "listEvaluations",
         "getEvaluation",
+        "createReference",
+        "listReferences",
+        "getReference",
+        "deleteReference",
     }
     assert "application/problem+json" in ops["createJob"]["responses"]["422"]["content"]
     assert "application/problem+json" in ops["getJob"]["responses"]["404"]["content"]

@@ -67,6 +67,7 @@ def test_every_operation_is_tagged_by_resource(generated: Any) -> None:
         "health",
         "jobs",
         "presets",
+        "references",
     ]
 
 

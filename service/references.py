@@ -1,0 +1,247 @@
+"""Reference-set routes: upload real images, list, read and delete them (``core.references``).
+
+An upload is the request body itself (a zip or tar), not JSON, so the JSON body guard lets
+``UPLOAD_PATHS`` through and this route enforces ``DISTILL_MAX_REFERENCE_BYTES`` while it
+streams the body to a scratch file: nothing over the limit is ever held or kept. The file is
+then validated and normalized off the event loop and the result stored; a refused upload
+leaves nothing behind (no stored object, no record).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+from redis import Redis
+
+from core import references
+from core.references import ReferenceError, ReferenceInfo
+from core.settings import Settings
+from core.storage import open_storage
+from service.auth import OwnerDep, owner_for
+from service.errors import PROBLEM_JSON, ServiceError
+from service.schemas import Problem
+
+UPLOAD_PATHS = frozenset({"/v1/references"})
+#: What an upload may be sent as; the content decides what it really is.
+MEDIA_TYPES = (
+    "application/zip",
+    "application/x-zip-compressed",
+    "application/x-tar",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-compressed-tar",
+    "application/x-bzip2",
+    "application/x-xz",
+    "application/octet-stream",
+)
+_BINARY = {"type": "string", "format": "binary"}
+
+
+class ReferenceNotFound(ServiceError):
+    status = 404
+    title = "Reference set not found"
+
+
+class ReferenceRejected(ServiceError):
+    """An upload ``core.references`` refused; its status (413, 415, 422) comes with it."""
+
+    def __init__(self, error: ReferenceError) -> None:
+        super().__init__(str(error))
+        self.status = error.status
+        self.title = {
+            413: "Reference set too large",
+            415: "Unsupported media type",
+        }.get(error.status, "Invalid reference set")
+
+
+class ReferenceList(BaseModel):
+    references: list[ReferenceInfo]
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    texts = {
+        401: "API keys are on and none, or an unknown one, was sent",
+        404: "Unknown reference set id (or another key's)",
+        413: "Over DISTILL_MAX_REFERENCE_BYTES (sent or expanded), _IMAGES or _PIXELS; the "
+        "detail names the member",
+        415: "Not a zip or a tar, or sent with a content type that is neither",
+        422: "A member the service refuses (path, link, nested archive, not an image...), "
+        "named in the detail; or an invalid query parameter",
+        503: "Redis unreachable; see Retry-After",
+    }
+    return {
+        code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": texts[code]}
+        for code in codes
+    }
+
+
+def _redis(request: Request) -> Redis:
+    redis: Redis = request.app.state.redis
+    return redis
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+RedisDep = Annotated[Redis, Depends(_redis)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+ReferenceId = Annotated[str, PathParam(max_length=64, description="The set's id.")]
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(owner_for)], tags=["references"])
+
+
+async def _receive(request: Request, target: Path, limit: int) -> None:
+    """The body into ``target``, refusing (413) as soon as it passes ``limit`` bytes."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ReferenceRejected(
+            references.ReferenceTooLarge(f"body of {length} bytes exceeds {limit} bytes")
+        )
+    received = 0
+    with open(target, "wb") as handle:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise ReferenceRejected(references.ReferenceTooLarge(f"body exceeds {limit} bytes"))
+            handle.write(chunk)
+
+
+def _ingest_and_store(
+    redis: Redis,
+    settings: Settings,
+    upload: Path,
+    *,
+    reference_id: str,
+    name: str | None,
+    owner: str,
+) -> ReferenceInfo:
+    output = upload.with_name(f".ref-{reference_id}.zip.part")
+    try:
+        normalized, info = references.ingest(
+            upload,
+            max_bytes=settings.max_reference_bytes,
+            max_images=settings.max_reference_images,
+            max_pixels=settings.max_reference_pixels,
+            output=output,
+            reference_id=reference_id,
+            name=name,
+            owner=owner,
+        )
+        return references.store(
+            redis, open_storage(settings), normalized, info, ttl=settings.result_ttl
+        )
+    except ReferenceError as exc:
+        raise ReferenceRejected(exc) from None
+    finally:
+        output.unlink(missing_ok=True)
+
+
+@router.post(
+    "/references",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="createReference",
+    summary="Upload a reference set: a zip or tar of class folders of real images",
+    response_model=ReferenceInfo,
+    responses=_problems(401, 413, 415, 422, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "The archive itself (zip, or tar plain/gz/bz2/xz) of an ImageFolder "
+            "tree: class folders of images, optionally under one top-level folder. Sent as "
+            "application/octet-stream or as any of: " + ", ".join(MEDIA_TYPES[:-1]) + ".",
+            # One binary type here, the one code generators understand; the route accepts all.
+            "content": {"application/octet-stream": {"schema": _BINARY}},
+        }
+    },
+)
+async def create_reference(
+    request: Request,
+    response: Response,
+    redis: RedisDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    name: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=64,
+            pattern=references.NAME.pattern,
+            description="A label for the set, shown when it is listed.",
+        ),
+    ] = None,
+) -> ReferenceInfo:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in MEDIA_TYPES:
+        raise ReferenceRejected(
+            references.UnsupportedArchive(
+                f"send the archive as one of {', '.join(MEDIA_TYPES)} (got {media or 'none'})"
+            )
+        )
+    reference_id = uuid.uuid4().hex
+    scratch = Path(settings.data_dir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    upload = scratch / f".ref-{reference_id}.zip.upload"
+    try:
+        await _receive(request, upload, settings.max_reference_bytes)
+        info = await run_in_threadpool(
+            _ingest_and_store,
+            redis,
+            settings,
+            upload,
+            reference_id=reference_id,
+            name=name,
+            owner=owner,
+        )
+    finally:
+        upload.unlink(missing_ok=True)
+    response.headers["Location"] = request.url_for("get_reference", reference_id=info.id).path
+    return info
+
+
+@router.get(
+    "/references",
+    operation_id="listReferences",
+    summary="Your reference sets, newest first",
+    response_model=ReferenceList,
+    responses=_problems(401, 503),
+)
+def list_references(redis: RedisDep, owner: OwnerDep) -> ReferenceList:
+    return ReferenceList(references=references.list_for(redis, owner))
+
+
+@router.get(
+    "/references/{reference_id}",
+    operation_id="getReference",
+    summary="One reference set: classes, image counts, digests",
+    response_model=ReferenceInfo,
+    responses=_problems(401, 404, 503),
+)
+def get_reference(reference_id: ReferenceId, redis: RedisDep, owner: OwnerDep) -> ReferenceInfo:
+    found = references.read(redis, reference_id, owner=owner)
+    if found is None:
+        raise ReferenceNotFound(f"no reference set {reference_id!r}")
+    return found
+
+
+@router.delete(
+    "/references/{reference_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="deleteReference",
+    summary="Delete a reference set and its stored images",
+    response_class=Response,
+    responses={204: {"description": "Deleted"}, **_problems(401, 404, 503)},
+)
+def delete_reference(
+    reference_id: ReferenceId, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
+) -> Response:
+    if not references.delete(redis, open_storage(settings), reference_id, owner=owner):
+        raise ReferenceNotFound(f"no reference set {reference_id!r}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
