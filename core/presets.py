@@ -12,7 +12,7 @@ from functools import cache
 from importlib import resources
 from typing import Literal
 
-PresetName = Literal["cifar10", "cifar100", "tinyimagenet", "imagenet1k"]
+PresetName = Literal["cifar10", "cifar100", "tinyimagenet", "imagenet1k", "imagenette", "imagewoof"]
 
 # Mean/std per channel (RGB, [0, 1] scale) as used by the dataset-distillation benchmarks.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,6 +88,25 @@ PRESETS: dict[str, Preset] = {
             _IMAGENET_STD,
             "imagenet1k.tsv",
         ),
+        # fast.ai's 10-class ImageNet subsets (github.com/fastai/imagenette), classes in their
+        # published order (sorted wnids), at 256 px as the generative dataset-distillation
+        # papers (Minimax diffusion, D4M, IGD) train and evaluate on them.
+        Preset(
+            "imagenette",
+            "ImageNette (10 easy ImageNet-1K classes)",
+            256,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            "imagenette.tsv",
+        ),
+        Preset(
+            "imagewoof",
+            "ImageWoof (10 dog breeds of ImageNet-1K)",
+            256,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            "imagewoof.tsv",
+        ),
     )
 }
 
@@ -118,6 +137,59 @@ def get(name: str) -> Preset:
 def from_labels(labels: list[str]) -> tuple[ClassInfo, ...]:
     """Classes for a caller's own label list, in the caller's order."""
     return tuple(ClassInfo(index=i, label=label) for i, label in enumerate(labels))
+
+
+class NotImageNet(ValueError):
+    """Classes that are not ImageNet-1K classes (or name more than one), by job position."""
+
+    def __init__(self, problems: list[tuple[int, str, str]]) -> None:
+        self.problems = problems
+        super().__init__(
+            "; ".join(f"labels[{index}] {label!r}: {why}" for index, label, why in problems)
+        )
+
+
+@cache
+def _imagenet_lookup() -> tuple[dict[str, int], dict[str, list[int]]]:
+    by_wnid: dict[str, int] = {}
+    by_name: dict[str, list[int]] = {}
+    for cls in PRESETS["imagenet1k"].classes:
+        assert cls.wnid is not None
+        by_wnid[cls.wnid] = cls.index
+        for name in dict.fromkeys(s.casefold() for s in cls.synonyms):
+            by_name.setdefault(name, []).append(cls.index)
+    return by_wnid, by_name
+
+
+def imagenet_ids(classes: tuple[ClassInfo, ...]) -> list[int]:
+    """Each class's ImageNet-1K class id (its index in the standard order), in job order.
+
+    A class matches by its wnid, or by a label that is a wnid or one of a class's names (case
+    does not matter). ``NotImageNet`` lists every class that matches none, or several
+    ("crane" is a bird and a machine: give the wnid).
+    """
+    by_wnid, by_name = _imagenet_lookup()
+    ids: list[int] = []
+    problems: list[tuple[int, str, str]] = []
+    for position, cls in enumerate(classes):
+        if cls.wnid is not None and cls.wnid in by_wnid:
+            ids.append(by_wnid[cls.wnid])
+            continue
+        if cls.label in by_wnid:
+            ids.append(by_wnid[cls.label])
+            continue
+        found = by_name.get(cls.label.replace("_", " ").casefold(), [])
+        if len(found) == 1:
+            ids.append(found[0])
+            continue
+        if found:
+            wnids = ", ".join(PRESETS["imagenet1k"].classes[i].wnid or "" for i in found)
+            problems.append((position, cls.label, f"names several ImageNet-1K classes ({wnids})"))
+        else:
+            problems.append((position, cls.label, "is not an ImageNet-1K class (wnid or name)"))
+    if problems:
+        raise NotImageNet(problems)
+    return ids
 
 
 @dataclass(frozen=True)

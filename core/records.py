@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args, get_type_hints
 
@@ -213,42 +213,53 @@ def parse_shards(fields: Mapping[str, str]) -> list[ShardRecord]:
     return [ShardRecord.parse(rows[k]) for k in sorted(rows)]
 
 
-def _queue_snapshot_reads(pipe: Any, job_id: str, queue: str) -> None:
+def _queue_snapshot_reads(pipe: Any, job_id: str, queues: Sequence[str]) -> int:
+    """Queue one job's reads; returns how many results they give."""
     pipe.hgetall(keys.job(job_id))
     pipe.hgetall(keys.shards(job_id))
     pipe.hget(keys.rq_job(job_id), "status")
-    pipe.lpos(keys.rq_queue(queue), job_id)
-    pipe.lpos(keys.rq_queue(queue), keys.shard_entry(job_id, 0))
     pipe.lrange(keys.webhook_attempts(job_id), 0, -1)
+    for queue in queues:
+        pipe.lpos(keys.rq_queue(queue), job_id)
+        pipe.lpos(keys.rq_queue(queue), keys.shard_entry(job_id, 0))
+    return 4 + 2 * len(queues)
 
 
-def snapshots(redis: Redis, job_ids: Iterable[str], *, queue: str) -> list[Snapshot | None]:
-    """The snapshots of ``job_ids`` (None where a job is unknown), in one pipeline."""
+def snapshots(
+    redis: Redis, job_ids: Iterable[str], *, queue: str | Sequence[str]
+) -> list[Snapshot | None]:
+    """The snapshots of ``job_ids`` (None where a job is unknown), in one pipeline.
+
+    ``queue``: the queue (or every model's queue) a waiting entry may be in.
+    """
     ids = list(job_ids)
+    queues = [queue] if isinstance(queue, str) else list(queue)
     with redis.pipeline(transaction=False) as pipe:
+        width = 0
         for job_id in ids:
-            _queue_snapshot_reads(pipe, job_id, queue)
+            width = _queue_snapshot_reads(pipe, job_id, queues)
         results = pipe.execute()
     found: list[Snapshot | None] = []
     for n, job_id in enumerate(ids):
-        raw, shard_raw, status, position, first_shard, attempts = results[6 * n : 6 * n + 6]
+        raw, shard_raw, status, attempts, *positions = results[width * n : width * (n + 1)]
         if not raw:
             found.append(None)
             continue
         record = JobRecord.parse(job_id, _text(raw))
+        wanted = positions[1::2] if record.sharded else positions[0::2]
         found.append(
             Snapshot(
                 record=record,
                 shards=parse_shards(_text(shard_raw)),
                 rq_status=status.decode() if status is not None else None,
-                queue_position=first_shard if record.sharded else position,
+                queue_position=next((p for p in wanted if p is not None), None),
                 webhook_attempts=[json.loads(a) for a in attempts],
             )
         )
     return found
 
 
-def snapshot(redis: Redis, job_id: str, *, queue: str) -> Snapshot | None:
+def snapshot(redis: Redis, job_id: str, *, queue: str | Sequence[str]) -> Snapshot | None:
     """One job's snapshot (None when unknown or forgotten): one round trip."""
     return snapshots(redis, [job_id], queue=queue)[0]
 

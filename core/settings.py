@@ -78,7 +78,15 @@ class Settings(BaseSettings):
     )
 
     # Model and generation.
-    model: str = Field("stabilityai/sdxl-turbo", description="Hub id or local pipeline dir.")
+    model: str = Field(
+        "stabilityai/sdxl-turbo",
+        description="Hub id or local pipeline dir; with DISTILL_MODELS, a worker's alias.",
+    )
+    models: str | None = Field(
+        None,
+        description="Served models as alias=id,alias=id (the first is the default); unset: "
+        "DISTILL_MODEL alone.",
+    )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
     model_variant: str | None = Field(None, description="Weight variant, e.g. fp16.")
     device: str | None = Field(None, description="torch device; default cuda when present.")

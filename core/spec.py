@@ -40,6 +40,8 @@ MAX_IMAGE_SIZE = 512
 MAX_TOTAL_IMAGES = 100_000
 MAX_TEMPLATE_CHARS = 300
 MAX_SEED = 2**32 - 1
+MAX_STEPS = 50
+MAX_GUIDANCE = 20.0
 DEFAULT_IMAGE_SIZE = 32
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
@@ -412,6 +414,25 @@ class DatasetSpec(BaseModel):
         description="Latents to pixels: vae, the model's own decoder; tiny, an AutoencoderTiny "
         "(TAESDXL) that costs about 1/18 of it, for small outputs where its lost detail is "
         "shrunk away (needs the service's DISTILL_TINY_DECODER).",
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=40,
+        description="Alias of a model this service serves (GET /v1/models); default its first.",
+    )
+    steps: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Denoising steps; default the model's (turbo models 1, DiT 25).",
+    )
+    guidance_scale: StrictFloat | None = Field(
+        default=None,
+        ge=0.0,
+        le=MAX_GUIDANCE,
+        description="Classifier-free guidance scale (above 1 doubles the model's work per step); "
+        "default the model's (turbo models 0, DiT 4).",
     )
     prompt_template: (
         Template | Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)]

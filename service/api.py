@@ -25,6 +25,7 @@ from service.schemas import (
     Health,
     JobList,
     JobPublic,
+    ModelList,
     PresetDetail,
     PresetList,
     Problem,
@@ -329,6 +330,17 @@ def _preset_summary(preset: presets.Preset) -> dict[str, object]:
         "first_class": classes[0].label,
         "last_class": classes[-1].label,
     }
+
+
+@router.get(
+    "/models",
+    operation_id="listModels",
+    tags=["models"],
+    summary="The models this service serves, usable as `model`",
+    response_model=ModelList,
+)
+def list_models(redis: RedisDep, settings: SettingsDep) -> ModelList:
+    return health.model_list(redis, settings)
 
 
 @router.get(

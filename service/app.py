@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis import Redis
 
-from core import maintenance
+from core import maintenance, models
 from core.settings import Settings, get_settings
 from service import errors, references, ui
 from service.api import health_router, router
@@ -36,12 +36,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.metrics = registry_for(app.state.redis, settings)
         # Reaping and tending happen here too, so they go on while every worker is busy or
-        # gone; a lock in Redis keeps it to one process at a time (core/maintenance.py).
-        loop = maintenance.Loop(app.state.redis, settings).start()
+        # gone; a lock in Redis keeps it to one process at a time (core/maintenance.py). One
+        # loop per model: each model's queue is looked after like a deployment of its own.
+        loops = [
+            maintenance.Loop(app.state.redis, models.scoped(settings, entry)).start()
+            for entry in models.catalogue(settings).values()
+        ]
         try:
             yield
         finally:
-            loop.stop()
+            for loop in loops:
+                loop.stop()
             app.state.redis.close()
 
     app = FastAPI(

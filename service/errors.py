@@ -154,10 +154,10 @@ def field_path(loc: tuple[int | str, ...] | list[Any]) -> str:
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] or parts
     out = ""
-    for part in parts:
+    for n, part in enumerate(parts):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in POLICY_TAGS or not part.isidentifier():
+        elif (part in POLICY_TAGS and n and parts[n - 1] == "policy") or not part.isidentifier():
             continue  # a union branch's tag (e.g. "list[constrained-str]"), not a field
         else:
             out += f".{part}" if out else str(part)

@@ -6,20 +6,22 @@ import time
 
 from redis import Redis
 
+from core import models
 from core import workers as core_workers
 from core.settings import Settings
 from core.storage import StorageError, open_storage
-from service.schemas import Readiness, WorkerStatus
+from service.schemas import ModelInfo, ModelList, Readiness, WorkerStatus
 
 
 def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
-    """This queue's workers that sent a heartbeat within ``DISTILL_HEARTBEAT_TTL`` seconds."""
+    """Every model's workers that sent a heartbeat within ``DISTILL_HEARTBEAT_TTL`` seconds."""
     now = time.time()
     return [
         WorkerStatus(
             name=w.name,
             state=w.state,
             model=w.model,
+            alias=alias,
             device=w.device,
             images_per_second=(
                 round(w.images_per_second, 2) if w.images_per_second is not None else None
@@ -31,8 +33,18 @@ def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
             compile=w.compile,
             compile_seconds=w.compile_seconds,
         )
-        for w in core_workers.live(redis, settings.queue_name, heartbeat_ttl=settings.heartbeat_ttl)
+        for alias, entry in models.catalogue(settings).items()
+        for w in core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
     ]
+
+
+def ready_per_model(seen: list[WorkerStatus], settings: Settings) -> dict[str, int]:
+    """Ready workers per served alias (0 for a model nobody serves now)."""
+    counts = dict.fromkeys(models.catalogue(settings), 0)
+    for w in seen:
+        if w.state == "ready" and w.alias in counts:
+            counts[w.alias] += 1
+    return counts
 
 
 #: How long one answer about the archive store is reused (probes come every few seconds).
@@ -83,13 +95,17 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
             detail="the archive store (DISTILL_STORAGE) cannot be used",
         )
     loaded = [w for w in seen if w.state == "ready"]
+    per_model = ready_per_model(seen, settings)
     if loaded:
+        idle = [alias for alias, n in per_model.items() if n == 0]
         return Readiness(
             status="ready",
             redis="ok",
             storage=storage,
             workers=seen,
-            detail=f"{len(loaded)} worker(s) ready",
+            models=per_model,
+            detail=f"{len(loaded)} worker(s) ready"
+            + (f"; no worker serves {', '.join(idle)} yet: its jobs wait" if idle else ""),
         )
     loading = len(seen)
     detail = (
@@ -97,4 +113,36 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
         if loading
         else "no worker has sent a heartbeat recently"
     )
-    return Readiness(status="unavailable", redis="ok", storage=storage, workers=seen, detail=detail)
+    return Readiness(
+        status="unavailable",
+        redis="ok",
+        storage=storage,
+        workers=seen,
+        models=per_model,
+        detail=detail,
+    )
+
+
+def model_list(redis: Redis, settings: Settings) -> ModelList:
+    """``GET /v1/models``: each served model, its defaults and its ready workers."""
+    ready = ready_per_model(workers(redis, settings), settings)
+    served = models.catalogue(settings)
+    rows = []
+    for n, (alias, entry) in enumerate(served.items()):
+        licence = models.licence_of(entry.id)
+        rows.append(
+            ModelInfo(
+                alias=alias,
+                id=entry.id,
+                family=entry.family,
+                pipeline=entry.pipeline,
+                conditioning="class" if entry.class_conditional else "text",
+                resolution=entry.defaults.resolution,
+                steps=entry.defaults.steps,
+                guidance_scale=entry.defaults.guidance_scale,
+                licence=licence.name or licence.id if licence else None,
+                default=n == 0,
+                ready_workers=ready[alias],
+            )
+        )
+    return ModelList(models=rows)

@@ -20,7 +20,7 @@ from rq import Callback, Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from core import evaluations, keys, queueing, records, shards, states, webhooks
+from core import evaluations, keys, models, presets, queueing, records, shards, states, webhooks
 from core.evaluations import EvaluationRequest
 from core.records import ShardRecord, Snapshot
 from core.settings import Settings
@@ -62,6 +62,64 @@ def _queue(redis: Redis, settings: Settings) -> Queue:
 
 def _time(value: float | str | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(float(value), tz=dt.UTC) if value else None
+
+
+def resolve_model(settings: Settings, spec: DatasetSpec) -> tuple[models.ModelEntry, DatasetSpec]:
+    """The served model a request names, and the request with the model's defaults filled in
+    (alias, steps, guidance), so that the record says what ran. 422 naming the field for a
+    model this service does not serve, or a request that model cannot take."""
+    try:
+        entry = models.lookup(settings, spec.model)
+    except KeyError as exc:
+        raise InvalidField(f"model: {exc.args[0]}") from None
+    what = f"model {entry.alias!r} ({entry.id})"
+    if entry.class_conditional:
+        for name in ("prompt_template", "prompts"):
+            if name in spec.model_fields_set and (name != "prompts" or spec.prompts):
+                raise InvalidField(
+                    f"{name}: {what} is class-conditional: it is conditioned on ImageNet-1K "
+                    "class ids and takes no prompts"
+                )
+        try:
+            presets.imagenet_ids(spec.classes())
+        except presets.NotImageNet as exc:
+            where = (
+                f"preset: {spec.preset!r} has classes that are not ImageNet-1K ones: "
+                if (spec.preset)
+                else "labels: "
+            )
+            raise InvalidField(
+                f"{where}{what} takes ImageNet-1K classes (wnids or names): {exc}"
+            ) from None
+        native = entry.defaults.resolution
+        if spec.resolution is not None and spec.resolution != native:
+            raise InvalidField(f"resolution: {what} samples at {native} px only")
+    if spec.decoder == "tiny" and entry.family != "sdxl":
+        raise InvalidField(
+            f"decoder: the tiny decoder decodes SDXL latents; {what} is of family "
+            f"{entry.family}: use 'vae'"
+        )
+    resolved = spec.model_copy(
+        update={
+            "model": entry.alias,
+            "steps": spec.steps or entry.defaults.steps,
+            "guidance_scale": (
+                entry.defaults.guidance_scale
+                if spec.guidance_scale is None
+                else spec.guidance_scale
+            ),
+        }
+    )
+    return entry, resolved
+
+
+def settings_for_job(settings: Settings, alias: str | None) -> Settings:
+    """``settings`` scoped to the model alias a recorded job runs on (its queue, workers)."""
+    try:
+        entry = models.lookup(settings, alias)
+    except KeyError:
+        entry = models.default(settings)  # a model since removed from the deployment
+    return models.scoped(settings, entry)
 
 
 def _check_limits(settings: Settings, spec: DatasetSpec) -> None:
@@ -153,6 +211,7 @@ def submit(
 
     Returns the job and whether it was created now (False: an ``Idempotency-Key`` replay).
     """
+    entry, spec = resolve_model(settings, spec)
     _check_limits(settings, spec)
     payload = spec.model_dump(mode="json")
     job_id = uuid.uuid4().hex
@@ -165,7 +224,8 @@ def submit(
             return fetch(
                 redis, settings, first_id, owner=owner, archive_url=archive_url_for(first_id)
             ), False
-    waiting = _queue(redis, settings).count
+    own = models.scoped(settings, entry)
+    waiting = _queue(redis, own).count
     if waiting >= settings.max_queued_jobs:
         if idem_key:
             redis.delete(idem_key)
@@ -186,7 +246,7 @@ def submit(
         extra=extra,
     )
     try:
-        _enqueue(redis, settings, spec, payload=payload, job_id=job_id, owner=owner)
+        _enqueue(redis, own, spec, payload=payload, job_id=job_id, owner=owner)
     except Exception:
         records.forget(redis, job_id, owner)
         if idem_key:
@@ -198,7 +258,7 @@ def submit(
 def _record(redis: Redis, settings: Settings, job_id: str, owner: str) -> Snapshot:
     """The job's snapshot; 404 when unknown or another owner's, 410 when expired."""
     found = (
-        records.snapshot(redis, job_id, queue=settings.queue_name)
+        records.snapshot(redis, job_id, queue=models.queues(settings))
         if _JOB_ID.match(job_id)
         else None
     )
@@ -378,7 +438,7 @@ def cancel(
     if current.shards is not None:
         # Queued shards are dropped now; running ones stop between batches, and the last
         # to stop records the cancel. With none running, it is canceled here.
-        shards.cancel(redis, settings, job_id)
+        shards.cancel(redis, settings_for_job(settings, current.request.model), job_id)
         return fetch(redis, settings, job_id, owner=owner, archive_url=archive_url)
     try:
         rq_job: Job | None = Job.fetch(job_id, connection=redis)
@@ -448,7 +508,7 @@ def list_page(
         if not fresh:
             return found, None
         batch = fresh[:want] if state is None else fresh
-        snaps = records.snapshots(redis, [i for i, _ in batch], queue=settings.queue_name)
+        snaps = records.snapshots(redis, [i for i, _ in batch], queue=models.queues(settings))
         for (job_id, score), snap in zip(batch, snaps, strict=True):
             scanned += 1
             high, after_id = score, job_id

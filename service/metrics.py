@@ -20,7 +20,7 @@ from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from core import keys, stats, workers
+from core import keys, models, stats, workers
 from core.settings import Settings
 from core.states import OUTCOMES
 
@@ -42,15 +42,25 @@ class DistillCollector(Collector):
         def count(name: str) -> float:
             return float(counters.get(name, 0))
 
-        queue = Queue(self.settings.queue_name, connection=self.redis)
-        running = StartedJobRegistry(queue=queue).count
+        served = models.catalogue(self.settings)
+        depth = GaugeMetricFamily(
+            "distill_model_queue_depth", "Entries waiting in one model's queue", labels=["model"]
+        )
+        waiting = running = 0
+        for alias, entry in served.items():
+            queue = Queue(entry.queue, connection=self.redis)
+            entries = queue.count
+            depth.add_metric([alias], entries)
+            waiting += entries
+            running += StartedJobRegistry(queue=queue).count
         jobs = GaugeMetricFamily("distill_jobs", "Jobs now queued or running", labels=["state"])
-        jobs.add_metric(["queued"], queue.count)
+        jobs.add_metric(["queued"], waiting)
         jobs.add_metric(["running"], running)
         yield jobs
         yield GaugeMetricFamily(
-            "distill_queue_depth", "Jobs waiting in the queue", value=queue.count
+            "distill_queue_depth", "Jobs waiting in the queue (all models)", value=waiting
         )
+        yield depth
 
         submitted = CounterMetricFamily("distill_jobs_submitted", "Jobs accepted by the API")
         submitted.add_metric([], count("jobs_submitted"))
@@ -109,9 +119,14 @@ class DistillCollector(Collector):
             "Output images per second of a worker's last job or shard",
             labels=["worker", "device"],
         )
-        beating = workers.live(
-            self.redis, self.settings.queue_name, heartbeat_ttl=self.settings.heartbeat_ttl
+        per_model = GaugeMetricFamily(
+            "distill_model_workers_ready", "Workers with one model loaded", labels=["model"]
         )
+        beating = []
+        for alias, entry in models.catalogue(self.settings).items():
+            live = workers.live(self.redis, entry.queue, heartbeat_ttl=self.settings.heartbeat_ttl)
+            per_model.add_metric([alias], sum(w.ready for w in live))
+            beating += live
         for worker in beating:
             alive += 1
             ready += worker.ready
@@ -124,6 +139,7 @@ class DistillCollector(Collector):
         yield GaugeMetricFamily(
             "distill_workers_ready", "Workers with their model loaded", value=ready
         )
+        yield per_model
         yield memory
         yield throughput
 

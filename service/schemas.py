@@ -192,6 +192,7 @@ class WorkerStatus(BaseModel):
     name: str
     state: str
     model: str
+    alias: str | None = Field(None, description="The model alias it serves (GET /v1/models).")
     device: str | None = None
     images_per_second: float | None = Field(
         None, description="Output images per second of its last job or shard."
@@ -218,3 +219,27 @@ class Readiness(BaseModel):
     )
     workers: list[WorkerStatus]
     detail: str
+    models: dict[str, int] = Field(
+        default_factory=dict,
+        description="Ready workers per model alias: a model with 0 takes jobs that wait.",
+    )
+
+
+class ModelInfo(BaseModel):
+    """One model this service serves."""
+
+    alias: str = Field(description="What a request's model field names.")
+    id: str = Field(description="Hub id or local directory the workers load.")
+    family: str = Field(description="sdxl, sd, dit (class-conditional) or text2image.")
+    pipeline: str = Field(description="The diffusers pipeline class it is loaded as.")
+    conditioning: str = Field(description="text (prompts) or class (ImageNet-1K classes).")
+    resolution: int = Field(description="Native sampling side in px.")
+    steps: int = Field(description="Default denoising steps.")
+    guidance_scale: float = Field(description="Default classifier-free guidance scale.")
+    licence: str | None = Field(None, description="The licence its model card states, if known.")
+    default: bool = Field(description="Whether a request without model gets this one.")
+    ready_workers: int = Field(description="Workers with it loaded, beating now.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]

@@ -26,7 +26,7 @@ import httpx
 from pydantic import SecretStr
 from redis import Redis
 
-from core import workers
+from core import models, workers
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,14 +99,18 @@ def wait_for_worker(
     log: Path | None = None,
     timeout: float = WORKER_START_S,
 ) -> None:
-    """Wait until the worker ``proc`` is in its queue's registry with its model loaded."""
+    """Wait until the worker ``proc`` is in its model's queue registry with its model loaded."""
     redis = Redis.from_url(settings.redis_url)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited early ({proc.returncode}):\n{_log_text(log)}")
-            live = workers.live(redis, settings.queue_name, heartbeat_ttl=settings.heartbeat_ttl)
+            live = [
+                w
+                for queue in models.queues(settings)
+                for w in workers.live(redis, queue, heartbeat_ttl=settings.heartbeat_ttl)
+            ]
             if any(w.ready and w.pid == proc.pid for w in live):
                 return
             time.sleep(0.1)

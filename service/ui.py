@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from redis import Redis
 from rq import Queue
 
-from core import keys, records
+from core import keys, models, records
 from core.settings import Settings, api_key_list
 from core.storage import StorageError, open_object, open_storage
 from service import health, jobs
@@ -128,14 +128,17 @@ def dashboard(
     settings: Settings = request.app.state.settings
     redis: Redis = request.app.state.redis
     workers = health.workers(redis, settings)
-    queue = Queue(settings.queue_name, connection=redis)
-    depth = queue.count
+    depth = 0
     oldest = ""
-    first = queue.get_job_ids(0, 0)
-    if first:
-        found = records.read(redis, keys.parent_of(first[0]))
-        if found is not None:
-            oldest = f"{time.time() - found.created_at:.0f} s"
+    waited = 0.0
+    for name in models.queues(settings):  # every model's queue
+        queue = Queue(name, connection=redis)
+        depth += queue.count
+        first = queue.get_job_ids(0, 0)
+        found = records.read(redis, keys.parent_of(first[0])) if first else None
+        if found is not None and time.time() - found.created_at > waited:
+            waited = time.time() - found.created_at
+            oldest = f"{waited:.0f} s"
     page, next_cursor = jobs.list_page(
         redis,
         settings,
@@ -148,7 +151,7 @@ def dashboard(
     worker_rows = (
         "".join(
             f"<tr><td><code>{_e(w.name)}</code></td><td>{_e(w.device or '')}</td>"
-            f"<td>{_e(w.model)}</td><td>{_e(w.state)}</td>"
+            f"<td>{_e(w.alias or '')} {_e(w.model)}</td><td>{_e(w.state)}</td>"
             f"<td>{w.seconds_since_heartbeat:.1f} s ago</td></tr>"
             for w in workers
         )

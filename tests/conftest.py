@@ -51,6 +51,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight StableDiffusionPipeline (the SD-Turbo family)."""
+    from worker.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-sd", family="sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight DiTPipeline (class-conditional, ImageNet-1K)."""
+    from worker.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-dit", family="dit")
+
+
 #: Variables every child process of the tests gets besides its settings.
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
 

@@ -22,59 +22,18 @@ import copy
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from core.models import KNOWN_LICENSES, License
 
 #: What the card calls the method the service follows.
 METHOD = "Generative Dataset Distillation Based on Diffusion Model"
 METHOD_NOTE = "Su et al., ECCV 2024 Dataset Distillation Challenge"
 SERVICE = "distill-service"
 
-
-@dataclass(frozen=True)
-class License:
-    """A model's licence as its Hub card states it (``license``, ``license_name``,
-    ``license_link``) and its name in words."""
-
-    id: str
-    title: str
-    name: str | None = None
-    link: str | None = None
-    note: str | None = None
-
-
-_SAI_NC = "Stability AI Non-Commercial Research Community License"
-_SAI_NOTE = (
-    "Non-commercial research use only; commercial use needs a licence from Stability AI "
-    "(https://stability.ai/license)."
-)
-
-#: Licences of the Hub models the service is used with, as their model cards state them.
-KNOWN_LICENSES: dict[str, License] = {
-    "stabilityai/sdxl-turbo": License(
-        "other",
-        _SAI_NC,
-        name="sai-nc-community",
-        link="https://huggingface.co/stabilityai/sdxl-turbo/blob/main/LICENSE.md",
-        note=_SAI_NOTE,
-    ),
-    "stabilityai/sd-turbo": License(
-        "other",
-        _SAI_NC,
-        name="sai-nc-community",
-        link="https://huggingface.co/stabilityai/sd-turbo/blob/main/LICENSE.md",
-        note=_SAI_NOTE,
-    ),
-    "madebyollin/taesdxl": License("mit", "MIT License"),
-    "facebook/dit-xl-2-256": License(
-        "cc-by-nc-4.0",
-        "Creative Commons Attribution-NonCommercial 4.0 International",
-        note="Non-commercial use only.",
-    ),
-}
 
 UNKNOWN = License(
     "unknown",
@@ -298,13 +257,19 @@ def body(manifest: dict[str, Any]) -> str:
     out += [
         f"{counts['images']} synthetic images in {counts['classes']} classes ({ipc} per class), "
         f"{sampling.get('output_size', request.get('image_size'))} px RGB, distilled by "
-        f'{SERVICE} with {_model_ref(model_id)} following "{METHOD}" ({METHOD_NOTE}): each '
-        "class name becomes a text prompt, the model samples an image per seed in "
-        f"{model.get('num_inference_steps', '?')} step(s) with guidance scale "
+        f'{SERVICE} with {_model_ref(model_id)} following "{METHOD}" ({METHOD_NOTE}): '
+        + (
+            "each class's ImageNet-1K class id conditions the model, which samples an image "
+            "per seed in "
+            if model.get("conditioning") == "ImageNet-1K class id"
+            else "each class name becomes a text prompt, the model samples an image per seed in "
+        )
+        + f"{model.get('num_inference_steps', '?')} step(s) with guidance scale "
         f"{model.get('guidance_scale', '?')}, the image is resized to the output size, and "
         "post-generation augmentation adds copies of it.",
         "",
-        "No image comes from a real dataset: every one was generated from its class's prompt.",
+        "No image comes from a real dataset: every one was generated from its class's "
+        + ("class id." if model.get("conditioning") == "ImageNet-1K class id" else "prompt."),
         "",
         "## Licence",
         "",

@@ -79,6 +79,11 @@ def fixed_plan(spec: DatasetSpec) -> list[Item]:
     return [Item(c, n) for c in spec.classes() for n in range(spec.generated_per_class)]
 
 
+def class_prompt(cls: ClassInfo, imagenet_id: int) -> str:
+    """What a class-conditional image was conditioned on, as its metadata's prompt."""
+    return f"ImageNet-1K class {imagenet_id} ({cls.wnid or cls.label})"
+
+
 def budget_rounds(classes: Sequence[ClassInfo], *, copies: int) -> Iterator[Item]:
     """Round-robin: sample n of every class before sample n + 1 of any, up to the caps."""
     max_samples = min(
@@ -283,6 +288,13 @@ def run(
                 added=(sampled, outputs.count - before),
             )
 
+    # A class-conditional model takes each class's ImageNet-1K id; its "prompt" in the
+    # metadata says which class it was.
+    class_ids = (
+        dict(zip(spec.classes(), presets.imagenet_ids(spec.classes()), strict=True))
+        if generator.class_conditional
+        else None
+    )
     iterator = iter(items if items is not None else plan(spec))
     try:
         while True:
@@ -303,13 +315,21 @@ def run(
                 break
             t0 = time.perf_counter()
             seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
-            prompts = [spec.prompt(it.cls, it.sample) for it in batch]
+            ids = [class_ids[it.cls] for it in batch] if class_ids is not None else None
+            prompts = (
+                [spec.prompt(it.cls, it.sample) for it in batch]
+                if ids is None
+                else [class_prompt(it.cls, i) for it, i in zip(batch, ids, strict=True)]
+            )
             images = generator.render(
                 prompts,
                 seeds,
                 sizes=(size, src_size),
                 resolution=spec.resolution,
                 decoder=spec.decoder,
+                class_ids=ids,
+                steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
             )
             sampling += time.perf_counter() - t0
             rows: list[postprocess.Row] = [

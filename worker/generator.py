@@ -1,7 +1,11 @@
-"""The warm text-to-image model: load a diffusers SDXL pipeline once, then sample many batches.
+"""The warm model: load a diffusers pipeline once, then sample many batches.
 
 ``Generator.load()`` is the setup step (seconds to minutes), ``render()`` the per-batch step.
-A hub id and a local directory go through the same ``from_pretrained`` call.
+A hub id and a local directory go through the same ``from_pretrained`` call. Families
+(``core.models``): text-to-image pipelines through ``AutoPipelineForText2Image`` (SDXL and SD
+get cached prompt embeddings and the service's own decode; any other text-to-image pipeline
+is called with its prompts as they are), and the class-conditional ``DiTPipeline``, which
+takes ImageNet-1K class ids.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-#: SDXL-Turbo's sampling settings: one step, no classifier-free guidance.
-NUM_INFERENCE_STEPS = 1
-GUIDANCE_SCALE = 0.0
+#: Families whose prompts are encoded once and cached, and whose latents the service decodes.
+EMBEDDED_FAMILIES = ("sdxl", "sd")
 #: Prompts a worker keeps encoded (two embeddings of a few hundred KiB each in float16).
 PROMPT_CACHE_SIZE = 4096
 DECODERS = ("vae", "tiny")
@@ -60,6 +63,11 @@ class Generator:
     model: str
     revision: str | None
     resolution: int
+    #: ``sdxl``, ``sd``, ``dit`` or ``text2image`` (core.models), from the loaded class.
+    family: str = "sdxl"
+    #: Sampling defaults: a request's ``steps`` / ``guidance_scale`` override them.
+    steps: int = 1
+    guidance_scale: float = 0.0
     fingerprint: str | None = None
     load_seconds: float = 0.0
     #: Largest batch known to fit in device memory (None: no limit met yet).
@@ -81,7 +89,7 @@ class Generator:
     prompt_cache_size: int = PROMPT_CACHE_SIZE
     #: False: the stock path, every image's prompt through the text encoders (benchmarks).
     cache_prompts: bool = True
-    _embeddings: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+    _embeddings: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = field(
         default_factory=OrderedDict, repr=False
     )
     #: Text-encoder passes run and served from the cache (for the benchmarks and status).
@@ -112,23 +120,30 @@ class Generator:
         ``decoder="tiny"``. ``channels_last`` (default: on CUDA) and ``compile`` (see ``wrap``)
         only change speed. Raises ``ModelLoadError`` when something cannot be loaded.
         """
-        from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+        from diffusers import AutoencoderTiny, AutoPipelineForText2Image, DiTPipeline
         from diffusers.utils import logging as diffusers_logging
+
+        from core import models
 
         diffusers_logging.disable_progress_bar()  # a worker's output is its JSON log lines
         started = time.perf_counter()
         target = pick_device(device)
         torch_dtype = pick_dtype(dtype, target)
+        known = models.defaults_for(model)
+        extra: dict[str, Any] = {"add_watermarker": False} if known.family == "sdxl" else {}
         pipeline = _load(
-            StableDiffusionXLPipeline,
+            DiTPipeline if known.family == "dit" else AutoPipelineForText2Image,
             model,
             what="model",
             dtype=torch_dtype,
             revision=revision,
             variant=variant,
-            add_watermarker=False,
+            **extra,
         )
         tiny = None
+        if tiny_decoder and family_of(pipeline) != "sdxl":
+            log.info("tiny decoder %s not loaded: it decodes SDXL latents only", tiny_decoder)
+            tiny_decoder = None
         if tiny_decoder:
             tiny = _load(
                 AutoencoderTiny,
@@ -150,6 +165,8 @@ class Generator:
             tiny_id=tiny_decoder,
             compile=compile,
             batch_size=batch_size,
+            steps=known.steps if model in models.CATALOGUE else None,
+            guidance_scale=known.guidance_scale if model in models.CATALOGUE else None,
         )
         generator.fingerprint = fingerprint(Path(model)) if Path(model).is_dir() else None
         if tiny_decoder and Path(tiny_decoder).is_dir():
@@ -173,8 +190,13 @@ class Generator:
         tiny_id: str | None = None,
         compile: str = "off",
         batch_size: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
     ) -> Generator:
         """Set up a pipeline already on ``device`` (see ``load`` for the options).
+
+        ``steps`` and ``guidance_scale`` are the sampling defaults (default: the family's,
+        ``core.models.FAMILY_DEFAULTS``).
 
         ``compile``: ``regional`` compiles the UNet's repeated blocks (diffusers'
         ``compile_repeated_blocks``: several times faster to compile than the whole graph),
@@ -183,11 +205,16 @@ class Generator:
         guide does. Compiled graphs run at one batch size (``batch_size``, shorter batches are
         padded) and are warmed up here, so the first job does not pay for compiling.
         """
+        from core import models
+
         pipeline.set_progress_bar_config(disable=True)
         # The watermark would be applied to decoded images; we decode ourselves, and never add one.
         pipeline.watermark = None
+        family = family_of(pipeline)
         if vae_dtype:
             decode = _DTYPES[vae_dtype]
+        elif family not in EMBEDDED_FAMILIES:
+            decode = dtype  # the pipeline decodes its own latents, in its own dtype
         elif dtype == torch.float16 and pipeline.vae.config.get("force_upcast", False):
             decode = torch.float32
         else:
@@ -195,17 +222,21 @@ class Generator:
         pipeline.vae.to(dtype=decode)
         use_channels_last = device.type == "cuda" if channels_last is None else channels_last
         if use_channels_last:
-            for module in (pipeline.unet, pipeline.vae, tiny):
+            for module in (pipeline.unet if family != "dit" else None, pipeline.vae, tiny):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
-        native = int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+        native = native_resolution(pipeline)
+        default_steps, default_guidance = models.FAMILY_DEFAULTS[family]
         generator = cls(
             pipeline=pipeline,
             device=device,
             dtype=dtype,
             model=model,
             revision=revision,
-            resolution=resolution or native,
+            resolution=native if family == "dit" else (resolution or native),
+            family=family,
+            steps=steps or default_steps,
+            guidance_scale=default_guidance if guidance_scale is None else guidance_scale,
             decode_dtype=decode,
             options={"channels_last": use_channels_last, "compile": "off"},
             tiny=tiny,
@@ -238,11 +269,12 @@ class Generator:
         batch = start
         while batch <= limit:
             prompts = [f"a photo of class {n % 10}" for n in range(batch)]
+            ids = self._warm_ids(batch)
             try:
-                self._render(prompts, list(range(batch)), (32,), None)  # warm-up
+                self._render(prompts, list(range(batch)), (32,), None, class_ids=ids)  # warm-up
                 self._sync()
                 started = time.perf_counter()
-                self._render(prompts, list(range(batch)), (32,), None)
+                self._render(prompts, list(range(batch)), (32,), None, class_ids=ids)
                 self._sync()
             except torch.OutOfMemoryError:
                 tried.append((batch, None))
@@ -257,6 +289,20 @@ class Generator:
             batch *= 2
         return best, tried
 
+    @property
+    def class_conditional(self) -> bool:
+        """Whether this model takes ImageNet-1K class ids instead of prompts."""
+        return self.family == "dit"
+
+    @property
+    def denoiser(self) -> Any:
+        """The network every step runs: the UNet, or the transformer of DiT-like pipelines."""
+        unet = getattr(self.pipeline, "unet", None)
+        return unet if unet is not None else self.pipeline.transformer
+
+    def _warm_ids(self, batch: int) -> list[int] | None:
+        return [n % 1000 for n in range(batch)] if self.class_conditional else None
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -267,20 +313,27 @@ class Generator:
         started = time.perf_counter()
         _inductor_settings(self.device)
         pipeline = self.pipeline
-        pipeline.fuse_qkv_projections()
+        if hasattr(pipeline, "fuse_qkv_projections"):
+            pipeline.fuse_qkv_projections()
         cuda = self.device.type == "cuda"
-        if self.compile == "regional":
-            pipeline.unet.compile_repeated_blocks(fullgraph=True)
+        name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+        if self.compile == "regional" and getattr(self.denoiser, "_repeated_blocks", None):
+            self.denoiser.compile_repeated_blocks(fullgraph=True)
         else:
-            mode = "max-autotune" if cuda else None
-            pipeline.unet = torch.compile(pipeline.unet, mode=mode, fullgraph=True)
+            mode = "max-autotune" if cuda and self.compile == "full" else None
+            setattr(pipeline, name, torch.compile(self.denoiser, mode=mode, fullgraph=True))
         # Decoders have no repeated blocks to speak of: compile them whole.
         pipeline.vae.decode = torch.compile(pipeline.vae.decode, fullgraph=True)
         if self.tiny is not None:
             self.tiny.decode = torch.compile(self.tiny.decode, fullgraph=True)
         batch = self.fixed_batch or 1
         for decoder in self.decoders:
-            self.sample([f"warm-up {n}" for n in range(batch)], list(range(batch)), decoder=decoder)
+            self.sample(
+                [f"warm-up {n}" for n in range(batch)],
+                list(range(batch)),
+                decoder=decoder,
+                class_ids=self._warm_ids(batch),
+            )
         if cuda:
             torch.cuda.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - started
@@ -298,7 +351,11 @@ class Generator:
         return ("vae", "tiny") if self.tiny is not None else ("vae",)
 
     def check_inputs(
-        self, prompts: Sequence[str], seeds: Sequence[int], decoder: str = "vae"
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        decoder: str = "vae",
+        class_ids: Sequence[int] | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("prompts must not be empty")
@@ -306,6 +363,8 @@ class Generator:
             raise ValueError(
                 f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}"
             )
+        if self.class_conditional and (class_ids is None or len(class_ids) != len(seeds)):
+            raise ValueError(f"{self.model} is class-conditional: give one class id per seed")
         if decoder not in self.decoders:
             raise ValueError(
                 f"decoder must be one of {self.decoders} on this worker, got {decoder!r}"
@@ -317,31 +376,55 @@ class Generator:
             )
 
     @torch.inference_mode()
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pipeline's (prompt_embeds, pooled_prompt_embeds) for ``prompts``, in order.
+    def encode(self, prompts: Sequence[str], *, guided: bool = False) -> dict[str, torch.Tensor]:
+        """The pipeline's embedding arguments for ``prompts``, in order: ``prompt_embeds``
+        (and SDXL's ``pooled_prompt_embeds``), with their ``negative_*`` twins when
+        ``guided`` (classifier-free guidance against the empty prompt).
 
         Each distinct prompt goes through the text encoders once per worker (a least recently
         used cache of ``prompt_cache_size``); a batch of one class repeats one prompt.
         """
         cache = self._embeddings
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        missing = [p for p in dict.fromkeys(prompts) if (p, guided) not in cache]
         if missing:
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=missing,
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-            )
-            for n, prompt in enumerate(missing):
-                cache[prompt] = (embeds[n], pooled[n])
+            for prompt, row in zip(missing, self._encode(missing, guided), strict=True):
+                cache[(prompt, guided)] = row
             self.prompt_stats["encoded"] += len(missing)
         self.prompt_stats["cached"] += len(prompts) - len(missing)
         for prompt in prompts:
-            cache.move_to_end(prompt)
-        found = [cache[p] for p in prompts]
+            cache.move_to_end((prompt, guided))
+        found = [cache[(p, guided)] for p in prompts]
         while len(cache) > max(self.prompt_cache_size, len(set(prompts))):
             cache.popitem(last=False)
-        return torch.stack([e for e, _ in found]), torch.stack([p for _, p in found])
+        return {name: torch.stack([row[name] for row in found]) for name in found[0]}
+
+    def _encode(self, prompts: list[str], guided: bool) -> list[dict[str, torch.Tensor]]:
+        """One text-encoder pass over ``prompts``: a dict of embedding rows per prompt."""
+        common = {
+            "device": self.device,
+            "num_images_per_prompt": 1,
+            "do_classifier_free_guidance": guided,
+        }
+        columns: dict[str, torch.Tensor | None]
+        if self.family == "sdxl":
+            embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
+                prompt=prompts, **common
+            )
+            columns = {
+                "prompt_embeds": embeds,
+                "pooled_prompt_embeds": pooled,
+                "negative_prompt_embeds": negative,
+                "negative_pooled_prompt_embeds": negative_pooled,
+            }
+        else:
+            embeds, negative = self.pipeline.encode_prompt(prompt=prompts, **common)
+            columns = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+        kept = {
+            name: value
+            for name, value in columns.items()
+            if value is not None and (guided or not name.startswith("negative_"))
+        }
+        return [{name: value[n] for name, value in kept.items()} for n in range(len(prompts))]
 
     @torch.inference_mode()
     def sample(
@@ -351,30 +434,45 @@ class Generator:
         *,
         resolution: int | None = None,
         decoder: str = "vae",
+        class_ids: Sequence[int] | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Sample one image per prompt; returns (N, 3, R, R) floats in [0, 1] on the device.
+        """Sample one image per prompt (or, class-conditional, per class id); returns
+        (N, 3, R, R) floats in [0, 1] on the device.
 
-        ``R`` is ``resolution`` or the worker's default. Each image's starting noise comes from
-        its own CPU generator seeded with its seed, so an image does not depend on the batch
-        it was sampled in or on the device.
+        ``R`` is ``resolution`` or the worker's default (DiT: always its native side).
+        ``steps`` and ``guidance_scale`` default to the model's. Each image's starting noise
+        comes from its own CPU generator seeded with its seed, so an image does not depend on
+        the batch it was sampled in or on the device.
         """
-        self.check_inputs(prompts, seeds, decoder)
+        self.check_inputs(prompts, seeds, decoder, class_ids)
         side = resolution or self.resolution
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        common: dict[str, Any] = {
+            "num_inference_steps": steps or self.steps,
+            "guidance_scale": guidance,
+            "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+        }
+        if self.class_conditional:
+            assert class_ids is not None
+            out = self.pipeline(
+                class_labels=[int(i) for i in class_ids], output_type="pt", **common
+            )
+            sampled: torch.Tensor = out.images
+            return sampled.to(self.device)
+        if self.family not in EMBEDDED_FAMILIES:
+            # Any other text-to-image pipeline: its prompts as they are, its own decode.
+            out = self.pipeline(
+                prompt=list(prompts), height=side, width=side, output_type="pt", **common
+            )
+            images: torch.Tensor = out.images
+            return images.to(self.device)
         if self.cache_prompts:
-            embeds, pooled = self.encode(prompts)
-            text: dict[str, Any] = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            text: dict[str, Any] = self.encode(prompts, guided=guidance > 1)
         else:
             text = {"prompt": list(prompts)}
-        out = self.pipeline(
-            **text,
-            num_inference_steps=NUM_INFERENCE_STEPS,
-            guidance_scale=GUIDANCE_SCALE,
-            height=side,
-            width=side,
-            generator=generators,
-            output_type="latent",
-        )
+        out = self.pipeline(**text, height=side, width=side, output_type="latent", **common)
         return self.decode(out.images, decoder=decoder)
 
     @torch.inference_mode()
@@ -412,6 +510,9 @@ class Generator:
         sizes: Sequence[int],
         resolution: int | None = None,
         decoder: str = "vae",
+        class_ids: Sequence[int] | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
     ) -> dict[int, np.ndarray]:
         """Sample and shrink: ``{size: (N, size, size, 3) uint8}`` for each requested size.
 
@@ -420,7 +521,7 @@ class Generator:
         compiled graphs every call holds ``fixed_batch`` images (the last batch is padded with
         copies of its last image, dropped afterwards), so nothing recompiles.
         """
-        self.check_inputs(prompts, seeds, decoder)
+        self.check_inputs(prompts, seeds, decoder, class_ids)
         parts: list[dict[int, np.ndarray]] = []
         start = 0
         while start < len(prompts):
@@ -428,6 +529,10 @@ class Generator:
             chunk_prompts = list(prompts[start : start + step])
             chunk_seeds = list(seeds[start : start + step])
             pad = max((self.fixed_batch or 0) - step, 0) if self.max_batch is None else 0
+            chunk_ids = None
+            if class_ids is not None:
+                chunk_ids = list(class_ids[start : start + step])
+                chunk_ids += chunk_ids[-1:] * pad
             try:
                 rendered = self._render(
                     chunk_prompts + chunk_prompts[-1:] * pad,
@@ -435,6 +540,9 @@ class Generator:
                     sizes,
                     resolution,
                     decoder,
+                    class_ids=chunk_ids,
+                    steps=steps,
+                    guidance_scale=guidance_scale,
                 )
             except torch.OutOfMemoryError:
                 if step == 1:
@@ -463,9 +571,21 @@ class Generator:
         sizes: Sequence[int],
         resolution: int | None,
         decoder: str = "vae",
+        *,
+        class_ids: Sequence[int] | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
     ) -> dict[int, np.ndarray]:
         """One pipeline call; resizing runs on the device before one copy to the host."""
-        images = self.sample(prompts, seeds, resolution=resolution, decoder=decoder).float()
+        images = self.sample(
+            prompts,
+            seeds,
+            resolution=resolution,
+            decoder=decoder,
+            class_ids=class_ids,
+            steps=steps,
+            guidance_scale=guidance_scale,
+        ).float()
         result: dict[int, np.ndarray] = {}
         for size in sorted(set(sizes)):
             resized = images
@@ -487,6 +607,7 @@ class Generator:
         """Facts about the loaded model for worker status."""
         return {
             "model": self.model,
+            "family": self.family,
             "revision": self.revision or "",
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -498,8 +619,11 @@ class Generator:
             "compile_seconds": round(self.compile_seconds, 1),
         }
 
-    def provenance(self) -> dict[str, Any]:
-        """Everything about the model and sampler needed to regenerate a dataset."""
+    def provenance(
+        self, *, steps: int | None = None, guidance_scale: float | None = None
+    ) -> dict[str, Any]:
+        """Everything about the model and sampler needed to regenerate a dataset sampled with
+        ``steps`` and ``guidance_scale`` (default: the model's)."""
         scheduler = self.pipeline.scheduler
         return {
             **self.describe(),
@@ -509,8 +633,9 @@ class Generator:
             "scheduler_config": {
                 k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
             },
-            "num_inference_steps": NUM_INFERENCE_STEPS,
-            "guidance_scale": GUIDANCE_SCALE,
+            "num_inference_steps": steps or self.steps,
+            "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
+            "conditioning": "ImageNet-1K class id" if self.class_conditional else "text prompt",
             "noise": "per image: torch.Generator('cpu').manual_seed(seed)",
             "speed_options": self.options or {},
         }
@@ -532,6 +657,27 @@ class Generator:
             "local_fingerprint": self.fingerprint,
             "dtype": str(self.decode_dtype).removeprefix("torch."),
         }
+
+
+def family_of(pipeline: Any) -> str:
+    """The ``core.models`` family of a loaded pipeline, from its class."""
+    from core import models
+
+    name = type(pipeline).__name__
+    for family, cls in models.PIPELINES.items():
+        if name == cls:
+            return family
+    return "text2image"
+
+
+def native_resolution(pipeline: Any) -> int:
+    """The side in px the pipeline's denoiser was built for (latent side x VAE scale)."""
+    unet = getattr(pipeline, "unet", None)
+    denoiser = unet if unet is not None else pipeline.transformer
+    scale = getattr(pipeline, "vae_scale_factor", None)
+    if scale is None:
+        scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    return int(denoiser.config.sample_size) * int(scale)
 
 
 def _load(kind: Any, source: str, *, what: str, **options: Any) -> Any:

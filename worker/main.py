@@ -29,8 +29,8 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from core import logs, maintenance, workers
-from core.settings import Settings, settings_or_exit
+from core import logs, maintenance, models, workers
+from core.settings import ConfigError, Settings, settings_or_exit
 from worker import runtime
 
 if TYPE_CHECKING:
@@ -172,6 +172,12 @@ def _batch_size(generator: Generator, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until SIGINT/SIGTERM; exit 2 when the model cannot be loaded."""
     settings = settings_or_exit("distill worker")
+    try:
+        # The model this worker serves; from here on its queue is that model's (core.models).
+        settings = models.scoped(settings, models.own(settings))
+    except ConfigError as exc:
+        print(f"distill worker: {exc}", file=sys.stderr, flush=True)
+        return 2
     logs.configure(settings.log_level)
     runtime.quiet_libraries()
     name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"

@@ -65,6 +65,14 @@ def build(
     budget and times: they decided how many images it holds.
     """
     preset = presets.get(spec.preset) if spec.preset else None
+    if generator.class_conditional:
+        ids = presets.imagenet_ids(spec.classes())
+        prompts = {c: [engine.class_prompt(c, i)] for c, i in zip(spec.classes(), ids, strict=True)}
+    else:
+        prompts = {
+            c: sorted({spec.prompt(c, n) for n in range(len(spec.templates))})
+            for c in spec.classes()
+        }
     manifest: dict[str, Any] = {
         "format": "distill-service/archive-v1",
         "request": spec.model_dump(mode="json", exclude={"callback_url"}),
@@ -79,14 +87,17 @@ def build(
                 "label": c.label,
                 "wnid": c.wnid,
                 "folder": f"train/{class_dir(c.index, c.label)}",
-                "prompts": sorted({spec.prompt(c, n) for n in range(len(spec.templates))}),
+                "prompts": prompts[c],
                 "images": outputs.per_class.get(c.index, 0),
             }
             for c in spec.classes()
         ],
         # Keyed like torchvision's ImageFolder: by folder name (labels can repeat in ImageNet).
         "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
-        "model": generator.provenance(),
+        "model": {
+            "alias": spec.model,
+            **generator.provenance(steps=spec.steps, guidance_scale=spec.guidance_scale),
+        },
         "decoder": generator.decoder_provenance(spec.decoder),
         "sampling": {
             "batch_size": batch_size,

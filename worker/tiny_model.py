@@ -1,14 +1,20 @@
-"""Build a tiny random-weight SDXL pipeline offline, for tests and smoke runs.
+"""Build a tiny random-weight pipeline of each family offline, for tests and smoke runs.
 
-The result is a real ``StableDiffusionXLPipeline`` directory (two CLIP text encoders, two
-CLIP tokenizers, a ``text_time`` UNet, an 8x VAE, an Euler ancestral scheduler with trailing
-timestep spacing, as SDXL-Turbo ships) that ``from_pretrained(DIR)`` loads with
-``HF_HUB_OFFLINE=1``. The worker loads it exactly like the real model.
-
-Beside it, in ``DIR/tiny_decoder``, a tiny random ``AutoencoderTiny`` for ``decoder="tiny"``
+``--family sdxl`` (the default): a real ``StableDiffusionXLPipeline`` directory (two CLIP text
+encoders, two CLIP tokenizers, a ``text_time`` UNet, an 8x VAE, an Euler ancestral scheduler
+with trailing timestep spacing, as SDXL-Turbo ships), and beside it, in ``DIR/tiny_decoder``,
+a tiny random ``AutoencoderTiny`` for ``decoder="tiny"``
 (``DISTILL_TINY_DECODER=DIR/tiny_decoder``).
+``--family sd``: a ``StableDiffusionPipeline`` (one CLIP text encoder, an Euler scheduler
+with trailing spacing, as SD-Turbo ships). ``--family dit``: a ``DiTPipeline`` (a
+class-conditional ``DiTTransformer2DModel`` over the 1000 ImageNet-1K classes with learned
+sigma, an 8x VAE, DDIM, and the ImageNet-1K ``id2label`` in its model index, as
+facebook/DiT-XL-2-256 ships).
 
-Usage: ``python -m worker.tiny_model DIR``
+Each is a directory that ``from_pretrained(DIR)`` loads with ``HF_HUB_OFFLINE=1``; the worker
+loads it exactly like the real model.
+
+Usage: ``python -m worker.tiny_model DIR [--family sdxl|sd|dit]``
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # Byte-level BPE vocabulary: every byte as a token, alone and as a word end. No merges, so
 # every character is one token: small, fully offline, and accepted by CLIPTokenizer.
@@ -68,7 +75,159 @@ def write_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
-def build(directory: Path, *, seed: int = 0) -> Path:
+FAMILIES = ("sdxl", "sd", "dit")
+
+
+def build(directory: Path, *, seed: int = 0, family: str = "sdxl") -> Path:
+    """Write a tiny pipeline of ``family`` to ``directory`` and return it."""
+    if family == "sd":
+        return build_sd(directory, seed=seed)
+    if family == "dit":
+        return build_dit(directory, seed=seed)
+    if family != "sdxl":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return build_sdxl(directory, seed=seed)
+
+
+def _tiny_vae(scaling_factor: float, *, force_upcast: bool) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        # Four blocks give the real 2**3 = 8x spatial scale factor.
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
+
+
+def _text_config(vocab_size: int, tokenizer: Any, hidden: int) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+
+
+def build_sd(directory: Path, *, seed: int = 0) -> Path:
+    """A tiny SD-Turbo-shaped ``StableDiffusionPipeline`` (no safety checker)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    scratch = directory / ".tokenizer-src"
+    vocab_size = write_tokenizer(scratch)
+    tokenizer = CLIPTokenizer.from_pretrained(str(scratch))
+    text_encoder = CLIPTextModel(_text_config(vocab_size, tokenizer, 16))
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=16,
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=_tiny_vae(0.18215, force_upcast=True),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(directory), safe_serialization=True)
+    _remove(scratch)
+    return directory
+
+
+def build_dit(directory: Path, *, seed: int = 0) -> Path:
+    """A tiny DiT-XL/2-shaped ``DiTPipeline``: patch 2, adaLN-zero, 1000 classes (+ the null
+    class for guidance), learned sigma (8 output channels for 4 latent ones)."""
+    import torch
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from core import presets
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,  # 8 latents x 8 (VAE) = 64 px
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+    pipeline = DiTPipeline(
+        transformer=transformer, vae=_tiny_vae(0.18215, force_upcast=False), scheduler=scheduler
+    )
+    pipeline.save_pretrained(str(directory), safe_serialization=True)
+    # The published DiT model index carries ImageNet-1K's id2label (DiTPipeline.labels).
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["id2label"] = {
+        str(c.index): ", ".join(c.synonyms) for c in presets.get("imagenet1k").classes
+    }
+    index_path.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return directory
+
+
+def _remove(scratch: Path) -> None:
+    for path in sorted(scratch.iterdir()):
+        path.unlink()
+    scratch.rmdir()
+
+
+def build_sdxl(directory: Path, *, seed: int = 0) -> Path:
     """Write a tiny SDXL pipeline to ``directory`` and return it.
 
     Architecture as ``StableDiffusionXLPipeline`` expects: the UNet's cross-attention width is
@@ -77,17 +236,11 @@ def build(directory: Path, *, seed: int = 0) -> Path:
     """
     import torch
     from diffusers import (
-        AutoencoderKL,
         EulerAncestralDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -96,23 +249,8 @@ def build(directory: Path, *, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(str(scratch))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(scratch))
 
-    def text_config(hidden: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_act="gelu",
-        )
-
-    text_encoder = CLIPTextModel(text_config(16))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(16))
+    text_encoder = CLIPTextModel(_text_config(vocab_size, tokenizer, 16))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, tokenizer, 16))
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=8,  # latent side: 8 latents x 8 (VAE) = 64 px images by default
@@ -131,20 +269,7 @@ def build(directory: Path, *, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=6 * time_dim + 16,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        # Four blocks give the real 2**3 = 8x spatial scale factor.
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _tiny_vae(0.13025, force_upcast=True)
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -164,9 +289,7 @@ def build(directory: Path, *, seed: int = 0) -> Path:
         scheduler=scheduler,
     )
     pipeline.save_pretrained(str(directory), safe_serialization=True)
-    for path in sorted(scratch.iterdir()):
-        path.unlink()
-    scratch.rmdir()
+    _remove(scratch)
     build_tiny_decoder(directory / TINY_DECODER_DIR, seed=seed)
     return directory
 
@@ -197,9 +320,16 @@ def build_tiny_decoder(directory: Path, *, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m worker.tiny_model",
-        description="Write a tiny random-weight StableDiffusionXLPipeline to DIR.",
+        description="Write a tiny random-weight pipeline (SDXL, SD or DiT) to DIR.",
     )
     parser.add_argument("directory", type=Path, help="output directory (created if missing)")
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="sdxl",
+        help="sdxl (StableDiffusionXLPipeline + a tiny AutoencoderTiny), sd "
+        "(StableDiffusionPipeline) or dit (DiTPipeline, class-conditional)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args(argv)
     from worker.runtime import quiet_libraries
@@ -210,11 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     import transformers  # noqa: F401
 
     imported = time.perf_counter()
-    build(args.directory, seed=args.seed)
+    build(args.directory, seed=args.seed, family=args.family)
     built = time.perf_counter()
+    what = {
+        "sdxl": f"SDXL pipeline to {args.directory} and a tiny AutoencoderTiny to "
+        f"{args.directory / TINY_DECODER_DIR}",
+        "sd": f"SD pipeline to {args.directory}",
+        "dit": f"DiT pipeline (class-conditional, ImageNet-1K) to {args.directory}",
+    }[args.family]
     print(
-        f"wrote a tiny SDXL pipeline to {args.directory} and a tiny AutoencoderTiny to "
-        f"{args.directory / TINY_DECODER_DIR}: built in {built - imported:.2f} s "
+        f"wrote a tiny {what}: built in {built - imported:.2f} s "
         f"(+{imported - started:.2f} s importing torch/diffusers/transformers)",
         file=sys.stderr,
     )

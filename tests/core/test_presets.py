@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from core.presets import PRESETS, get
+from core.presets import PRESETS, NotImageNet, from_labels, get, imagenet_ids
 from core.spec import DatasetSpec
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -82,7 +82,44 @@ def test_exactly_one_of_labels_or_preset_and_ipc_or_budget() -> None:
         DatasetSpec(preset="cifar10")
     with pytest.raises(ValidationError):
         DatasetSpec(preset="mnist", ipc=1)  # type: ignore[arg-type]
-    assert set(PRESETS) == {"cifar10", "cifar100", "tinyimagenet", "imagenet1k"}
+    assert set(PRESETS) == {
+        "cifar10",
+        "cifar100",
+        "tinyimagenet",
+        "imagenet1k",
+        "imagenette",
+        "imagewoof",
+    }
+
+
+def test_imagenette_and_imagewoof_are_pinned_in_their_standard_order() -> None:
+    # fast.ai's folders (github.com/fastai/imagenette) sorted, as torchvision's ImageFolder
+    # numbers them; ids are ImageNet-1K class indices (what DiT is conditioned on).
+    nette = get("imagenette")
+    assert [c.wnid for c in nette.classes] == [
+        "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+        "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
+    ]  # fmt: skip
+    assert [c.label for c in nette.classes][-1] == "parachute"
+    assert imagenet_ids(nette.classes) == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+    woof = get("imagewoof")
+    assert [c.wnid for c in woof.classes] == [
+        "n02086240", "n02087394", "n02088364", "n02089973", "n02093754",
+        "n02096294", "n02099601", "n02105641", "n02111889", "n02115641",
+    ]  # fmt: skip
+    assert imagenet_ids(woof.classes) == [155, 159, 162, 167, 182, 193, 207, 229, 258, 273]
+    assert nette.image_size == woof.image_size == 256
+
+
+def test_imagenet_ids_match_wnids_and_names_and_refuse_the_rest() -> None:
+    labels = ["n01440764", "Golden Retriever", "golden_retriever", "tabby cat"]
+    assert imagenet_ids(from_labels(labels)) == [0, 207, 207, 281]
+    assert len(imagenet_ids(get("tinyimagenet").classes)) == 200
+    with pytest.raises(NotImageNet) as raised:
+        imagenet_ids(from_labels(["tench", "crane", "warp drive"]))
+    assert [p[0] for p in raised.value.problems] == [1, 2]
+    assert "n02012849, n03126707" in str(raised.value)
+    assert "labels[2] 'warp drive'" in str(raised.value)
 
 
 def test_templates_cycle_and_overrides_win() -> None:

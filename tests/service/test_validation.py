@@ -156,6 +156,11 @@ def test_oversized_chunked_body_is_413(idle_client: TestClient) -> None:
 def test_defaults_are_filled_in(idle_client: TestClient) -> None:
     job = idle_client.post("/v1/jobs", json={"labels": ["cat"], "ipc": 3}).json()
     assert job["request"] == {
+        # The deployment's default model (DISTILL_MODEL, aliased by its name) and its
+        # sampling defaults: SDXL-Turbo's one step without guidance.
+        "model": "sdxl-turbo",
+        "steps": 1,
+        "guidance_scale": 0.0,
         "labels": ["cat"],
         "preset": None,
         "ipc": 3,

@@ -214,7 +214,7 @@ def test_the_prompt_cache_is_bounded(tiny_model: Path) -> None:
     small.prompt_cache_size = 2
     for label in ("cat", "dog", "ship", "frog"):
         small.render([f"a photo of a {label}"] * 2, [1, 2], sizes=(8,))
-    assert list(small._embeddings) == ["a photo of a ship", "a photo of a frog"]
+    assert [prompt for prompt, _ in small._embeddings] == ["a photo of a ship", "a photo of a frog"]
     # A batch with more distinct prompts than the cache holds still gets all of them.
     prompts = [f"a photo of a {c}" for c in ("cat", "dog", "bird")]
     out = small.render(prompts, [1, 2, 3], sizes=(8,))[8]
@@ -262,9 +262,9 @@ def test_a_short_last_batch_is_padded_to_the_fixed_batch(tiny_model: Path) -> No
     calls: list[int] = []
     original = padded._render
 
-    def counting(p: list[str], *args: object) -> dict[int, np.ndarray]:
+    def counting(p: list[str], *args: object, **options: object) -> dict[int, np.ndarray]:
         calls.append(len(p))
-        return original(p, *args)  # type: ignore[arg-type]
+        return original(p, *args, **options)  # type: ignore[arg-type]
 
     padded._render = counting  # type: ignore[method-assign]
     out = padded.render(prompts, seeds, sizes=(16,))[16]
