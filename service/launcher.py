@@ -20,6 +20,7 @@ import sys
 import time
 from types import FrameType
 
+from core import models
 from core.settings import Settings, settings_or_exit
 from service import stack
 from service.redis_server import EmbeddedRedis
@@ -125,17 +126,26 @@ def main() -> int:
         # Several workers on one machine: one torch thread each, so they do not fight over
         # cores (GPU workers each claim their own GPU anyway).
         worker_settings = settings.model_copy(update={"torch_threads": 1})
+    # DISTILL_WORKERS workers per served model, each told its alias (core.models).
+    served = list(models.catalogue(settings)) if settings.models else [None]
     children = [
         *(
-            Child(f"worker-{n}", "worker", worker_settings, restart=True)
+            Child(
+                f"worker-{alias}-{n}" if alias else f"worker-{n}",
+                "worker",
+                worker_settings.model_copy(update={"model": alias}) if alias else worker_settings,
+                restart=True,
+            )
+            for alias in served
             for n in range(1, settings.workers + 1)
         ),
         Child("api", "service", settings, restart=False),
         Child("webhooks", "worker.webhooks", settings, restart=True),
     ]
     _say(
-        f"API on http://{settings.host}:{settings.port}  model: {settings.model}  "
-        f"workers: {settings.workers}  (Ctrl-C stops)"
+        f"API on http://{settings.host}:{settings.port}  "
+        f"model(s): {', '.join(served) if settings.models else settings.model}  "
+        f"workers: {settings.workers}{' per model' if settings.models else ''}  (Ctrl-C stops)"
     )
     code = 0
     try:

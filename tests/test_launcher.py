@@ -146,3 +146,33 @@ def test_a_killed_worker_is_restarted_and_its_job_succeeds_on_a_second_attempt(
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0, log.read_text()
+
+
+def test_launcher_starts_a_worker_for_each_model_of_distill_models(
+    tiny_model: Path, tiny_dit: Path, tmp_path: Path
+) -> None:
+    proc, base, log = _launch(
+        tiny_model,
+        tmp_path,
+        DISTILL_MODELS=f"turbo={tiny_model},dit={tiny_dit}",
+        DISTILL_MODEL="",  # each worker is given its alias
+    )
+    try:
+        _wait_ready(base, proc, log)
+        deadline = time.monotonic() + 90
+        while httpx.get(f"{base}/readyz", timeout=5).json()["models"] != {"turbo": 1, "dit": 1}:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        body = {"preset": "imagenette", "model": "dit", "ipc": 1, "image_size": 16, "steps": 1}
+        created = httpx.post(f"{base}/v1/jobs", json={**body, "augment": {"policy": "none"}})
+        assert created.status_code == 202, created.text
+        location = created.headers["location"]
+        while (job := httpx.get(base + location, timeout=10).json())["state"] not in TERMINAL:
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job
+        ready = httpx.get(f"{base}/readyz", timeout=5).json()
+        assert {w["name"]: w["alias"] for w in ready["workers"]}[job["worker"]] == "dit"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()
