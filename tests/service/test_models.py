@@ -43,11 +43,11 @@ def deployment(
     """One API, one worker per model (each on its own queue)."""
     root = tmp_path_factory.mktemp("models-deployment")
     settings = _three_models(redis_server.url, root / "data", tiny_model, tiny_sd, tiny_dit)
-    procs = [
-        start_worker(settings.model_copy(update={"model": alias}), path, root / f"{alias}.log")
-        for alias, path in (("turbo", tiny_model), ("sd-turbo", tiny_sd), ("dit", tiny_dit))
-    ]
+    procs = []
     try:
+        for alias, path in (("turbo", tiny_model), ("sd-turbo", tiny_sd), ("dit", tiny_dit)):
+            own = settings.model_copy(update={"model": alias})
+            procs.append(start_worker(own, path, root / f"{alias}.log"))
         with TestClient(create_app(settings)) as client:
             yield settings, client
     finally:
