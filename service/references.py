@@ -93,7 +93,7 @@ def _settings(request: Request) -> Settings:
 
 RedisDep = Annotated[Redis, Depends(_redis)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
-ReferenceId = Annotated[str, PathParam(max_length=64, description="The set's id.")]
+ReferenceId = Annotated[str, PathParam(description="The set's id (32 hex digits).")]
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(owner_for)], tags=["references"])
 
