@@ -541,7 +541,16 @@ def _ingest_tar(
             _tar_stream(source, kind, expanded) as raw,
             tarfile.open(fileobj=raw, mode="r|") as archive,
         ):
-            entries = [e for _, e in _tar_entries(archive) if e is not None]
+            entries = []
+            most = 2 * (limits.max_images + limits.max_classes) + 1000
+            for headers, (_, entry) in enumerate(_tar_entries(archive), start=1):
+                # Each header costs memory: stop at a count no acceptable set reaches.
+                if headers > most:
+                    raise ReferenceTooLarge(
+                        f"more than {most} members; at most {limits.max_images} images"
+                    )
+                if entry is not None:
+                    entries.append(entry)
         _check_totals(entries, limits)
         folder_of = _folders(entries)
         writer = _Writer(output, folder_of)

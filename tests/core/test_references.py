@@ -309,3 +309,14 @@ def test_match_lists_every_missing_or_empty_class() -> None:
         references.match([("cat", None)], ["cat", "001_cat"])
     with pytest.raises(ValueError, match="one folder for several classes"):
         references.match([("crane", None), ("Crane", None)], ["crane"])
+
+
+def test_a_tar_of_countless_members_stops_early(tmp_path: Path) -> None:
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as archive:
+        for i in range(1100):
+            folder = tarfile.TarInfo(f"cat/d{i}")
+            folder.type = tarfile.DIRTYPE
+            archive.addfile(folder)
+    with pytest.raises(ReferenceTooLarge, match="more than 1008 members"):
+        references.ingest(path, **{**LIMITS, "max_images": 3}, max_classes=1)
