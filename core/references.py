@@ -736,6 +736,29 @@ def members(path: Path) -> dict[str, list[str]]:
     return {folder: sorted(found) for folder, found in sorted(layout(files).items())}
 
 
+def folder_counts(
+    redis: Redis,
+    references_dir: Path | None,
+    *,
+    owner: str,
+    reference_id: str | None = None,
+    name: str | None = None,
+) -> dict[str, int] | None:
+    """``{class folder: images}`` of the owner's stored set ``reference_id`` (from its record)
+    or of the named set ``name`` (from its files, nothing decoded); None when there is no
+    such set. What the API checks a job's classes against (``match``) before enqueueing."""
+    if (reference_id is None) == (name is None):
+        raise ValueError("give exactly one of reference_id and name")
+    if reference_id is not None:
+        info = read(redis, reference_id, owner=owner)
+        return None if info is None else {c.name: c.images for c in info.classes}
+    assert name is not None
+    path = named_path(references_dir, name)
+    if path is None:
+        return None
+    return {folder: len(files) for folder, files in members(path).items()}
+
+
 _IMAGE_SUFFIXES = (
     ".png",
     ".jpg",

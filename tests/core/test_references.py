@@ -276,6 +276,21 @@ def test_named_sets_are_found_like_test_sets(tmp_path: Path) -> None:
     assert list(references.members(zipped)) == ["n01440764_tench", "n01443537"]
 
 
+def test_folder_counts_of_a_stored_or_named_set(tmp_path: Path, redis: Redis) -> None:
+    root = tmp_path / "refs"
+    root.mkdir()
+    write_zip(root / "fish.zip", {"tench/a.png": png(), "tench/b.png": png((0, 0, 0))})
+    storage = LocalStorage(tmp_path / "store")
+    owner = f"o-{tmp_path.name}"
+    out, info = references.ingest(write_zip(tmp_path / "s.zip", SET), **LIMITS, owner=owner)
+    references.store(redis, storage, out, info, ttl=60)
+    counts = references.folder_counts(redis, root, owner=owner, reference_id=info.id)
+    assert counts == {"cat": 2, "dog": 1}
+    assert references.folder_counts(redis, root, owner="else", reference_id=info.id) is None
+    assert references.folder_counts(redis, root, owner=owner, name="fish") == {"tench": 2}
+    assert references.folder_counts(redis, root, owner=owner, name="nope") is None
+
+
 # --- matching ----------------------------------------------------------------------------------
 
 
