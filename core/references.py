@@ -98,7 +98,7 @@ _INDEX_PREFIX = re.compile(r"^\d+[_\-\s.](?=.)")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-class ReferenceError(ValueError):
+class ReferenceSetError(ValueError):
     """An upload the service refuses. ``member`` names the archive member at fault (None for
     the archive as a whole); ``status`` is the HTTP status the API answers with."""
 
@@ -109,13 +109,13 @@ class ReferenceError(ValueError):
         self.member = member
 
 
-class ReferenceTooLarge(ReferenceError):
+class ReferenceTooLarge(ReferenceSetError):
     """Over a size limit: bytes, pixels, images (413)."""
 
     status = 413
 
 
-class UnsupportedArchive(ReferenceError):
+class UnsupportedArchive(ReferenceSetError):
     """Neither a zip nor a tar (415)."""
 
     status = 415
@@ -169,17 +169,17 @@ def _hidden(parts: Sequence[str]) -> bool:
 
 
 def check_member_name(name: str) -> tuple[str, ...] | None:
-    """The path parts of a member name, None for one that is skipped (hidden); ReferenceError
+    """The path parts of a member name, None for one that is skipped (hidden); ReferenceSetError
     for a name that could point outside the set or that two systems would read differently."""
     if "\x00" in name or "\\" in name:
-        raise ReferenceError("the name holds a NUL or a backslash", member=name)
+        raise ReferenceSetError("the name holds a NUL or a backslash", member=name)
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise ReferenceError("absolute member names are refused", member=name)
+        raise ReferenceSetError("absolute member names are refused", member=name)
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise ReferenceError("'..' in a member name is refused", member=name)
+        raise ReferenceSetError("'..' in a member name is refused", member=name)
     if any(unicodedata.category(c).startswith("C") for c in name):
-        raise ReferenceError("control characters in a member name are refused", member=name)
+        raise ReferenceSetError("control characters in a member name are refused", member=name)
     if not parts or _hidden(parts):
         return None
     return parts
@@ -201,7 +201,7 @@ def layout(files: Sequence[tuple[str, tuple[str, ...]]]) -> dict[str, list[str]]
     for member, parts in files:
         rest = parts[1:] if strip else parts
         if len(rest) < 2:
-            raise ReferenceError("an image must be inside a class folder", member=member)
+            raise ReferenceSetError("an image must be inside a class folder", member=member)
         classes.setdefault(rest[0], []).append(member)
     return classes
 
@@ -281,12 +281,12 @@ def _tar_entries(archive: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, _E
     for info in archive:
         parts = check_member_name(info.name)
         if info.issym() or info.islnk():
-            raise ReferenceError("links are refused", member=info.name)
+            raise ReferenceSetError("links are refused", member=info.name)
         if info.isdir() or parts is None:
             yield info, None
             continue
         if not info.isfile():
-            raise ReferenceError(
+            raise ReferenceSetError(
                 "devices, FIFOs and other special files are refused", member=info.name
             )
         yield info, _Entry(info.name, parts, info.size)
@@ -298,15 +298,15 @@ def _zip_entries(archive: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, _Entry
         parts = check_member_name(info.filename)
         mode = info.external_attr >> 16
         if info.create_system == 3 and mode and stat.S_ISLNK(mode):
-            raise ReferenceError("links are refused", member=info.filename)
+            raise ReferenceSetError("links are refused", member=info.filename)
         if info.create_system == 3 and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise ReferenceError(
+            raise ReferenceSetError(
                 "devices, FIFOs and other special files are refused", member=info.filename
             )
         if info.is_dir() or parts is None:
             continue
         if info.flag_bits & 0x1:
-            raise ReferenceError("encrypted members are refused", member=info.filename)
+            raise ReferenceSetError("encrypted members are refused", member=info.filename)
         out.append((info, _Entry(info.filename, parts, info.file_size)))
     return out
 
@@ -316,7 +316,7 @@ def _check_totals(entries: Sequence[_Entry], limits: Limits) -> None:
     total = 0
     for entry in entries:
         if entry.name.lower().endswith(_ARCHIVE_SUFFIXES):
-            raise ReferenceError("nested archives are refused", member=entry.name)
+            raise ReferenceSetError("nested archives are refused", member=entry.name)
         if entry.size > MAX_IMAGE_BYTES:
             raise ReferenceTooLarge(
                 f"{entry.size} bytes; one image may hold at most {MAX_IMAGE_BYTES}",
@@ -336,9 +336,9 @@ def _check_totals(entries: Sequence[_Entry], limits: Limits) -> None:
         )
     classes = layout([(e.name, e.parts) for e in entries])
     if not classes:
-        raise ReferenceError("the archive holds no images")
+        raise ReferenceSetError("the archive holds no images")
     if len(classes) > limits.max_classes:
-        raise ReferenceError(
+        raise ReferenceSetError(
             f"{len(classes)} class folders, over the limit of {limits.max_classes}"
         )
 
@@ -350,15 +350,17 @@ def _read_bounded(handle: IO[bytes], entry: _Entry, budget: int) -> bytes:
     if len(data) > cap:
         if cap < entry.size:
             raise ReferenceTooLarge("the upload expands past its byte limit", member=entry.name)
-        raise ReferenceError("the member holds more bytes than its header says", member=entry.name)
+        raise ReferenceSetError(
+            "the member holds more bytes than its header says", member=entry.name
+        )
     return data
 
 
 def identify(data: bytes, member: str, *, max_pixels: int) -> str:
     """The file extension for an image's bytes, from its content (header only, nothing is
-    decoded); ReferenceError naming ``member`` for anything else."""
+    decoded); ReferenceSetError naming ``member`` for anything else."""
     if _looks_like_archive(member, data[:512]):
-        raise ReferenceError("nested archives are refused", member=member)
+        raise ReferenceSetError("nested archives are refused", member=member)
     # Imported here: the API process loads Pillow only when an upload arrives.
     from PIL import Image, UnidentifiedImageError
 
@@ -372,14 +374,14 @@ def identify(data: bytes, member: str, *, max_pixels: int) -> str:
         raise ReferenceTooLarge(f"too many pixels ({exc})", member=member) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         allowed = ", ".join(sorted(FORMATS))
-        raise ReferenceError(f"not an image ({allowed}): {exc}", member=member) from None
+        raise ReferenceSetError(f"not an image ({allowed}): {exc}", member=member) from None
     if width * height > max_pixels:
         raise ReferenceTooLarge(
             f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
             member=member,
         )
     if width < 1 or height < 1 or kind not in FORMATS:
-        raise ReferenceError(f"not a usable {kind} image ({width}x{height})", member=member)
+        raise ReferenceSetError(f"not a usable {kind} image ({width}x{height})", member=member)
     return FORMATS[kind]
 
 
@@ -439,7 +441,7 @@ def set_digest(classes: Sequence[ReferenceClass]) -> str:
 
 def _check_folder(name: str) -> None:
     if len(name) > 200:
-        raise ReferenceError("class folder names are at most 200 characters", member=name)
+        raise ReferenceSetError("class folder names are at most 200 characters", member=name)
 
 
 def ingest(
@@ -456,7 +458,7 @@ def ingest(
 ) -> tuple[Path, ReferenceInfo]:
     """Validate the zip or tar at ``source_path`` and write its normalized zip to ``output``
     (default: beside the source, ``.ref-<id>.zip.part``). Returns the zip and its info
-    (``created_at`` now, no ``expires_at`` until ``store``). Raises ``ReferenceError`` (or a
+    (``created_at`` now, no ``expires_at`` until ``store``). Raises ``ReferenceSetError`` (or a
     subclass) naming the member at fault; the output is then removed."""
     limits = Limits(max_bytes, max_images, max_pixels, max_classes)
     reference_id = reference_id or uuid.uuid4().hex
@@ -518,7 +520,7 @@ def _ingest_zip(source: Path, output: Path, limits: Limits) -> tuple[list[dict[s
                     EOFError,
                     NotImplementedError,
                 ) as exc:
-                    raise ReferenceError(f"cannot read it ({exc})", member=entry.name) from None
+                    raise ReferenceSetError(f"cannot read it ({exc})", member=entry.name) from None
                 left -= len(data)
                 writer.add(
                     entry.name, data, identify(data, entry.name, max_pixels=limits.max_pixels)
@@ -565,7 +567,7 @@ def _ingest_tar(
                         continue
                     handle = archive.extractfile(info)
                     if handle is None:
-                        raise ReferenceError("cannot read it", member=entry.name)
+                        raise ReferenceSetError("cannot read it", member=entry.name)
                     data = _read_bounded(handle, entry, left)
                     left -= len(data)
                     writer.add(
@@ -576,7 +578,7 @@ def _ingest_tar(
             writer.abort()
             raise
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
-        raise ReferenceError(f"the tar archive is damaged ({exc})") from None
+        raise ReferenceSetError(f"the tar archive is damaged ({exc})") from None
 
 
 # --- records -----------------------------------------------------------------------------------
@@ -732,7 +734,7 @@ def members(path: Path) -> dict[str, list[str]]:
                 if checked is not None and entry.lower().endswith(_IMAGE_SUFFIXES):
                     files.append((entry, checked))
     else:
-        raise ReferenceError(f"{path.name} is neither a directory nor a zip of class folders")
+        raise ReferenceSetError(f"{path.name} is neither a directory nor a zip of class folders")
     return {folder: sorted(found) for folder, found in sorted(layout(files).items())}
 
 

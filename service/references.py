@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from redis import Redis
 
 from core import references
-from core.references import ReferenceError, ReferenceInfo
+from core.references import ReferenceInfo, ReferenceSetError
 from core.settings import Settings
 from core.storage import open_storage
 from service.auth import OwnerDep, owner_for
@@ -51,7 +51,7 @@ class ReferenceNotFound(ServiceError):
 class ReferenceRejected(ServiceError):
     """An upload ``core.references`` refused; its status (413, 415, 422) comes with it."""
 
-    def __init__(self, error: ReferenceError) -> None:
+    def __init__(self, error: ReferenceSetError) -> None:
         super().__init__(str(error))
         self.status = error.status
         self.title = {
@@ -138,7 +138,7 @@ def _ingest_and_store(
         return references.store(
             redis, open_storage(settings), normalized, info, ttl=settings.result_ttl
         )
-    except ReferenceError as exc:
+    except ReferenceSetError as exc:
         raise ReferenceRejected(exc) from None
     finally:
         output.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from PIL import Image
 from redis import Redis
 
 from core import keys, references
-from core.references import ReferenceError, ReferenceTooLarge, UnsupportedArchive
+from core.references import ReferenceSetError, ReferenceTooLarge, UnsupportedArchive
 from core.storage import LocalStorage
 from service.redis_server import EmbeddedRedis
 
@@ -136,7 +136,7 @@ def test_hostile_zip_members_are_refused_by_name(
 ) -> None:
     source = write_zip(tmp_path / "bad.zip", members)
     before = scratch(tmp_path)
-    with pytest.raises(ReferenceError) as caught:
+    with pytest.raises(ReferenceSetError) as caught:
         references.ingest(source, **LIMITS)
     assert caught.value.member == member, caught.value
     assert repr(member) in str(caught.value)
@@ -162,7 +162,7 @@ def test_links_and_devices_in_a_tar_are_refused(tmp_path: Path, kind: bytes) -> 
     special = tarfile.TarInfo("cat/b.png")
     special.type = kind
     special.linkname = "/etc/passwd"
-    with pytest.raises(ReferenceError) as caught:
+    with pytest.raises(ReferenceSetError) as caught:
         references.ingest(_tar_with(tmp_path, special), **LIMITS)
     assert caught.value.member == "cat/b.png" and caught.value.status == 422
 
@@ -175,7 +175,7 @@ def test_symlink_in_a_zip_is_refused(tmp_path: Path) -> None:
         info.create_system = 3
         info.external_attr = (0o120777) << 16
         archive.writestr(info, "/etc/passwd")
-    with pytest.raises(ReferenceError) as caught:
+    with pytest.raises(ReferenceSetError) as caught:
         references.ingest(path, **LIMITS)
     assert caught.value.member == "cat/b.png"
 
@@ -207,9 +207,9 @@ def test_too_many_images_classes_or_none(tmp_path: Path) -> None:
         references.ingest(write_zip(tmp_path / "a.zip", four), **{**LIMITS, "max_images": 3})
     assert caught.value.member == "cat/3.png" and caught.value.status == 413
     classes = {f"c{i}/x.png": png((i, 0, 0)) for i in range(3)}
-    with pytest.raises(ReferenceError, match="3 class folders"):
+    with pytest.raises(ReferenceSetError, match="3 class folders"):
         references.ingest(write_zip(tmp_path / "b.zip", classes), **LIMITS, max_classes=2)
-    with pytest.raises(ReferenceError, match="no images"):
+    with pytest.raises(ReferenceSetError, match="no images"):
         references.ingest(write_zip(tmp_path / "c.zip", {"cat/.DS_Store": b"x"}), **LIMITS)
     with pytest.raises(UnsupportedArchive) as unsupported:
         (tmp_path / "d.bin").write_bytes(b"hello, not an archive" * 40)
