@@ -670,14 +670,19 @@ def family_of(pipeline: Any) -> str:
     return "text2image"
 
 
+def vae_scale(pipeline: Any) -> int:
+    """Pixels per latent along a side (8 for every family here; DiT does not say it)."""
+    scale = getattr(pipeline, "vae_scale_factor", None)
+    if scale is None:
+        scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    return int(scale)
+
+
 def native_resolution(pipeline: Any) -> int:
     """The side in px the pipeline's denoiser was built for (latent side x VAE scale)."""
     unet = getattr(pipeline, "unet", None)
     denoiser = unet if unet is not None else pipeline.transformer
-    scale = getattr(pipeline, "vae_scale_factor", None)
-    if scale is None:
-        scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    return int(denoiser.config.sample_size) * int(scale)
+    return int(denoiser.config.sample_size) * vae_scale(pipeline)
 
 
 def _load(kind: Any, source: str, *, what: str, **options: Any) -> Any:

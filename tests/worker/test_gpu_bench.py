@@ -77,3 +77,47 @@ def test_smoke_run_prints_every_mode_with_rates_and_flops(tiny_model: Path, tmp_
     else:
         assert any(line.startswith("worker") for line in summary["skipped"]), summary["skipped"]
     print(f"smoke run: {seconds:.1f} s")
+
+
+FAMILIES = ROOT / "bench" / "gpu_families.py"
+
+
+def test_family_bench_counts_dit_xl2_as_its_paper_does() -> None:
+    """DiT-XL/2 at 256 px: 118.6 GMACs a forward pass (Peebles & Xie, Table 4), i.e. 237 GFLOP;
+    with guidance 4 and 25 steps, two passes a step."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(FAMILIES), "--flops-only", "--families", "dit-xl-2-256"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT_S,
+        check=True,
+    )
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert abs(row["denoiser_gflop_per_pass"] / 2 - 118.6) < 1.0, row
+    assert row["steps"] == 25 and row["guidance_scale"] == 4.0 and row["resolution"] == 256
+    expected = 2 * 25 * row["denoiser_gflop_per_pass"] + row["decode_gflop"]
+    assert abs(row["gflop_per_image"] - expected) < 3.0, row  # each figure rounded to 0.1
+
+
+@pytest.mark.slow
+def test_family_bench_smoke_runs_every_family(tmp_path: Path) -> None:
+    out = tmp_path / "families.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    subprocess.run(
+        [sys.executable, str(FAMILIES), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT_S,
+        check=True,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["family"] for r in rows] == ["sdxl", "sd", "dit"]
+    assert [r["pipeline"] for r in rows] == [
+        "StableDiffusionXLPipeline",
+        "StableDiffusionPipeline",
+        "DiTPipeline",
+    ]
+    assert all(r["images_per_second"] > 0 and r["gflop_per_image"] >= 0 for r in rows)
