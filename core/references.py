@@ -246,9 +246,13 @@ class _Entry:
 
 
 def _sniff(path: Path) -> str:
+    """What the upload is, from its first bytes. A zip must start with a zip header:
+    ``zipfile`` alone would also take a tar whose last member is a zip for that zip."""
     with open(path, "rb") as handle:
         head = handle.read(512)
-    if zipfile.is_zipfile(path):
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) and zipfile.is_zipfile(path):
         return "zip"
     if head.startswith(b"\x1f\x8b"):
         return "gz"
@@ -256,7 +260,7 @@ def _sniff(path: Path) -> str:
         return "bz2"
     if head.startswith(b"\xfd7zXZ\x00"):
         return "xz"
-    if head[257:262] == b"ustar" or (len(head) == 512 and _plain_tar(path)):
+    if len(head) == 512 and _plain_tar(path):
         return "tar"
     raise UnsupportedArchive("the body is neither a zip nor a tar (plain, gz, bz2 or xz)")
 

@@ -335,3 +335,14 @@ def test_a_tar_of_countless_members_stops_early(tmp_path: Path) -> None:
             archive.addfile(folder)
     with pytest.raises(ReferenceTooLarge, match="more than 1008 members"):
         references.ingest(path, **{**LIMITS, "max_images": 3}, max_classes=1)
+
+
+def test_a_tar_ending_in_a_zip_is_a_tar_with_a_nested_archive(tmp_path: Path) -> None:
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as archive:
+        archive.writestr("cat/x.png", png())
+    source = write_tar(tmp_path / "t.tar", {"cat/a.png": png(), "cat/z.png": inner.getvalue()})
+    assert zipfile.is_zipfile(source)  # what a naive check would take it for
+    with pytest.raises(ReferenceSetError, match="nested archives") as caught:
+        references.ingest(source, **LIMITS)
+    assert caught.value.member == "cat/z.png"
