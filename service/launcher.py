@@ -127,7 +127,7 @@ def main() -> int:
         # cores (GPU workers each claim their own GPU anyway).
         worker_settings = settings.model_copy(update={"torch_threads": 1})
     # DISTILL_WORKERS workers per served model, each told its alias (core.models).
-    served = list(models.catalogue(settings)) if settings.models else [None]
+    served: list[str | None] = list(models.catalogue(settings)) if settings.models else [None]
     children = [
         *(
             Child(
@@ -142,9 +142,9 @@ def main() -> int:
         Child("api", "service", settings, restart=False),
         Child("webhooks", "worker.webhooks", settings, restart=True),
     ]
+    names = ", ".join(models.catalogue(settings)) if settings.models else settings.model
     _say(
-        f"API on http://{settings.host}:{settings.port}  "
-        f"model(s): {', '.join(served) if settings.models else settings.model}  "
+        f"API on http://{settings.host}:{settings.port}  model(s): {names}  "
         f"workers: {settings.workers}{' per model' if settings.models else ''}  (Ctrl-C stops)"
     )
     code = 0
