@@ -48,6 +48,7 @@ import lzma
 import os
 import re
 import stat
+import struct
 import tarfile
 import time
 import unicodedata
@@ -374,9 +375,18 @@ def identify(data: bytes, member: str, *, max_pixels: int) -> str:
             with Image.open(io.BytesIO(data), formats=_OPENERS) as image:
                 width, height = image.size
                 kind = str(image.format)
+                # Chunk checksums and structure, still without decompressing pixel data.
+                image.verify()
     except Image.DecompressionBombError as exc:
         raise ReferenceTooLarge(f"too many pixels ({exc})", member=member) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        struct.error,
+    ) as exc:
         allowed = ", ".join(sorted(FORMATS))
         raise ReferenceSetError(f"not an image ({allowed}): {exc}", member=member) from None
     if width * height > max_pixels:
@@ -446,6 +456,8 @@ def set_digest(classes: Sequence[ReferenceClass]) -> str:
 def _check_folder(name: str) -> None:
     if len(name) > 200:
         raise ReferenceSetError("class folder names are at most 200 characters", member=name)
+    if name == MANIFEST:
+        raise ReferenceSetError(f"a class folder may not be called {MANIFEST}", member=name)
 
 
 def ingest(

@@ -129,6 +129,8 @@ def test_every_container_gives_the_same_set(tmp_path: Path) -> None:
         ({"cat/a.png": png(), "cat/huge.png": png_header(50_000, 50_000)}, "cat/huge.png", 413),
         ({"cat/a.png": png(), "cat/big.png": png(size=(1001, 1000))}, "cat/big.png", 413),
         ({"cat/a.png": png(), "loose.png": png()}, "loose.png", 422),
+        ({"cat/a.png": png(), "cat/cut.png": png()[:-20]}, "cat/cut.png", 422),
+        ({"cat/a.png": png(), "cat/bad.png": png()[:40] + b"x" + png()[41:]}, "cat/bad.png", 422),
     ],
 )
 def test_hostile_zip_members_are_refused_by_name(
