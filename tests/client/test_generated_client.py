@@ -66,6 +66,7 @@ def test_every_operation_is_tagged_by_resource(generated: Any) -> None:
         "evaluations",
         "health",
         "jobs",
+        "models",
         "presets",
         "references",
     ]
