@@ -303,6 +303,10 @@ class AugmentSpec(BaseModel):
 MAX_TEMPLATES = 16
 MAX_BUDGET_SECONDS = 24 * 3600
 Format = Literal["imagefolder", "tensors", "challenge", "webdataset"]
+Method = Literal["generate", "random_real", "herding", "kcenter", "prototypes"]
+#: Methods that keep real images of the reference set instead of generating any.
+REAL_METHODS = frozenset({"random_real", "herding", "kcenter"})
+DEFAULT_STRENGTH = 0.7
 
 
 def _check_template(template: str) -> str:
@@ -434,6 +438,27 @@ class DatasetSpec(BaseModel):
         description="Classifier-free guidance scale (above 1 doubles the model's work per step); "
         "default the model's (turbo models 0, DiT 4).",
     )
+    method: Method = Field(
+        default="generate",
+        description="generate (text or class to image); random_real, herding, kcenter (ipc real "
+        "images per class picked from the reference set: the real-image baselines); prototypes "
+        "(image-to-image from k-means centres of the reference set's VAE latents).",
+    )
+    reference: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="A reference set (POST /v1/references id, or a named set of the service) "
+        "whose class folders hold each class's real images; needed by every method but generate.",
+    )
+    strength: StrictFloat | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="prototypes: how far each prototype is re-noised before denoising (1: all "
+        "the way, 0.7 by default).",
+    )
     prompt_template: (
         Template | Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)]
     ) = Field(
@@ -540,6 +565,17 @@ class DatasetSpec(BaseModel):
             if override.label in seen:
                 raise ValueError(f"prompts[{index}].label {override.label!r} is overridden twice")
             seen.add(override.label)
+        if self.method == "generate" and self.reference is not None:
+            raise ValueError("reference: method generate uses no reference images")
+        if self.method != "generate" and self.reference is None:
+            raise ValueError(f"reference: method {self.method} needs a reference set")
+        if self.strength is not None and self.method != "prototypes":
+            raise ValueError("strength: only method prototypes re-noises images")
+        if self.method != "generate" and self.budget_seconds is not None:
+            raise ValueError(
+                f"budget_seconds: method {self.method} takes ipc (a fixed number of images "
+                "per class from the reference set)"
+            )
         if self.ipc is not None and self.total_images > MAX_TOTAL_IMAGES:
             total, limit = self.total_images, MAX_TOTAL_IMAGES
             raise ValueError(f"classes x ipc = {total} images exceeds the limit of {limit}")
@@ -557,6 +593,23 @@ class DatasetSpec(BaseModel):
     def size(self) -> int:
         """``image_size`` after defaults (always set once validated)."""
         return self.image_size or DEFAULT_IMAGE_SIZE
+
+    @property
+    def real(self) -> bool:
+        """Whether the archive holds real images of the reference set (no model runs)."""
+        return self.method in REAL_METHODS
+
+    def reference_source(self) -> dict[str, str]:
+        """``reference`` as ``core.references`` looks it up: a stored set's id (32 hex
+        digits, what POST /v1/references answers), else the name of a named set."""
+        ref = self.reference or ""
+        if len(ref) == 32 and all(ch in "0123456789abcdef" for ch in ref):
+            return {"reference_id": ref}
+        return {"name": ref}
+
+    @property
+    def denoise_strength(self) -> float:
+        return self.strength if self.strength is not None else DEFAULT_STRENGTH
 
     @property
     def templates(self) -> tuple[str, ...]:

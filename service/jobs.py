@@ -20,7 +20,18 @@ from rq import Callback, Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from core import evaluations, keys, models, presets, queueing, records, shards, states, webhooks
+from core import (
+    evaluations,
+    keys,
+    models,
+    presets,
+    queueing,
+    records,
+    references,
+    shards,
+    states,
+    webhooks,
+)
 from core.evaluations import EvaluationRequest
 from core.records import ShardRecord, Snapshot
 from core.settings import Settings
@@ -73,7 +84,7 @@ def resolve_model(settings: Settings, spec: DatasetSpec) -> tuple[models.ModelEn
     except KeyError as exc:
         raise InvalidField(f"model: {exc.args[0]}") from None
     what = f"model {entry.alias!r} ({entry.id})"
-    if entry.class_conditional:
+    if entry.class_conditional and not spec.real:
         for name in ("prompt_template", "prompts"):
             if name in spec.model_fields_set and (name != "prompts" or spec.prompts):
                 raise InvalidField(
@@ -94,6 +105,11 @@ def resolve_model(settings: Settings, spec: DatasetSpec) -> tuple[models.ModelEn
         native = entry.defaults.resolution
         if spec.resolution is not None and spec.resolution != native:
             raise InvalidField(f"resolution: {what} samples at {native} px only")
+    if spec.method == "prototypes" and entry.family not in ("sdxl", "sd"):
+        raise InvalidField(
+            f"method: prototypes runs image-to-image from VAE latents, which {what} "
+            f"(family {entry.family}) does not do; use an SDXL or SD model"
+        )
     if spec.decoder == "tiny" and entry.family != "sdxl":
         raise InvalidField(
             f"decoder: the tiny decoder decodes SDXL latents; {what} is of family "
@@ -111,6 +127,41 @@ def resolve_model(settings: Settings, spec: DatasetSpec) -> tuple[models.ModelEn
         }
     )
     return entry, resolved
+
+
+def _check_reference(redis: Redis, settings: Settings, spec: DatasetSpec, owner: str) -> None:
+    """A method that starts from real images needs a reference set of the caller's (or a
+    named one) with a folder of enough images for every class: else a 422 naming
+    ``reference`` and listing what is missing."""
+    if spec.method == "generate":
+        return
+    counts = references.folder_counts(
+        redis, settings.references_dir, owner=owner, **spec.reference_source()
+    )
+    if counts is None:
+        known = ", ".join(references.named_sets(settings.references_dir)) or "none"
+        raise InvalidField(
+            f"reference: no reference set {spec.reference!r} of yours, and no named set of "
+            f"that name (named sets: {known})"
+        )
+    classes = [(c.label, c.wnid) for c in spec.classes()]
+    try:
+        folders = references.match(classes, counts)
+    except ValueError as exc:
+        raise InvalidField(f"reference: {exc}") from None
+    need = spec.generated_per_class
+    short = [
+        f"{label} ({folder}: {counts[folder]})"
+        for (label, _), folder in zip(classes, folders, strict=True)
+        if counts[folder] < need
+    ]
+    if short:
+        what = "prototypes" if spec.method == "prototypes" else "images"
+        raise InvalidField(
+            f"reference: {spec.method} needs {need} {what} per class "
+            f"(ceil(ipc / (copies + 1))), but {len(short)} class(es) have fewer images: "
+            + ", ".join(short)
+        )
 
 
 def settings_for_job(settings: Settings, alias: str | None) -> Settings:
@@ -213,6 +264,7 @@ def submit(
     """
     entry, spec = resolve_model(settings, spec)
     _check_limits(settings, spec)
+    _check_reference(redis, settings, spec, owner)
     payload = spec.model_dump(mode="json")
     job_id = uuid.uuid4().hex
     idem_key = None

@@ -27,6 +27,7 @@ from worker.archive import ArchiveWriter, image_name, wants_png
 from worker.augment import source_size
 from worker.generator import Generator
 from worker.preview import PreviewCollector
+from worker.selection import Source
 from worker.webdataset import sample_key
 
 #: Batches whose post-processing may be in flight while the next one is sampled.
@@ -245,6 +246,7 @@ def run(
     pool: Executor | None = None,
     workers: int = 2,
     items: Sequence[Item] | None = None,
+    source: Source | None = None,
 ) -> RunResult | None:
     """Make every image of ``spec`` (or only ``items``, one shard's) into ``outputs``.
 
@@ -253,6 +255,8 @@ def run(
     ``pool`` does the CPU side (a worker keeps one for its lifetime; ``workers`` is its size,
     and each batch is split into that many tasks); without one, a pool of ``workers`` threads.
     Raises ``Interrupted`` when ``hooks.should_stop()`` turns true between batches.
+    ``source`` (``worker.selection``) gives each batch's pixels instead of plain sampling: the
+    picked real images, or image-to-image from prototypes.
     """
     if pool is None:
         with postprocess.make_pool("threads", workers) as own:
@@ -265,6 +269,7 @@ def run(
                 pool=own,
                 workers=workers,
                 items=items,
+                source=source,
             )
     size = spec.size
     src_size = source_size(spec.augment, image_size=size)
@@ -292,7 +297,7 @@ def run(
     # metadata says which class it was.
     class_ids = (
         dict(zip(spec.classes(), presets.imagenet_ids(spec.classes()), strict=True))
-        if generator.class_conditional
+        if generator.class_conditional and source is None
         else None
     )
     iterator = iter(items if items is not None else plan(spec))
@@ -316,24 +321,37 @@ def run(
             t0 = time.perf_counter()
             seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
             ids = [class_ids[it.cls] for it in batch] if class_ids is not None else None
-            prompts = (
-                [spec.prompt(it.cls, it.sample) for it in batch]
-                if ids is None
-                else [class_prompt(it.cls, i) for it, i in zip(batch, ids, strict=True)]
-            )
-            images = generator.render(
-                prompts,
-                seeds,
-                sizes=(size, src_size),
-                resolution=spec.resolution,
-                decoder=spec.decoder,
-                class_ids=ids,
-                steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
-            )
+            if spec.real:
+                prompts = ["" for _ in batch]  # real images: no prompt made them
+            elif ids is None:
+                prompts = [spec.prompt(it.cls, it.sample) for it in batch]
+            else:
+                prompts = [class_prompt(it.cls, i) for it, i in zip(batch, ids, strict=True)]
+            if source is not None:
+                pairs = [(it.cls, it.sample) for it in batch]
+                images = source.render(pairs, prompts, seeds, sizes=(size, src_size))
+            else:
+                images = generator.render(
+                    prompts,
+                    seeds,
+                    sizes=(size, src_size),
+                    resolution=spec.resolution,
+                    decoder=spec.decoder,
+                    class_ids=ids,
+                    steps=spec.steps,
+                    guidance_scale=spec.guidance_scale,
+                )
             sampling += time.perf_counter() - t0
             rows: list[postprocess.Row] = [
-                (item.cls, item.sample, seed, prompt, images[size][i], images[src_size][i])
+                (
+                    item.cls,
+                    item.sample,
+                    seed,
+                    prompt,
+                    images[size][i],
+                    images[src_size][i],
+                    source.origin(item.cls, item.sample) if source is not None else None,
+                )
                 for i, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True))
             ]
             chunk = -(-len(rows) // workers)

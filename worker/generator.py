@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -92,6 +93,7 @@ class Generator:
     _embeddings: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = field(
         default_factory=OrderedDict, repr=False
     )
+    _image_to_image: Any | None = field(default=None, repr=False)
     #: Text-encoder passes run and served from the cache (for the benchmarks and status).
     prompt_stats: dict[str, int] = field(default_factory=lambda: {"encoded": 0, "cached": 0})
 
@@ -437,12 +439,16 @@ class Generator:
         class_ids: Sequence[int] | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """Sample one image per prompt (or, class-conditional, per class id); returns
         (N, 3, R, R) floats in [0, 1] on the device.
 
         ``R`` is ``resolution`` or the worker's default (DiT: always its native side).
-        ``steps`` and ``guidance_scale`` default to the model's. Each image's starting noise
+        ``steps`` and ``guidance_scale`` default to the model's. With ``init_latents`` (one
+        per prompt, as ``encode_latents`` makes them), image-to-image: each is re-noised to
+        ``strength`` and denoised by the same model (``image_to_image_steps``). Each image's noise
         comes from its own CPU generator seeded with its seed, so an image does not depend on
         the batch it was sampled in or on the device.
         """
@@ -472,8 +478,54 @@ class Generator:
             text: dict[str, Any] = self.encode(prompts, guided=guidance > 1)
         else:
             text = {"prompt": list(prompts)}
+        if init_latents is not None:
+            common["num_inference_steps"] = image_to_image_steps(
+                common["num_inference_steps"], strength
+            )
+            out = self.image_to_image(
+                **text,
+                image=init_latents.to(self.device, self.dtype),
+                strength=strength,
+                output_type="latent",
+                **common,
+            )
+            return self.decode(out.images, decoder=decoder)
         out = self.pipeline(**text, height=side, width=side, output_type="latent", **common)
         return self.decode(out.images, decoder=decoder)
+
+    @property
+    def image_to_image(self) -> Any:
+        """The model's image-to-image pipeline, sharing every component (no copy)."""
+        if self._image_to_image is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            pipe = AutoPipelineForImage2Image.from_pipe(self.pipeline)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.watermark = None
+            self._image_to_image = pipe
+        return self._image_to_image
+
+    @torch.inference_mode()
+    def encode_latents(self, images: np.ndarray, *, batch: int = 16) -> torch.Tensor:
+        """uint8 (N, R, R, 3) images -> the VAE's latents as the denoiser sees them (the
+        posterior's mean, scaled as ``decode`` unscales it), float32 on the CPU."""
+        if self.family not in EMBEDDED_FAMILIES:
+            raise ValueError(f"{self.model} ({self.family}) has no image-to-image path")
+        vae = self.pipeline.vae
+        config = vae.config
+        out = []
+        for start in range(0, len(images), batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
+            pixels = chunk.to(self.device).permute(0, 3, 1, 2).to(self.decode_dtype) / 127.5 - 1
+            latents = vae.encode(pixels).latent_dist.mode()
+            if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+                mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents)
+                std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents)
+                latents = (latents - mean) * config.scaling_factor / std
+            else:
+                latents = latents * config.scaling_factor
+            out.append(latents.float().cpu())
+        return torch.cat(out)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, *, decoder: str = "vae") -> torch.Tensor:
@@ -513,6 +565,8 @@ class Generator:
         class_ids: Sequence[int] | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> dict[int, np.ndarray]:
         """Sample and shrink: ``{size: (N, size, size, 3) uint8}`` for each requested size.
 
@@ -533,6 +587,13 @@ class Generator:
             if class_ids is not None:
                 chunk_ids = list(class_ids[start : start + step])
                 chunk_ids += chunk_ids[-1:] * pad
+            chunk_latents = None
+            if init_latents is not None:
+                chunk_latents = init_latents[start : start + step]
+                if pad:
+                    chunk_latents = torch.cat(
+                        [chunk_latents, chunk_latents[-1:].repeat(pad, 1, 1, 1)]
+                    )
             try:
                 rendered = self._render(
                     chunk_prompts + chunk_prompts[-1:] * pad,
@@ -543,6 +604,8 @@ class Generator:
                     class_ids=chunk_ids,
                     steps=steps,
                     guidance_scale=guidance_scale,
+                    init_latents=chunk_latents,
+                    strength=strength,
                 )
             except torch.OutOfMemoryError:
                 if step == 1:
@@ -575,6 +638,8 @@ class Generator:
         class_ids: Sequence[int] | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> dict[int, np.ndarray]:
         """One pipeline call; resizing runs on the device before one copy to the host."""
         images = self.sample(
@@ -585,17 +650,10 @@ class Generator:
             class_ids=class_ids,
             steps=steps,
             guidance_scale=guidance_scale,
+            init_latents=init_latents,
+            strength=strength,
         ).float()
-        result: dict[int, np.ndarray] = {}
-        for size in sorted(set(sizes)):
-            resized = images
-            if size != images.shape[-1]:
-                resized = F.interpolate(
-                    images, size=(size, size), mode="bicubic", antialias=True, align_corners=False
-                )
-            as_bytes = (resized.clamp(0, 1) * 255).round().to(torch.uint8)
-            result[size] = as_bytes.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        return result
+        return shrink(images, sizes)
 
     def gpu_memory_bytes(self) -> int | None:
         """Bytes of GPU memory held by tensors on this generator's device; None off-GPU."""
@@ -670,6 +728,17 @@ def family_of(pipeline: Any) -> str:
     return "text2image"
 
 
+def image_to_image_steps(steps: int, strength: float) -> int:
+    """The ``num_inference_steps`` an image-to-image call needs so that ``steps`` of them
+    run: diffusers runs ``int(num_inference_steps * strength)`` (0 would skip the model)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    total = max(math.ceil(steps / strength), steps)
+    while int(total * strength) < steps:
+        total += 1
+    return total
+
+
 def vae_scale(pipeline: Any) -> int:
     """Pixels per latent along a side (8 for every family here; DiT does not say it)."""
     scale = getattr(pipeline, "vae_scale_factor", None)
@@ -721,3 +790,18 @@ def fingerprint(directory: Path, *, chunk: int = 1 << 20) -> str:
         digest.update(f"{rel}\0{size}\0".encode())
         digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
     return digest.hexdigest()
+
+
+def shrink(images: torch.Tensor, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+    """(N, 3, R, R) floats in [0, 1] -> ``{size: (N, size, size, 3) uint8}``: bicubic with
+    antialiasing where the size changes, then one copy to the host per size."""
+    result: dict[int, np.ndarray] = {}
+    for size in sorted(set(sizes)):
+        resized = images
+        if size != images.shape[-1]:
+            resized = F.interpolate(
+                images, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            )
+        as_bytes = (resized.clamp(0, 1) * 255).round().to(torch.uint8)
+        result[size] = as_bytes.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return result

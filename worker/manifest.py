@@ -57,6 +57,7 @@ def build(
     tensors: dict[str, Any],
     run: engine.RunResult,
     batch_size: int,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the archive holds and everything needed to make it again.
 
@@ -65,7 +66,9 @@ def build(
     budget and times: they decided how many images it holds.
     """
     preset = presets.get(spec.preset) if spec.preset else None
-    if generator.class_conditional:
+    if spec.real:
+        prompts: dict[Any, list[str]] = {c: [] for c in spec.classes()}
+    elif generator.class_conditional:
         ids = presets.imagenet_ids(spec.classes())
         prompts = {c: [engine.class_prompt(c, i)] for c, i in zip(spec.classes(), ids, strict=True)}
     else:
@@ -129,6 +132,9 @@ def build(
         },
         "versions": dict(library_versions()),
     }
+    if selection is not None:
+        # Which reference images were taken (real methods) or clustered (prototypes).
+        manifest["reference"] = selection
     if spec.budget_seconds is not None:
         manifest["budget"] = {
             "seconds": spec.budget_seconds,

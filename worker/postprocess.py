@@ -57,8 +57,12 @@ def finish_item(
     prompt: str,
     small: np.ndarray,
     source: np.ndarray,
+    origin: str | None = None,
 ) -> list[Finished]:
-    """Everything one sampled image becomes: itself and its augmented copies, encoded."""
+    """Everything one sampled image becomes: itself and its augmented copies, encoded.
+
+    ``origin``: where a real image came from (``reference:sha256:<digest>``); such an image
+    is of kind ``real`` rather than ``generated``."""
     copies = spec.augment.n_copies
     first = sample * (copies + 1)
     encode = wants_png(spec.formats)
@@ -70,7 +74,7 @@ def finish_item(
             first,
             small,
             encode_png(small) if encode else None,
-            {**common, "kind": "generated", "source": None},
+            {**common, "kind": "real" if origin else "generated", "source": origin},
         )
     ]
     wanted = copies if spec.ipc is None else min(copies, spec.ipc - first - 1)
@@ -90,7 +94,7 @@ def finish_item(
     return done
 
 
-Row = tuple[ClassInfo, int, int, str, np.ndarray, np.ndarray]
+Row = tuple[ClassInfo, int, int, str, np.ndarray, np.ndarray, str | None]
 
 
 def finish_items(spec: DatasetSpec, rows: list[Row]) -> list[Finished]:

@@ -36,7 +36,7 @@ from core.records import JobRecord, Piece, ShardRecord
 from core.spec import DatasetSpec
 from core.states import JobState
 from core.storage import Storage, open_storage
-from worker import card, engine, manifest, postprocess, runtime
+from worker import card, engine, manifest, postprocess, runtime, selection
 from worker.archive import ArchiveInfo, ArchiveWriter, decode_png
 from worker.augment import source_size
 
@@ -242,6 +242,14 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
     )
     check_space(spec, partial.parent, images=work.images)
     started = time.time()
+    # A job that starts from a reference set: its picked images or prototypes, prepared once
+    # per worker (worker.selection).
+    source = selection.prepare(
+        spec,
+        settings,
+        rt.generator,
+        source_side=source_size(spec.augment, image_size=spec.size),
+    )
     hooks = RedisHooks(redis, piece)
     with ArchiveWriter(final=final, partial=partial) as writer:
         outputs = engine.Outputs(spec=work.sample_spec, writer=writer)
@@ -254,6 +262,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
             workers=settings.postprocess_pool_size,
             hooks=hooks,
             items=work.items,
+            source=source,
         )
         if run is None or hooks.should_cancel():
             writer.abort()  # gone before anyone can see the job ended
@@ -315,6 +324,7 @@ def _publish(
     sheet = outputs.preview.render(spec.size)
     writer.add_file("preview.png", sheet)
     finished = time.time()
+    source = selection.prepare(spec, rt.settings, rt.generator, source_side=run.source_size)
     described = manifest.build(
         spec,
         generator=rt.generator,
@@ -322,6 +332,7 @@ def _publish(
         tensors=tensors,
         run=run,
         batch_size=rt.batch_size,
+        selection=source.provenance() if source is not None else None,
     )
     writer.add_file("README.md", card.render(described), compress=True)
     info = writer.commit(described)
