@@ -571,7 +571,7 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"reference: method {self.method} needs a reference set")
         if self.strength is not None and self.method != "prototypes":
             raise ValueError("strength: only method prototypes re-noises images")
-        if self.method != "generate" and self.budget_seconds is not None:
+        if self.real and self.budget_seconds is not None:
             raise ValueError(
                 f"budget_seconds: method {self.method} takes ipc (a fixed number of images "
                 "per class from the reference set)"

@@ -11,8 +11,9 @@
   copies follow as usual. Nothing is generated.
 - ``prototypes`` (``Prototypes``): each class's reference images at the sampling resolution are
   encoded with the model's VAE (posterior mean), clustered with k-means in latent space (k =
-  the class's images to generate, seeded with the job seed and the class key), and cluster
-  n's centre starts the class's n-th image: an image-to-image pass with the class prompt at
+  the class's images to generate, seeded with the job seed and the class key; a time-budget
+  job: ``BUDGET_PROTOTYPES`` at most, cycled), and cluster n's centre starts the class's n-th
+  image: an image-to-image pass with the class prompt at
   ``strength`` (D4M's prototype-guided generation).
 
 Both record what they took (``provenance``): the reference, and per class the digests of the
@@ -42,6 +43,9 @@ from worker.generator import Generator, shrink
 
 #: Lloyd iterations at most (k-means stops earlier once no assignment changes).
 KMEANS_ITERATIONS = 100
+#: Clusters per class of a time-budget prototypes job (its images per class are not known in
+#: advance): sample n starts from centre n mod k, k = min(this, the class's reference images).
+BUDGET_PROTOTYPES = 50
 #: Prepared sources a worker keeps (shards and the assembly of one job reuse them).
 CACHE_SIZE = 2
 
@@ -122,7 +126,9 @@ class Prototypes:
         *,
         sizes: Sequence[int],
     ) -> dict[int, np.ndarray]:
-        latents = torch.stack([self.centres[cls.key][n] for cls, n in items])
+        latents = torch.stack(
+            [self.centres[cls.key][n % len(self.centres[cls.key])] for cls, n in items]
+        )
         return self.generator.render(
             prompts,
             seeds,
@@ -279,7 +285,6 @@ def _real(spec: DatasetSpec, settings: Settings, *, source_side: int) -> RealIma
 
 
 def _prototypes(spec: DatasetSpec, settings: Settings, generator: Generator) -> Prototypes:
-    k = spec.generated_per_class
     side = spec.resolution or generator.resolution
     result = Prototypes(spec=spec, generator=generator, centres={})
     with references.source(settings, **spec.reference_source()) as path:
@@ -291,6 +296,7 @@ def _prototypes(spec: DatasetSpec, settings: Settings, generator: Generator) -> 
             # One class at a time: only its latents stay in memory.
             (images,) = references.load(path, [folder], size=side)
             latents = generator.encode_latents(images.images)
+            k = spec.generated_per_class if spec.ipc else min(BUDGET_PROTOTYPES, len(latents))
             flat = latents.reshape(len(latents), -1).numpy()
             seed = [spec.seed, int.from_bytes(hashlib.sha256(cls.key.encode()).digest()[:4], "big")]
             centres, assign = kmeans(flat, k, seed=seed)

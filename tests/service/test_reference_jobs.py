@@ -176,3 +176,22 @@ def test_reference_requests_that_cannot_run_are_a_422(
     response = client.post("/v1/jobs", json=_body(**fields))
     assert response.status_code == 422, response.text
     assert says in json.dumps(response.json()), response.text
+
+
+def test_prototypes_sharded_give_the_same_archive_and_a_budget_job_runs(
+    stack: tuple[Settings, TestClient, str],
+) -> None:
+    settings, client, ref = stack
+    # 2 classes x 4 prototypes: two shards of one worker batch (4) each, as in one piece.
+    body = _body(method="prototypes", reference=ref, strength=0.5, ipc=4)
+    _, whole = run_job(client, body)
+    with TestClient(create_app(settings.model_copy(update={"shard_images": 4}))) as sharding:
+        job, parts = run_job(sharding, body)
+    assert job["shards"] is not None and len(job["shards"]) == 2
+    assert parts == whole
+    budget = {**body, "ipc": None, "budget_seconds": 5.0}
+    job, archive = run_job(client, {k: v for k, v in budget.items() if v is not None})
+    manifest, _ = _unzip(archive)
+    assert manifest["counts"]["images_per_class"] >= 1
+    # Budget prototypes: min(50, the class's 6 images) clusters each.
+    assert all(len(c["prototypes"]) == PER_CLASS for c in manifest["reference"]["classes"])
