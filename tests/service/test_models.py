@@ -209,3 +209,17 @@ def test_imagenet_subsets_run_on_the_class_conditional_model(
         c.wnid for c in presets.get("imagewoof").classes
     ]
     assert job["request"]["guidance_scale"] == 4.0  # the model's default, recorded
+
+
+def test_a_sharded_job_of_a_second_model_runs_on_its_queue(
+    deployment: tuple[Settings, TestClient],
+) -> None:
+    settings, client = deployment
+    served_by = {w["name"]: w["alias"] for w in client.get("/readyz").json()["workers"]}
+    body = {**SMALL, "labels": ["cat", "dog"], "ipc": 4, "model": "sd-turbo"}
+    with TestClient(create_app(settings.model_copy(update={"shard_images": 4}))) as sharding:
+        job, archive = run_job(sharding, body)
+    assert job["shards"] is not None and len(job["shards"]) == 2
+    assert {served_by[s["worker"]] for s in job["shards"]} == {"sd-turbo"}
+    _, whole = run_job(client, body)
+    assert archive == whole
