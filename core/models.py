@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -186,8 +187,10 @@ def local_defaults(directory: Path) -> Defaults | None:
     return Defaults(family, resolution, steps, guidance)
 
 
+@lru_cache(maxsize=64)
 def defaults_for(model: str) -> Defaults:
-    """What is known of ``model`` (hub id or local directory) without loading it."""
+    """What is known of ``model`` (hub id or local directory) without loading it (read once
+    per process: every request resolves its model)."""
     if model in CATALOGUE:
         return CATALOGUE[model]
     local = local_defaults(Path(model)) if Path(model).is_dir() else None
