@@ -29,6 +29,7 @@ def test_operations_have_stable_ids_and_problem_responses() -> None:
         "health",
         "readiness",
         "metrics",
+        "listModels",
         "listPresets",
         "getPreset",
         "getPreview",
