@@ -195,3 +195,21 @@ def test_prototypes_sharded_give_the_same_archive_and_a_budget_job_runs(
     assert manifest["counts"]["images_per_class"] >= 1
     # Budget prototypes: min(50, the class's 6 images) clusters each.
     assert all(len(c["prototypes"]) == PER_CLASS for c in manifest["reference"]["classes"])
+
+
+def test_the_evaluator_scores_a_real_image_archive_like_any_other(
+    stack: tuple[Settings, TestClient, str], tmp_path: Path
+) -> None:
+    from worker.evaluate.train import evaluate
+
+    _, client, ref = stack
+    _, archive = run_job(client, _body(method="kcenter", reference=ref, labels=list(CLASSES)))
+    path = tmp_path / "kcenter.zip"
+    path.write_bytes(archive)
+    test = tmp_path / "test"
+    for member, data in _reference().items():
+        (test / member.removeprefix("train/")).parent.mkdir(parents=True, exist_ok=True)
+        (test / member.removeprefix("train/")).write_bytes(data)
+    result = evaluate(path, test, runs=1, epochs=2, device="cpu", use_dsa=False, resize_test=True)
+    scored = result.to_dict()
+    assert 0.0 <= scored["mean"] <= 100.0 and len(scored["accuracies"]) == 1
