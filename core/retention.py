@@ -16,7 +16,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from core import keys, records
+from core import keys, records, references
 from core.records import JobRecord
 from core.storage import LocalStorage, Storage
 
@@ -40,7 +40,8 @@ def sweep(
     stale_after: float,
     downloads_after: float = 24 * 3600,
 ) -> list[str]:
-    """Remove expired or orphaned archives (and their preview and manifest copy), shards of
+    """Remove expired or orphaned archives (and their preview and manifest copy), stored
+    reference sets whose record is gone, shards of
     jobs that are finished or unknown, partial files of jobs that are not running and
     untouched for ``stale_after`` seconds, and downloaded copies older than
     ``downloads_after``. Returns the keys and paths removed."""
@@ -78,6 +79,8 @@ def sweep(
             if storage.delete_prefix(prefix):
                 removed.append(prefix)
 
+    # Reference sets whose record expired (or never completed) go the same way.
+    removed += references.sweep(redis, storage)
     for directory in sorted(scratch_dirs):
         removed += sweep_scratch(
             redis, directory, stale_after=stale_after, downloads_after=downloads_after, now=now

@@ -75,3 +75,21 @@ def test_a_holder_that_dies_mid_round_frees_the_lock_within_one_heartbeat_ttl(
     while not maintenance.run_once(redis, settings):
         assert time.monotonic() - died < settings.heartbeat_ttl + 1.0, "lock never freed"
         time.sleep(0.1)
+
+
+def test_the_sweep_removes_reference_sets_whose_record_is_gone(
+    redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url, tmp_path, queue_name=f"r-{uuid.uuid4().hex[:6]}")
+    kept, gone = uuid.uuid4().hex, uuid.uuid4().hex
+    for ref in (kept, gone):
+        path = tmp_path / keys.reference_archive(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"zip")
+    redis.hset(keys.reference(kept), mapping={"name": "kept"})
+    try:
+        assert maintenance.run_once(redis, settings)
+        assert (tmp_path / keys.reference_archive(kept)).exists()
+        assert not (tmp_path / keys.reference_archive(gone)).exists()
+    finally:
+        redis.delete(keys.reference(kept))
