@@ -141,6 +141,12 @@ class SpecFields(TypedDict, total=False):
     crop_scale: float | None
     formats: Sequence[str] | None
     callback_url: str | None
+    model: str | None
+    steps: int | None
+    guidance_scale: float | None
+    method: str | None
+    reference: str | None
+    strength: float | None
 
 
 def build_spec(
@@ -166,7 +172,7 @@ def build_spec(
         name: fields.get(name)
         for name in (
             "preset", "ipc", "budget_seconds", "image_size", "resolution", "decoder", "seed",
-            "callback_url",
+            "callback_url", "model", "steps", "guidance_scale", "method", "reference", "strength",
         )
     }  # fmt: skip
     plain["labels"] = None if labels is None else builtins.list(labels)
@@ -280,6 +286,7 @@ class Client:
         replay_safe: bool,
         params: Mapping[str, Any] | None = None,
         json_body: Any = None,
+        content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         stream: bool = False,
@@ -296,6 +303,7 @@ class Client:
                 path,
                 params={k: v for k, v in (params or {}).items() if v is not None},
                 json=json_body,
+                content=content,
                 headers=dict(headers or {}),
                 timeout=httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
@@ -453,6 +461,53 @@ class Client:
             "GET", f"/v1/presets/{quote(name, safe='')}", replay_safe=True
         )
         return data
+
+    def models(self) -> builtins.list[dict[str, Any]]:
+        """The models this service serves, usable as ``model`` (``GET /v1/models``)."""
+        data = self._json("GET", "/v1/models", replay_safe=True)
+        models: builtins.list[dict[str, Any]] = data["models"]
+        return models
+
+    # -- reference sets ----------------------------------------------------------------------
+
+    def upload_reference(
+        self, archive: str | os.PathLike[str] | bytes, *, name: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a zip or tar of an ImageFolder tree as a reference set
+        (``POST /v1/references``); returns the set (its ``id`` is a job's ``reference``)."""
+        data = archive if isinstance(archive, bytes) else Path(archive).read_bytes()
+        media = "application/zip" if data[:4] == b"PK\x03\x04" else "application/x-tar"
+        if data[:2] == b"\x1f\x8b":
+            media = "application/gzip"
+        made: dict[str, Any] = self._json(
+            "POST",
+            "/v1/references",
+            replay_safe=False,
+            params={"name": name},
+            content=data,
+            headers={"content-type": media},
+            timeout=max(self.timeout, 300.0),
+        )
+        return made
+
+    def references(self) -> builtins.list[dict[str, Any]]:
+        """Your reference sets, newest first (``GET /v1/references``)."""
+        data = self._json("GET", "/v1/references", replay_safe=True)
+        found: builtins.list[dict[str, Any]] = data["references"]
+        return found
+
+    def reference(self, reference_id: str) -> dict[str, Any]:
+        """One reference set: classes, image counts, digests (``GET /v1/references/{id}``)."""
+        found: dict[str, Any] = self._json(
+            "GET", f"/v1/references/{quote(reference_id, safe='')}", replay_safe=True
+        )
+        return found
+
+    def delete_reference(self, reference_id: str) -> None:
+        """Remove a reference set and its stored images (``DELETE /v1/references/{id}``)."""
+        self._send(
+            "DELETE", f"/v1/references/{quote(reference_id, safe='')}", replay_safe=True
+        ).close()
 
     # -- archives ----------------------------------------------------------------------------
 

@@ -342,6 +342,34 @@ def test_presets(distill: Client) -> None:
         distill.preset("mnist")
 
 
+def test_models_and_a_reference_set_from_upload_to_a_herding_job(distill: Client) -> None:
+    (model,) = distill.models()
+    assert model["default"] and model["family"] == "sdxl" and model["ready_workers"] >= 1
+    from PIL import Image
+
+    body = io.BytesIO()
+    with zipfile.ZipFile(body, "w") as archive:
+        for n, label in enumerate(("cat", "dog")):
+            for i in range(3):
+                pixels = io.BytesIO()
+                Image.new("RGB", (16, 16), (40 * i, 100 * n, 7)).save(pixels, format="PNG")
+                archive.writestr(f"{label}/{i}.png", pixels.getvalue())
+    made = distill.upload_reference(body.getvalue(), name="pets")
+    assert [c["name"] for c in made["classes"]] == ["cat", "dog"]
+    assert made["id"] in [r["id"] for r in distill.references()]
+    assert distill.reference(made["id"])["images"] == 6
+    job = distill.submit(
+        labels=["dog", "cat"], ipc=2, image_size=16, policy="none",
+        method="herding", reference=made["id"],
+    )  # fmt: skip
+    done = distill.wait(job, timeout=120)
+    assert done["state"] == "succeeded", done
+    assert done["request"]["method"] == "herding"
+    distill.delete_reference(made["id"])
+    with pytest.raises(NotFound):
+        distill.reference(made["id"])
+
+
 def test_unreachable_server_is_a_typed_error_after_the_retries() -> None:
     client = Client("http://127.0.0.1:1", retries=1, backoff=0.01)
     with client, pytest.raises(ServerUnreachable) as caught:
