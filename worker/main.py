@@ -55,6 +55,13 @@ class DistillWorker(SimpleWorker):
     """A SimpleWorker whose running jobs expire from RQ's registry unless it keeps beating."""
 
     heartbeat_ttl: int = 60
+    #: Set once RQ registered the worker: a beat before that would create its key, and RQ
+    #: would then refuse to start, taking it for another live worker of the same name.
+    born: bool = False
+
+    def register_birth(self) -> None:
+        super().register_birth()  # type: ignore[no-untyped-call]
+        self.born = True
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_ttl
@@ -74,6 +81,8 @@ class DistillWorker(SimpleWorker):
 
     def beat_running_jobs(self) -> None:
         """Extend this worker's key and its running executions by one heartbeat TTL."""
+        if not self.born:
+            return
         ttl = self.heartbeat_ttl
         with self.connection.pipeline() as pipe:
             self.heartbeat(ttl, pipeline=pipe)

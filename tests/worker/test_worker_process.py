@@ -132,3 +132,25 @@ def test_sigterm_lets_an_idle_worker_exit_cleanly(
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz").json()
     assert all(str(proc.pid) not in w["name"] for w in ready["workers"])
+
+
+def test_a_beat_before_rq_registers_the_worker_writes_nothing(redis_server: EmbeddedRedis) -> None:
+    """The status thread may beat between "model loaded" and RQ's birth registration; a beat
+    then would create the worker's key, and RQ would refuse to start it as a duplicate."""
+    from redis import Redis
+    from rq import Queue
+
+    from worker.main import DistillWorker
+
+    connection = Redis.from_url(redis_server.url)
+    worker = DistillWorker([Queue("early-beat", connection=connection)], connection=connection)
+    worker.beat_running_jobs()
+    assert not connection.exists(worker.key)
+    worker.register_birth()
+    try:
+        worker.beat_running_jobs()
+        assert connection.hget(worker.key, "last_heartbeat") is not None
+    finally:
+        worker.register_death()
+        connection.delete(worker.key)
+        connection.close()
