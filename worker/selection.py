@@ -35,11 +35,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from core import references as records
 from core.presets import ClassInfo
 from core.settings import Settings
 from core.spec import DatasetSpec
 from worker import coreset, references
-from worker.generator import Generator, shrink
+from worker.generator import Generator, image_to_image_steps, shrink
 
 #: Lloyd iterations at most (k-means stops earlier once no assignment changes).
 KMEANS_ITERATIONS = 100
@@ -83,9 +84,7 @@ class RealImages:
         *,
         sizes: Sequence[int],
     ) -> dict[int, np.ndarray]:
-        batch = np.stack([self.picks[cls.key][0][n] for cls, n in items])
-        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
-        return shrink(pixels, sizes)
+        return shrink(_floats(np.stack([self.picks[cls.key][0][n] for cls, n in items])), sizes)
 
     def origin(self, cls: ClassInfo, sample: int) -> str | None:
         return f"reference:sha256:{self.picks[cls.key][1][sample]}"
@@ -145,8 +144,6 @@ class Prototypes:
         return None  # generated: its prototype is in the manifest
 
     def provenance(self) -> dict[str, Any]:
-        from worker.generator import image_to_image_steps
-
         steps = self.spec.steps or self.generator.steps
         strength = self.spec.denoise_strength
         return {
@@ -256,6 +253,11 @@ def _cluster(
     }
 
 
+def _floats(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> (N, 3, S, S) floats in [0, 1], as ``shrink`` takes them."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
 def _job_classes(spec: DatasetSpec) -> list[tuple[str, str | None]]:
     return [(c.label, c.wnid) for c in spec.classes()]
 
@@ -264,12 +266,7 @@ def _real(spec: DatasetSpec, settings: Settings, *, source_side: int) -> RealIma
     k = spec.generated_per_class
     with references.source(settings, **spec.reference_source()) as path:
         loaded = references.load_for_classes(path, _job_classes(spec), size=source_side)
-    small = [
-        shrink(torch.from_numpy(c.images).permute(0, 3, 1, 2).float() / 255.0, (spec.size,))[
-            spec.size
-        ]
-        for c in loaded
-    ]
+    small = [shrink(_floats(c.images), (spec.size,))[spec.size] for c in loaded]
     picked = coreset.select(spec.method, small, k=k, seed=spec.seed)
     features = (
         "none (a seeded draw)"
@@ -289,8 +286,6 @@ def _prototypes(spec: DatasetSpec, settings: Settings, generator: Generator) -> 
     result = Prototypes(spec=spec, generator=generator, centres={})
     with references.source(settings, **spec.reference_source()) as path:
         folders = references.folder_counts(path)
-        from core import references as records
-
         matched = records.match(_job_classes(spec), folders)
         for cls, folder in zip(spec.classes(), matched, strict=True):
             # One class at a time: only its latents stay in memory.

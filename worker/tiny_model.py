@@ -76,6 +76,29 @@ def write_tokenizer(directory: Path) -> int:
 
 
 FAMILIES = ("sdxl", "sd", "dit")
+#: The UNet both text families share: 8 latents x 8 (VAE) = 64 px images by default.
+_TINY_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "norm_num_groups": 8,
+}
+#: The SD / SDXL noise schedule with trailing timesteps, as both turbo models ship it.
+_TURBO_SCHEDULE: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "prediction_type": "epsilon",
+}
 
 
 def build(directory: Path, *, seed: int = 0, family: str = "sdxl") -> Path:
@@ -138,28 +161,8 @@ def build_sd(directory: Path, *, seed: int = 0) -> Path:
     vocab_size = write_tokenizer(scratch)
     tokenizer = CLIPTokenizer.from_pretrained(str(scratch))
     text_encoder = CLIPTextModel(_text_config(vocab_size, tokenizer, 16))
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        cross_attention_dim=16,
-        norm_num_groups=8,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="trailing",
-        prediction_type="epsilon",
-    )
+    unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=16)
+    scheduler = EulerDiscreteScheduler(**_TURBO_SCHEDULE)
     pipeline = StableDiffusionPipeline(
         vae=_tiny_vae(0.18215, force_upcast=True),
         text_encoder=text_encoder,
@@ -253,32 +256,15 @@ def build_sdxl(directory: Path, *, seed: int = 0) -> Path:
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, tokenizer, 16))
     time_dim = 8
     unet = UNet2DConditionModel(
-        sample_size=8,  # latent side: 8 latents x 8 (VAE) = 64 px images by default
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
+        **_TINY_UNET,
         transformer_layers_per_block=(1, 1),
         cross_attention_dim=16 + 16,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + 16,
-        norm_num_groups=8,
     )
     vae = _tiny_vae(0.13025, force_upcast=True)
-    scheduler = EulerAncestralDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="trailing",
-        prediction_type="epsilon",
-    )
+    scheduler = EulerAncestralDiscreteScheduler(**_TURBO_SCHEDULE)
     pipeline = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
