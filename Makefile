@@ -35,7 +35,7 @@ tiny-model: install
 # The whole stack on the tiny random-weight model: no network, no GPU, no weights needed.
 demo: install
 	@test -f tiny-model/tiny_decoder/config.json || $(PY) -m worker.tiny_model tiny-model
-	@DISTILL_MODEL=./tiny-model DISTILL_TINY_DECODER=./tiny-model/tiny_decoder \
+	@DISTILL_MODEL=./tiny-model \
 	  DISTILL_DEVICE=cpu HF_HUB_OFFLINE=1 $(PY) -m service.launcher
 
 # Generation benchmark (reference / engine / bare / service / post-processing); see BENCHMARKS.md.

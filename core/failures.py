@@ -43,6 +43,10 @@ def describe_failure(
         return ErrorType.disk_full, "no space left on the data volume while writing the archive"
     if exc_type is not None and exc_type.__name__ == "ValidationError":
         return ErrorType.invalid_request, str(exc).strip()
+    # An error that knows its public type says so (the worker's PartUnavailable, say).
+    declared = getattr(exc, "error_type", None)
+    if isinstance(declared, str) and declared in ErrorType.__members__:
+        return ErrorType(declared), str(exc).strip() or declared
     name = exc_type.__name__ if exc_type is not None else "Error"
     text = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else name
     return ErrorType.internal, f"{name}: {text}"

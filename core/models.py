@@ -28,6 +28,11 @@ Family = Literal["sdxl", "sd", "dit", "text2image"]
 CLASS_CONDITIONAL: frozenset[str] = frozenset({"dit"})
 #: The diffusers pipeline class each family loads through (text families go through
 #: ``AutoPipelineForText2Image``, which picks the class from the model's own index).
+#: A local model directory's own tiny decoder (an ``AutoencoderTiny``), found by the worker
+#: before ``DISTILL_TINY_DECODER``'s default id; the pipeline's loader ignores a folder its
+#: model_index.json does not name.
+TINY_DECODER_DIR = "tiny_decoder"
+
 PIPELINES: dict[str, str] = {
     "sdxl": "StableDiffusionXLPipeline",
     "sd": "StableDiffusionPipeline",

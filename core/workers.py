@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
@@ -43,6 +43,8 @@ class WorkerInfo:
     decoders: tuple[str, ...] = ()
     compile: str | None = None
     compile_seconds: float | None = None
+    #: Optional parts (the tiny decoder) it could not load, with why.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -75,7 +77,16 @@ class WorkerInfo:
             decoders=tuple(d for d in fields.get("decoders", "").split(",") if d),
             compile=fields.get("compile"),
             compile_seconds=number("compile_seconds"),
+            unavailable=_reasons(fields.get("unavailable")),
         )
+
+
+def _reasons(text: str | None) -> dict[str, str]:
+    try:
+        found = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def publish(redis: Redis, name: str, *, queue: str, fields: Mapping[str, Any], ttl: float) -> None:

@@ -9,6 +9,8 @@
     ├── ArchiveGone              410  the job succeeded but its archive is no longer on disk
     ├── PayloadTooLarge          413  request body over DISTILL_MAX_BODY_BYTES
     ├── BadIdempotencyKey        422  an Idempotency-Key reused with a different body
+    ├── InvalidField             422  one field refused ("<field>: why" -> errors[0].field)
+    │   └── TooManyImages        422  classes x ipc over DISTILL_MAX_JOB_IMAGES
     ├── UnsupportedMediaType     415  body is not application/json
     └── Unavailable              503  try again later (with Retry-After)
         └── QueueFull            503  too many jobs waiting
@@ -20,6 +22,7 @@ mapped here too, so no traceback ever reaches a caller.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +38,8 @@ from service.schemas import FieldError, Problem
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+#: ``augment.copies: message``: a detail that names its field first.
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.+)$", re.DOTALL)
 
 
 class ServiceError(Exception):
@@ -72,13 +77,21 @@ class BadIdempotencyKey(ServiceError):
 
 
 class InvalidField(ServiceError):
+    """A request the service refuses for one field; ``detail`` starts with ``<field>: ``,
+    which becomes the problem's ``errors[0].field``."""
+
     status = 422
     title = "Invalid request"
 
+    def field_errors(self) -> list[FieldError] | None:
+        found = _FIELD_PREFIX.match(self.detail)
+        if found is None:
+            return None
+        return [FieldError(field=found[1], message=found[2], type="value_error")]
 
-class TooManyImages(ServiceError):
-    status = 422
-    title = "Invalid request"
+
+class TooManyImages(InvalidField):
+    pass
 
 
 class InvalidCursor(ServiceError):
@@ -181,7 +194,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return problem_response(exc.status, exc.title, exc.detail, request=request, headers=exc.headers)
+    errors = exc.field_errors() if isinstance(exc, InvalidField) else None
+    return problem_response(
+        exc.status, exc.title, exc.detail, request=request, errors=errors, headers=exc.headers
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from redis import Redis
 
@@ -32,6 +33,7 @@ def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
             decoders=list(w.decoders),
             compile=w.compile,
             compile_seconds=w.compile_seconds,
+            unavailable=dict(w.unavailable),
         )
         for alias, entry in models.catalogue(settings).items()
         for w in core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
@@ -123,9 +125,24 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
     )
 
 
+def optional_parts(seen: list[WorkerStatus], alias: str) -> dict[str, Any]:
+    """The decoders some ready worker of ``alias`` has, and the optional parts none has (with
+    the first reason a worker gave)."""
+    ready = [w for w in seen if w.state == "ready" and w.alias == alias]
+    decoders = sorted({d for w in ready for d in w.decoders}, key=("vae", "tiny").index)
+    unavailable: dict[str, str] = {}
+    for w in ready:
+        for part, why in w.unavailable.items():
+            unavailable.setdefault(part, why)
+    if "tiny" in decoders:
+        unavailable.pop("tiny_decoder", None)
+    return {"decoders": decoders, "unavailable": unavailable}
+
+
 def model_list(redis: Redis, settings: Settings) -> ModelList:
     """``GET /v1/models``: each served model, its defaults and its ready workers."""
-    ready = ready_per_model(workers(redis, settings), settings)
+    seen = workers(redis, settings)
+    ready = ready_per_model(seen, settings)
     served = models.catalogue(settings)
     rows = []
     for n, (alias, entry) in enumerate(served.items()):
@@ -143,6 +160,7 @@ def model_list(redis: Redis, settings: Settings) -> ModelList:
                 licence=licence.name or licence.id if licence else None,
                 default=n == 0,
                 ready_workers=ready[alias],
+                **optional_parts(seen, alias),
             )
         )
     return ModelList(models=rows)

@@ -32,6 +32,7 @@ from core import (
     states,
     webhooks,
 )
+from core import workers as core_workers
 from core.evaluations import EvaluationRequest
 from core.records import ShardRecord, Snapshot
 from core.settings import Settings
@@ -173,6 +174,28 @@ def settings_for_job(settings: Settings, alias: str | None) -> Settings:
     return models.scoped(settings, entry)
 
 
+def _check_decoder(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
+    """``decoder: tiny`` where the model's ready workers all run without one is a 422 saying
+    why (with no ready worker yet the job waits; a worker without one fails it clearly)."""
+    if spec.decoder != "tiny":
+        return
+    entry = models.lookup(settings, spec.model)
+    ready = [
+        w
+        for w in core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
+        if w.ready
+    ]
+    if ready and not any("tiny" in w.decoders for w in ready):
+        why = next(
+            (w.unavailable["tiny_decoder"] for w in ready if "tiny_decoder" in w.unavailable), ""
+        )
+        raise InvalidField(
+            f"decoder: no worker of {entry.alias} has a tiny decoder loaded"
+            + (f" ({why})" if why else "")
+            + "; use 'vae'"
+        )
+
+
 def _check_limits(settings: Settings, spec: DatasetSpec) -> None:
     """What this deployment refuses (422 naming the field): webhooks it cannot sign or send
     there, a decoder it does not have, more images than it allows."""
@@ -264,6 +287,7 @@ def submit(
     """
     entry, spec = resolve_model(settings, spec)
     _check_limits(settings, spec)
+    _check_decoder(redis, settings, spec)
     _check_reference(redis, settings, spec, owner)
     payload = spec.model_dump(mode="json")
     job_id = uuid.uuid4().hex

@@ -209,6 +209,11 @@ class WorkerStatus(BaseModel):
     compile_seconds: float | None = Field(
         None, description="Seconds its start-up spent compiling and warming up the graphs."
     )
+    unavailable: dict[str, str] = Field(
+        default_factory=dict,
+        description="Optional parts it runs without, with why (tiny_decoder: requests for "
+        "decoder 'tiny' get a 422).",
+    )
 
 
 class Readiness(BaseModel):
@@ -239,6 +244,14 @@ class ModelInfo(BaseModel):
     licence: str | None = Field(None, description="The licence its model card states, if known.")
     default: bool = Field(description="Whether a request without model gets this one.")
     ready_workers: int = Field(description="Workers with it loaded, beating now.")
+    decoders: list[str] = Field(
+        default_factory=list,
+        description="Decoders its ready workers have loaded (vae; tiny where one loaded it).",
+    )
+    unavailable: dict[str, str] = Field(
+        default_factory=dict,
+        description="Optional parts no ready worker of it has, with why (e.g. tiny_decoder).",
+    )
 
 
 class ModelList(BaseModel):

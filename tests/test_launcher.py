@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,16 +35,18 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 def _launch(
-    tiny_model: Path, tmp_path: Path, **extra: str
+    tiny_model: Path, tmp_path: Path, *, tiny_decoder: bool = True, **extra: str
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`python -m service.launcher` on the tiny model, as `make run` starts it, on a free
-    port; returns it, its base URL and its log."""
+    port; returns it, its base URL and its log. ``tiny_decoder``: set DISTILL_TINY_DECODER to
+    the tiny decoder built beside the model (False: leave it unset, at its default)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
+    if tiny_decoder:
+        env["DISTILL_TINY_DECODER"] = str(tiny_model / "tiny_decoder")
     env.update(
         {
             "DISTILL_MODEL": str(tiny_model),
-            "DISTILL_TINY_DECODER": str(tiny_model / "tiny_decoder"),
             "DISTILL_PORT": str(port),
             "DISTILL_DATA_DIR": str(tmp_path / "data"),
             "HF_HUB_OFFLINE": "1",
@@ -172,6 +175,43 @@ def test_launcher_starts_a_worker_for_each_model_of_distill_models(
         assert job["state"] == "succeeded", job
         ready = httpx.get(f"{base}/readyz", timeout=5).json()
         assert {w["name"]: w["alias"] for w in ready["workers"]}[job["worker"]] == "dit"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()
+
+
+def test_a_local_model_offline_serves_jobs_without_the_tiny_decoder(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`DISTILL_MODEL=<local copy> HF_HUB_OFFLINE=1 make run` with no tiny decoder beside the
+    model: the default taesdxl id cannot be fetched, the worker says so in one line and
+    serves jobs; decoder "tiny" is a 422 naming the field, and /readyz and /v1/models say
+    why."""
+    local = tmp_path / "local-model"
+    shutil.copytree(tiny_model, local, ignore=shutil.ignore_patterns("tiny_decoder"))
+    proc, base, log = _launch(local, tmp_path, tiny_decoder=False)
+    try:
+        _wait_ready(base, proc, log)
+        worker = httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]
+        assert worker["decoders"] == ["vae"]
+        assert "madebyollin/taesdxl" in worker["unavailable"]["tiny_decoder"]
+        (model,) = httpx.get(f"{base}/v1/models", timeout=5).json()["models"]
+        assert model["decoders"] == ["vae"] and "tiny_decoder" in model["unavailable"]
+        body = {"labels": ["cat", "dog"], "ipc": 2, "image_size": 16, "augment": {"policy": "none"}}
+        refused = httpx.post(f"{base}/v1/jobs", json={**body, "decoder": "tiny"}, timeout=10)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert [e["field"] for e in refused.json()["errors"]] == ["decoder"]
+        assert "madebyollin/taesdxl" in refused.json()["detail"]
+        created = httpx.post(f"{base}/v1/jobs", json=body, timeout=10)
+        assert created.status_code == 202, created.text
+        location = created.headers["location"]
+        while (job := httpx.get(base + location, timeout=10).json())["state"] not in TERMINAL:
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job
+        said = [line for line in log.read_text().splitlines() if "tiny decoder" in line]
+        assert len(said) == 1 and "To enable it" in said[0], said
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)

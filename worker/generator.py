@@ -40,6 +40,21 @@ class ModelLoadError(RuntimeError):
     """The pipeline could not be loaded (no weights, no network, wrong directory)."""
 
 
+class PartUnavailable(ValueError):
+    """A request needs an optional part this worker runs without (the tiny decoder).
+
+    ``error_type`` is the public error type a job failing with it gets (``core.failures``)."""
+
+    error_type = "invalid_request"
+
+
+#: How to enable the tiny decoder when it cannot be loaded (logged once at start).
+TINY_HINT = (
+    "put an AutoencoderTiny (a copy of madebyollin/taesdxl) in <model>/tiny_decoder, or set "
+    "DISTILL_TINY_DECODER to its hub id or local directory (none: run without it)"
+)
+
+
 def pick_device(requested: str | None) -> torch.device:
     """``requested`` if given, else CUDA when present, else CPU."""
     if requested:
@@ -80,6 +95,8 @@ class Generator:
     tiny: Any | None = None
     tiny_id: str | None = None
     tiny_fingerprint: str | None = None
+    #: Optional parts asked for that could not be loaded, with why (``/readyz``).
+    unavailable: dict[str, str] = field(default_factory=dict)
     #: ``off``, ``regional`` (the UNet's repeated blocks) or ``full`` (whole graphs).
     compile: str = "off"
     #: Seconds the start-up warm-up took to compile (0 when nothing is compiled).
@@ -109,7 +126,7 @@ class Generator:
         resolution: int | None = None,
         vae_dtype: str | None = None,
         channels_last: bool | None = None,
-        tiny_decoder: str | None = None,
+        tiny_decoder: str | Sequence[str] | None = None,
         compile: str = "off",
         batch_size: int | None = None,
     ) -> Generator:
@@ -122,7 +139,7 @@ class Generator:
         ``decoder="tiny"``. ``channels_last`` (default: on CUDA) and ``compile`` (see ``wrap``)
         only change speed. Raises ``ModelLoadError`` when something cannot be loaded.
         """
-        from diffusers import AutoencoderTiny, AutoPipelineForText2Image, DiTPipeline
+        from diffusers import AutoPipelineForText2Image, DiTPipeline
         from diffusers.utils import logging as diffusers_logging
 
         from core import models
@@ -142,18 +159,10 @@ class Generator:
             variant=variant,
             **extra,
         )
-        tiny = None
-        if tiny_decoder and family_of(pipeline) != "sdxl":
-            log.info("tiny decoder %s not loaded: it decodes SDXL latents only", tiny_decoder)
-            tiny_decoder = None
-        if tiny_decoder:
-            tiny = _load(
-                AutoencoderTiny,
-                tiny_decoder,
-                what="tiny decoder (AutoencoderTiny)",
-                dtype=torch_dtype,
-            )
-            tiny = tiny.to(target).eval()
+        sources = [tiny_decoder] if isinstance(tiny_decoder, str) else list(tiny_decoder or [])
+        tiny, tiny_id, missing = _load_tiny(
+            sources, family=family_of(pipeline), dtype=torch_dtype, device=target
+        )
         generator = cls.wrap(
             pipeline.to(target),
             device=target,
@@ -164,15 +173,17 @@ class Generator:
             vae_dtype=vae_dtype,
             channels_last=channels_last,
             tiny=tiny,
-            tiny_id=tiny_decoder,
+            tiny_id=tiny_id,
             compile=compile,
             batch_size=batch_size,
             steps=known.steps if model in models.CATALOGUE else None,
             guidance_scale=known.guidance_scale if model in models.CATALOGUE else None,
         )
         generator.fingerprint = fingerprint(Path(model)) if Path(model).is_dir() else None
-        if tiny_decoder and Path(tiny_decoder).is_dir():
-            generator.tiny_fingerprint = fingerprint(Path(tiny_decoder))
+        if tiny_id and Path(tiny_id).is_dir():
+            generator.tiny_fingerprint = fingerprint(Path(tiny_id))
+        if missing:
+            generator.unavailable["tiny_decoder"] = missing
         generator.load_seconds = time.perf_counter() - started
         return generator
 
@@ -367,14 +378,12 @@ class Generator:
             )
         if self.class_conditional and (class_ids is None or len(class_ids) != len(seeds)):
             raise ValueError(f"{self.model} is class-conditional: give one class id per seed")
+        if decoder == "tiny" and self.tiny is None:
+            why = self.unavailable.get("tiny_decoder", "DISTILL_TINY_DECODER is none")
+            raise PartUnavailable(f"decoder: this worker has no tiny decoder ({why}); use 'vae'")
         if decoder not in self.decoders:
             raise ValueError(
                 f"decoder must be one of {self.decoders} on this worker, got {decoder!r}"
-                + (
-                    " (no tiny decoder is loaded: DISTILL_TINY_DECODER)"
-                    if decoder == "tiny"
-                    else ""
-                )
             )
 
     @torch.inference_mode()
@@ -537,7 +546,7 @@ class Generator:
         """
         if decoder == "tiny":
             if self.tiny is None:
-                raise ValueError("no tiny decoder is loaded (DISTILL_TINY_DECODER)")
+                raise PartUnavailable("no tiny decoder is loaded (DISTILL_TINY_DECODER)")
             tiny_image: torch.Tensor = self.tiny.decode(
                 latents.to(self.tiny.dtype), return_dict=False
             )[0]
@@ -762,6 +771,39 @@ def _load(kind: Any, source: str, *, what: str, **options: Any) -> Any:
         text = " ".join(str(exc).split()) or type(exc).__name__
         reason = text.split(" Please check out the root cause")[0].rstrip(".")
         raise ModelLoadError(f"cannot load {what} {source!r}: {reason}") from exc
+
+
+def _load_tiny(
+    sources: Sequence[str], *, family: str, dtype: torch.dtype, device: torch.device
+) -> tuple[Any | None, str | None, str | None]:
+    """The first ``AutoencoderTiny`` of ``sources`` that loads: (module, its source, None);
+    (None, None, why) when none does. Never raises: the tiny decoder is optional."""
+    from diffusers import AutoencoderTiny
+
+    if not sources:
+        return None, None, None
+    if family != "sdxl":
+        log.info("tiny decoder not loaded: it decodes SDXL latents only")
+        return None, None, None
+    reasons = []
+    for source in sources:
+        try:
+            tiny = _load(
+                AutoencoderTiny, source, what="tiny decoder (AutoencoderTiny)", dtype=dtype
+            )
+        except ModelLoadError as exc:
+            reasons.append(str(exc))
+            continue
+        return tiny.to(device).eval(), source, None
+    why = "; ".join(reasons)
+    log.warning(
+        "running without the tiny decoder (requests for decoder 'tiny' get a 422): %s. "
+        "To enable it: %s",
+        why,
+        TINY_HINT,
+        extra={"part": "tiny_decoder"},
+    )
+    return None, None, why
 
 
 def _inductor_settings(device: torch.device) -> None:

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
@@ -38,12 +39,6 @@ if TYPE_CHECKING:
     from worker.gpus import GpuClaim
 
 log = logging.getLogger("worker")
-
-TINY_HINT = (
-    "set DISTILL_TINY_DECODER to a local AutoencoderTiny directory (a copy of "
-    "madebyollin/taesdxl, or the tiny_decoder folder `python -m worker.tiny_model DIR` writes), "
-    "or to none"
-)
 
 LOAD_HINT = (
     "set DISTILL_MODEL to a local directory holding a diffusers StableDiffusionXLPipeline "
@@ -178,6 +173,19 @@ def _batch_size(generator: Generator, settings: Settings) -> int:
     return batch
 
 
+def tiny_decoder_sources(settings: Settings) -> list[str]:
+    """Where the optional tiny decoder is looked for, in order: a local model's own
+    ``<model>/tiny_decoder``, then ``DISTILL_TINY_DECODER`` (default ``madebyollin/taesdxl``);
+    only the latter when it is set to anything but its default. Empty when it is ``none``."""
+    chosen = settings.tiny_decoder
+    if chosen is None:
+        return []
+    if chosen != Settings.model_fields["tiny_decoder"].default:
+        return [chosen]
+    beside = Path(settings.model) / models.TINY_DECODER_DIR
+    return [str(beside)] * beside.is_dir() + [chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until SIGINT/SIGTERM; exit 2 when the model cannot be loaded."""
     settings = settings_or_exit("distill worker")
@@ -218,11 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                 resolution=settings.resolution,
                 vae_dtype=settings.vae_dtype,
                 channels_last=settings.channels_last,
-                tiny_decoder=settings.tiny_decoder,
+                tiny_decoder=tiny_decoder_sources(settings),
             )
         except ModelLoadError as exc:
-            hint = TINY_HINT if "AutoencoderTiny" in str(exc) else LOAD_HINT
-            print(f"distill worker: {exc}. To fix: {hint}.", file=sys.stderr, flush=True)
+            print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)
             return 2
         log.info(
             "loaded %s on %s in %.1f s",
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             state=workers.READY,
             batch_size=batch,
             postprocess_workers=settings.postprocess_pool_size,
+            unavailable=generator.unavailable,
             **generator.describe(),
         )
         try:

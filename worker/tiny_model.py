@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core import models
+
 # Byte-level BPE vocabulary: every byte as a token, alone and as a word end. No merges, so
 # every character is one token: small, fully offline, and accepted by CLIPTokenizer.
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
@@ -280,9 +282,8 @@ def build_sdxl(directory: Path, *, seed: int = 0) -> Path:
     return directory
 
 
-#: Where ``build`` puts the tiny ``AutoencoderTiny`` (``DISTILL_TINY_DECODER=DIR/tiny_decoder``);
-#: the pipeline's loader ignores a folder its model_index.json does not name.
-TINY_DECODER_DIR = "tiny_decoder"
+#: Where ``build`` puts the tiny ``AutoencoderTiny``: where a worker serving DIR finds it.
+TINY_DECODER_DIR = models.TINY_DECODER_DIR
 
 
 def build_tiny_decoder(directory: Path, *, seed: int = 0) -> Path:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,9 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from core.failures import describe_failure
+from core.models import TINY_DECODER_DIR
+from core.settings import Settings
+from core.states import ErrorType
 from service.redis_server import EmbeddedRedis
 from tests.conftest import ROOT
-from worker.generator import Generator, ModelLoadError
+from worker.generator import Generator, ModelLoadError, PartUnavailable
+from worker.main import tiny_decoder_sources
 
 
 @pytest.fixture(scope="module")
@@ -246,13 +252,54 @@ def test_the_tiny_decoder_uses_its_own_conventions(tiny_model: Path) -> None:
     assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
     assert both.decoder_provenance("tiny")["class"] == "AutoencoderTiny"
     assert both.decoder_provenance("tiny")["local_fingerprint"]
-    with pytest.raises(ValueError, match="DISTILL_TINY_DECODER"):
+    with pytest.raises(PartUnavailable, match="DISTILL_TINY_DECODER"):
         Generator.load(str(tiny_model), device="cpu").render(["a"], [1], sizes=(8,), decoder="tiny")
 
 
-def test_a_missing_tiny_decoder_is_a_load_error_naming_it(tiny_model: Path, tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="AutoencoderTiny"):
-        Generator.load(str(tiny_model), device="cpu", tiny_decoder=str(tmp_path / "none-here"))
+def test_a_tiny_decoder_that_cannot_be_loaded_is_optional_and_says_why(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = str(tmp_path / "none-here")
+    with caplog.at_level(logging.WARNING, logger="worker.generator"):
+        generator = Generator.load(str(tiny_model), device="cpu", tiny_decoder=missing)
+    assert generator.decoders == ("vae",) and generator.tiny is None
+    assert missing in generator.unavailable["tiny_decoder"]
+    said = [r.getMessage() for r in caplog.records if "tiny decoder" in r.getMessage()]
+    assert len(said) == 1 and missing in said[0] and "To enable it" in said[0], said
+    with pytest.raises(PartUnavailable, match="none-here") as refused:
+        generator.render(["a"], [1], sizes=(8,), decoder="tiny")
+    # A job that reaches such a worker fails with a public type and the reason, not internal.
+    kind, detail = describe_failure(PartUnavailable, refused.value)
+    assert kind == ErrorType.invalid_request and "none-here" in detail
+    # The model itself is still required.
+    with pytest.raises(ModelLoadError, match="model"):
+        Generator.load(str(tmp_path / "no-model"), device="cpu")
+
+
+def test_the_first_tiny_decoder_that_loads_is_used(tiny_model: Path, tmp_path: Path) -> None:
+    beside = str(tiny_model / TINY_DECODER_DIR)
+    generator = Generator.load(
+        str(tiny_model), device="cpu", tiny_decoder=[str(tmp_path / "none-here"), beside]
+    )
+    assert generator.decoders == ("vae", "tiny") and generator.tiny_id == beside
+    assert generator.unavailable == {} and generator.tiny_fingerprint
+
+
+def test_the_worker_looks_for_the_tiny_decoder_beside_a_local_model_first(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    default = Settings.model_fields["tiny_decoder"].default
+    plain = Settings(model=str(tiny_model))
+    assert tiny_decoder_sources(plain) == [str(tiny_model / TINY_DECODER_DIR), default]
+    assert tiny_decoder_sources(Settings(model=str(tmp_path))) == [default]
+    assert tiny_decoder_sources(Settings(model="stabilityai/sdxl-turbo")) == [default]
+    # The default written out (as docker-compose does) is still the default.
+    spelled = Settings(model=str(tiny_model), tiny_decoder=default)
+    assert tiny_decoder_sources(spelled) == [str(tiny_model / TINY_DECODER_DIR), default]
+    # Set explicitly, it is the only place looked at; "none" turns it off.
+    chosen = Settings(model=str(tiny_model), tiny_decoder=str(tmp_path / "mine"))
+    assert tiny_decoder_sources(chosen) == [str(tmp_path / "mine")]
+    assert tiny_decoder_sources(Settings(model=str(tiny_model), tiny_decoder="none")) == []
 
 
 def test_a_short_last_batch_is_padded_to_the_fixed_batch(tiny_model: Path) -> None:
