@@ -51,6 +51,13 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 _BINARY = {"type": "string", "format": "binary"}
 
 
+def _binary(media_type: str) -> dict[str, Any]:
+    """A binary body of ``media_type``, also declared as ``application/octet-stream``: client
+    generators that know no zip or png type (openapi-python-client, say) then keep the
+    response as raw bytes instead of dropping it."""
+    return {media_type: {"schema": _BINARY}, "application/octet-stream": {"schema": _BINARY}}
+
+
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {
         code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": text}
@@ -227,11 +234,8 @@ def cancel_job(
     summary="Download the finished dataset (zip; Range and ETag supported)",
     response_class=FileResponse,
     responses={
-        200: {"content": {"application/zip": {"schema": _BINARY}}, "description": "The archive"},
-        206: {
-            "content": {"application/zip": {"schema": _BINARY}},
-            "description": "Part of the archive",
-        },
+        200: {"content": _binary("application/zip"), "description": "The archive"},
+        206: {"content": _binary("application/zip"), "description": "Part of the archive"},
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
         307: {"description": "With DISTILL_PRESIGN and S3 storage: a presigned download URL"},
         **_problems(401, 404, 409, 410, 416, 503),
@@ -257,7 +261,7 @@ def download_archive(
     summary="Contact sheet of a finished job: generated images and their augmented copies",
     response_class=FileResponse,
     responses={
-        200: {"content": {"image/png": {"schema": _BINARY}}, "description": "The contact sheet"},
+        200: {"content": _binary("image/png"), "description": "The contact sheet"},
         **_problems(401, 404, 410, 503),
     },
 )
