@@ -5,6 +5,7 @@ Layout::
     train/000_cat/000_00000.png          class index, slug, image number within the class
     train/metadata.jsonl                 one line per image (Hugging Face imagefolder format)
     webdataset/train-000000.tar          WebDataset shards (worker/webdataset.py), if asked
+    data/train-00000-of-00001.parquet    Parquet shards (worker/parquet.py), if asked
     manifest.json                        request, classes, model, versions, counts, timings
 
 Images go straight into a temporary ``.part`` file as they are made; the archive appears
@@ -22,11 +23,11 @@ import shutil
 import tempfile
 import unicodedata
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any, Protocol
 
 import cv2
 import numpy as np
@@ -60,7 +61,7 @@ def image_name(index: int, label: str, number: int) -> str:
 
 
 #: Formats that hold each image's PNG bytes.
-PNG_FORMATS = frozenset({"imagefolder", "webdataset"})
+PNG_FORMATS = frozenset({"imagefolder", "webdataset", "parquet"})
 
 
 def wants_png(formats: Iterable[str]) -> bool:
@@ -90,6 +91,18 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1])
 
 
+class Shards(Protocol):
+    """Files made beside the zip as images come (WebDataset tars, Parquet shards)."""
+
+    def shards(self) -> Iterator[tuple[str, int, IO[bytes]]]:
+        """(zip member name, size, file at offset 0) of each finished file, in order."""
+        ...
+
+    def close(self) -> None:
+        """Drop the files not yet handed out."""
+        ...
+
+
 @dataclass(frozen=True)
 class ArchiveInfo:
     path: Path
@@ -116,6 +129,8 @@ class ArchiveWriter:
         # WebDataset shards stream into anonymous temporary files on the archive's volume
         # (they can be as large as the images); copied into the zip on commit as well.
         self.webdataset = ShardWriter(directory=self.partial.parent)
+        # Other shard files the job's outputs make (Parquet); copied in after the tars.
+        self._attached: list[Shards] = []
         self._committed = False
 
     def __enter__(self) -> ArchiveWriter:
@@ -155,6 +170,11 @@ class ArchiveWriter:
         ``add_png(file_name, png, **metadata)`` would write."""
         self.webdataset.add(key, encode_sample(png, {"file_name": file_name, **metadata}))
 
+    def attach(self, shards: Shards) -> None:
+        """Copy ``shards``' files into the zip on commit, after the WebDataset tars; drop
+        them on abort."""
+        self._attached.append(shards)
+
     def add_file(self, name: str, data: bytes, *, compress: bool = False) -> None:
         """Add another member (tensor files, say) at ``name``."""
         self._write(name, data, compress=compress)
@@ -169,14 +189,15 @@ class ArchiveWriter:
             with self._zip.open(info, mode="w") as member:
                 shutil.copyfileobj(self._metadata, member, 1 << 20)
         self._metadata.close()
-        for name, size, handle in self.webdataset.shards():
-            info = zipfile.ZipInfo(name, date_time=_EPOCH)
-            info.compress_type = zipfile.ZIP_STORED
-            info.external_attr = 0o644 << 16
-            info.file_size = size  # decides zip64 up front
-            with self._zip.open(info, mode="w") as member:
-                shutil.copyfileobj(handle, member, 1 << 20)
-        self.webdataset.close()
+        for source in (self.webdataset, *self._attached):
+            for name, size, handle in source.shards():
+                info = zipfile.ZipInfo(name, date_time=_EPOCH)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = 0o644 << 16
+                info.file_size = size  # decides zip64 up front
+                with self._zip.open(info, mode="w") as member:
+                    shutil.copyfileobj(handle, member, 1 << 20)
+            source.close()
         manifest_bytes = json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")
         self._write("manifest.json", manifest_bytes + b"\n", compress=True)
         self._zip.close()
@@ -195,7 +216,8 @@ class ArchiveWriter:
         """Drop the partial archive."""
         try:
             self._metadata.close()
-            self.webdataset.close()
+            for source in (self.webdataset, *self._attached):
+                source.close()
             self._zip.close()
         finally:
             self.partial.unlink(missing_ok=True)
