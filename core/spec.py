@@ -302,7 +302,7 @@ class AugmentSpec(BaseModel):
 
 MAX_TEMPLATES = 16
 MAX_BUDGET_SECONDS = 24 * 3600
-Format = Literal["imagefolder", "tensors", "challenge", "webdataset"]
+Format = Literal["imagefolder", "tensors", "challenge", "webdataset", "parquet"]
 Method = Literal["generate", "random_real", "herding", "kcenter", "prototypes"]
 #: Methods that keep real images of the reference set instead of generating any.
 REAL_METHODS = frozenset({"random_real", "herding", "kcenter"})
@@ -472,12 +472,14 @@ class DatasetSpec(BaseModel):
     formats: list[Format] = Field(
         default_factory=lambda: list[Format](["imagefolder"]),
         min_length=1,
-        max_length=4,
+        max_length=5,
         description="imagefolder (PNG tree + metadata.jsonl), tensors (tensors.pt, and "
         "normalized.pt for presets), challenge (<preset>.pt: the ECCV 2024 Dataset Distillation "
         "Challenge's file, presets cifar100 and tinyimagenet), webdataset (tar shards "
         "webdataset/train-NNNNNN.tar of <key>.png, <key>.cls and <key>.json samples, at most "
-        "10,000 samples or 1 GiB each).",
+        "10,000 samples or 1 GiB each), parquet (the Hugging Face Hub's layout, "
+        "data/train-NNNNN-of-NNNNN.parquet of about 500 MB each: image, label as a ClassLabel "
+        "naming the classes, and the metadata.jsonl columns).",
     )
     callback_url: str | None = Field(
         default=None,

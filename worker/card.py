@@ -9,7 +9,10 @@ the features, so ``load_dataset(<extracted folder>)`` gives ``label`` as a ``Cla
 names are the classes in index order. (The builder applies a config's ``features``; a bare
 ``dataset_info.features`` is replaced by what it infers from ``metadata.jsonl``, where ``label``
 is a plain integer.) ``load_dataset("imagefolder", ...)`` never reads a card: the body says how
-to pass the card's features to it.
+to pass the card's features to it. With Parquet shards (``data/``, the Hub's own layout, whose
+schema carries the features) the config points at them instead: ``datasets`` takes one builder
+for all of a card's configs, and the Parquet one reads no PNG. The features are the same, so the
+card's features still serve the ``imagefolder`` builder on the PNG tree.
 
 The card is made from the manifest alone (plus, for a local model directory, the licence its
 own README states), so it is as deterministic as the manifest: the same request gives the same
@@ -120,17 +123,36 @@ def _columns(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     return columns
 
 
-def features(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The imagefolder dataset's features in the card's YAML form (``Features._to_yaml_list``)."""
+def features(
+    manifest: dict[str, Any], columns: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """The imagefolder dataset's features in the card's YAML form (``Features._to_yaml_list``);
+    with ``columns`` (the Parquet shards' column names), those columns'."""
     names = class_names(manifest["classes"])
+    dtypes = dict((*METADATA_COLUMNS, COPY_COLUMN))
+    metadata = _columns(manifest) if columns is None else [(c, dtypes[c]) for c in columns[2:]]
     return [
         {"name": "image", "dtype": "image"},
         {
             "name": "label",
             "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(names)}}},
         },
-        *({"name": name, "dtype": dtype} for name, dtype in _columns(manifest)),
+        *({"name": name, "dtype": dtype} for name, dtype in metadata),
     ]
+
+
+def _config(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The header's one config: the Parquet shards, else the PNG tree, else the tars."""
+    formats = manifest.get("formats", {})
+    if "parquet" in formats:
+        files = [{"split": "train", "path": "data/train-*.parquet"}]
+        return {"data_files": files, "features": features(manifest, formats["parquet"]["columns"])}
+    if "imagefolder" in formats:
+        files = [{"split": "train", "path": "train/**"}]
+        return {"data_files": files, "features": features(manifest)}
+    if "webdataset" in formats:
+        return {"data_files": [{"split": "train", "path": "webdataset/train-*.tar"}]}
+    return None
 
 
 def _size_category(count: int) -> str:
@@ -163,34 +185,21 @@ def header(manifest: dict[str, Any]) -> dict[str, Any]:
         "tags": ["synthetic", "dataset-distillation", SERVICE],
         "size_categories": [_size_category(int(manifest["counts"]["images"]))],
     }
-    formats = manifest.get("formats", {})
-    if "imagefolder" in formats:
-        feature_list = features(manifest)
-        data["configs"] = [
-            {
-                "config_name": "default",
-                "data_files": [{"split": "train", "path": "train/**"}],
-                "features": feature_list,
-            }
-        ]
+    config = _config(manifest)
+    if config is None:
+        data["viewer"] = False
+        return data
+    data["configs"] = [{"config_name": "default", **config}]
+    if "features" in config:
         data["dataset_info"] = {
             "config_name": "default",
-            "features": copy.deepcopy(feature_list),  # a copy: no YAML anchors in the card
+            "features": copy.deepcopy(config["features"]),  # a copy: no YAML anchors in the card
             # num_bytes is the loaded table's size, unknown until loaded; datasets checks only
             # num_examples (and replaces both with what it counted).
             "splits": [
                 {"name": "train", "num_bytes": 0, "num_examples": manifest["counts"]["images"]}
             ],
         }
-    elif "webdataset" in formats:
-        data["configs"] = [
-            {
-                "config_name": "default",
-                "data_files": [{"split": "train", "path": "webdataset/train-*.tar"}],
-            }
-        ]
-    else:
-        data["viewer"] = False
     return data
 
 
@@ -439,6 +448,12 @@ def _files(manifest: dict[str, Any]) -> list[str]:
             "- `webdataset/train-NNNNNN.tar`: WebDataset shards of `<key>.png`, `<key>.cls` "
             "(class index) and `<key>.json` (the image's metadata line)."
         )
+    if "parquet" in formats:
+        lines.append(
+            "- `data/train-NNNNN-of-NNNNN.parquet`: Parquet shards in the Hub's layout, one row "
+            "per image: `image` (PNG bytes and file name), `label` (a `ClassLabel`), then the "
+            "metadata columns; the schema holds the `datasets` features."
+        )
     for name, entry in formats.items():
         if name.endswith(".pt") and isinstance(entry, dict):
             what = "; ".join(
@@ -473,7 +488,8 @@ def _loading(manifest: dict[str, Any], names: list[str]) -> list[str]:
             "```python",
             "from datasets import load_dataset",
             "",
-            'ds = load_dataset("dataset", split="train")',
+            'ds = load_dataset("dataset", split="train")'
+            + ("  # reads data/*.parquet: the same rows" if "parquet" in formats else ""),
             f"# ds.features['label'].names[0] == {names[0]!r}",
             "```",
             "",
@@ -493,7 +509,7 @@ def _loading(manifest: dict[str, Any], names: list[str]) -> list[str]:
             'features = DatasetInfosDict.from_dataset_card_data(card.data)["default"].features',
             'ds = load_dataset("imagefolder", data_files="dataset.zip", split="train", '
             "features=features)",
-            '# or: load_dataset("imagefolder", data_dir="dataset", split="train", '
+            '# or: load_dataset("imagefolder", data_dir="dataset/train", split="train", '
             "features=features)",
             "```",
         ]
@@ -509,6 +525,22 @@ def _loading(manifest: dict[str, Any], names: list[str]) -> list[str]:
             "",
             'urls = sorted(glob.glob("dataset/webdataset/train-*.tar"))',
             'ds = wds.WebDataset(urls, shardshuffle=False).decode("pil")',
+            "```",
+        ]
+    if "parquet" in formats:
+        lines += [
+            "",
+            "Parquet shards (`data/`): their schema names the classes, so `label` is a "
+            f"`ClassLabel` of the {len(names)} classes whether or not this card is read:",
+            "",
+            "```python",
+            "from datasets import load_dataset",
+            "",
+            'ds = load_dataset("parquet", data_files="dataset/data/train-*.parquet", '
+            'split="train")',
+            '# the zip itself: data_files="zip://data/train-*.parquet::dataset.zip"',
+            '# the folder, through this card: load_dataset("dataset", split="train")',
+            f"# ds.features['label'].names[0] == {names[0]!r}",
             "```",
         ]
     tensor_files = [name for name in formats if name.endswith(".pt")]

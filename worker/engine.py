@@ -22,7 +22,7 @@ import numpy as np
 from core import presets
 from core.presets import ClassInfo
 from core.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
-from worker import formats, postprocess
+from worker import formats, parquet, postprocess
 from worker.archive import ArchiveWriter, image_name, wants_png
 from worker.augment import source_size
 from worker.generator import Generator
@@ -103,8 +103,8 @@ def plan(spec: DatasetSpec) -> Sequence[Item] | Iterator[Item]:
 
 @dataclass
 class Outputs:
-    """Where each finished image goes: the PNG tree, WebDataset shards and/or the in-memory
-    tensor lists."""
+    """Where each finished image goes: the PNG tree, WebDataset shards, Parquet shards and/or
+    the in-memory tensor lists."""
 
     spec: DatasetSpec
     writer: ArchiveWriter
@@ -112,6 +112,14 @@ class Outputs:
     per_class: dict[int, int] = field(default_factory=dict)
     preview: PreviewCollector = field(default_factory=PreviewCollector)
     _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    parquet_shards: parquet.ShardWriter | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if "parquet" in self.spec.formats:
+            # Beside the zip, like the WebDataset tars; the writer copies them in on commit.
+            directory = self.writer.partial.parent
+            self.parquet_shards = parquet.ShardWriter.for_spec(self.spec, directory=directory)
+            self.writer.attach(self.parquet_shards)
 
     def wants_pixels(self, class_index: int, number: int) -> bool:
         """Whether ``add`` needs this image's array (tensors, or a preview tile)."""
@@ -138,6 +146,8 @@ class Outputs:
             if "webdataset" in self.spec.formats:
                 key = sample_key(done.cls.index, done.number)
                 self.writer.add_sample(key, name, done.png, **meta)
+            if self.parquet_shards is not None:
+                self.parquet_shards.add(name, done.png, meta)
         if self.keeps_pixels:
             if done.image is None:
                 raise ValueError(f"tensors need the pixels of image {done.number}")
@@ -147,7 +157,7 @@ class Outputs:
 
     @property
     def wants_png(self) -> bool:
-        """Whether ``add`` needs every image's PNG bytes (imagefolder, webdataset)."""
+        """Whether ``add`` needs every image's PNG bytes (imagefolder, webdataset, parquet)."""
         return wants_png(self.spec.formats)
 
     def webdataset_entry(self) -> dict[str, Any]:
@@ -155,6 +165,14 @@ class Outputs:
         if "webdataset" not in self.spec.formats:
             return {}
         return {"webdataset": self.writer.webdataset.description()}
+
+    def parquet_entry(self) -> dict[str, Any]:
+        """The manifest's ``formats`` entry for the Parquet shards, if asked for; finishes
+        them (the entry names every shard, and the count is in each name)."""
+        if self.parquet_shards is None:
+            return {}
+        self.parquet_shards.finish()
+        return {"parquet": self.parquet_shards.description()}
 
     @property
     def keeps_pixels(self) -> bool:

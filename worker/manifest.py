@@ -28,6 +28,8 @@ _VERSIONED = (
     "opencv-python-headless",
     "numpy",
     "pillow",
+    # Parquet shards name the pyarrow that wrote them (created_by).
+    "pyarrow",
 )
 #: The manifest of a shard's part archive (never served; assembly reads it).
 PART_FORMAT = "distill-service/part-v1"
@@ -128,6 +130,7 @@ def build(
                 else {}
             ),
             **outputs.webdataset_entry(),
+            **outputs.parquet_entry(),
             **tensors,
         },
         "versions": dict(library_versions()),

@@ -71,10 +71,12 @@ def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
     ``images`` of its images (one shard's).
 
     PNG of noisy pixels is about the raw size; zip headers add about 100 bytes a member, tar
-    headers and a sample's .cls and .json about 1.5 KiB. WebDataset shards are written to
-    temporary files first, so one shard's worth more is needed while it is copied in.
+    headers and a sample's .cls and .json about 1.5 KiB, a Parquet row's metadata a few
+    hundred bytes. WebDataset and Parquet shards are written to temporary files first, so one
+    shard's worth more of each is needed while it is copied in.
     """
-    from worker import webdataset  # here, not at the top: this function is all that needs it
+    # Here, not at the top: this function is all that needs them.
+    from worker import parquet, webdataset
 
     images = spec.total_images if images is None else images
     raw = spec.size * spec.size * 3
@@ -88,6 +90,9 @@ def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
     if "webdataset" in spec.formats:
         shards = images * (raw + webdataset.OVERHEAD_BYTES)
         total += shards + min(shards, webdataset.MAX_BYTES)
+    if "parquet" in spec.formats:
+        rows = images * (raw + parquet.OVERHEAD_BYTES)
+        total += rows + min(rows, parquet.MAX_BYTES)
     return total
 
 
