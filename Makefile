@@ -30,11 +30,11 @@ openapi: install
 	$(PY) -m service.openapi openapi/openapi.json
 
 tiny-model: install
-	$(PY) -m worker.tiny_model tiny-model
+	$(PY) -m worker.model.tiny_model tiny-model
 
 # The whole stack on the tiny random-weight model: no network, no GPU, no weights needed.
 demo: install
-	@test -f tiny-model/tiny_decoder/config.json || $(PY) -m worker.tiny_model tiny-model
+	@test -f tiny-model/tiny_decoder/config.json || $(PY) -m worker.model.tiny_model tiny-model
 	@DISTILL_MODEL=./tiny-model \
 	  DISTILL_DEVICE=cpu HF_HUB_OFFLINE=1 $(PY) -m service.launcher
 

@@ -4,7 +4,7 @@
 
 Runs the checkout in the current directory (so two versions can be compared on one model:
 the same request must give the same bytes): a private Redis, ``python -m worker`` on
-MODEL_DIR (a tiny model from ``python -m worker.tiny_model``; its ``tiny_decoder`` folder is
+MODEL_DIR (a tiny model from ``python -m worker.model.tiny_model``; its ``tiny_decoder`` folder is
 used when present), and the API in process. Works with checkouts from before and after the
 settings moved to ``core/``. Prints one line per run: state, layout, bytes, digest.
 """

@@ -53,23 +53,24 @@ def peak_rss_mb() -> float:
 def load(args: argparse.Namespace) -> Any:
     import torch
 
-    from worker.generator import Generator
+    from worker.model.loading import LoadOptions
+    from worker.model.loading import load as load_model
 
     if args.skeleton:
         return build_skeleton(Path(args.skeleton), args.device)
     tiny = Path(args.model) / "tiny_decoder"
-    gen = Generator.load(
-        str(args.model),
+    options = LoadOptions(
         device=args.device,
         dtype=args.dtype,
         vae_dtype=args.vae_dtype,
         channels_last=args.channels_last,
-        tiny_decoder=str(tiny) if tiny.is_dir() else None,
+        tiny_decoder=(str(tiny),) if tiny.is_dir() else (),
         compile=args.compile,
         batch_size=args.batch_size,
     )
-    # "uncached": the stock path, every image's prompt through the text encoders.
-    gen.cache_prompts = args.child != "uncached"
+    gen = load_model(str(args.model), options)
+    if args.child == "uncached":
+        gen = gen.stock_prompts()  # the stock path, every image's prompt through the encoders
     if gen.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(gen.device)
     return gen
@@ -91,7 +92,7 @@ def build_skeleton(directory: Path, device: str | None) -> Any:
         CLIPTokenizer,
     )
 
-    from worker.generator import Generator, pick_device, pick_dtype
+    from worker.model.loading import LoadOptions, pick_device, pick_dtype, wrap
 
     target = pick_device(device)
     dtype = pick_dtype(None, target)
@@ -114,12 +115,8 @@ def build_skeleton(directory: Path, device: str | None) -> Any:
             scheduler=scheduler,
         )
     # channels-last off: the recorded GPU figures (BENCHMARKS.md) were measured without it.
-    return Generator.wrap(
-        pipe.to(target, dtype),
-        device=target,
-        dtype=dtype,
-        model=str(directory),
-        channels_last=False,
+    return wrap(
+        pipe.to(target, dtype), model=str(directory), options=LoadOptions(channels_last=False)
     )
 
 
@@ -401,7 +398,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.model is None and args.skeleton is None:
-            from worker.tiny_model import build
+            from worker.model.tiny_model import build
 
             args.model = build(Path(scratch) / "tiny-model")
         results: dict[str, dict[str, Any]] = {}

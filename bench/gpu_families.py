@@ -46,7 +46,9 @@ import torch  # noqa: E402
 from gpu_generation import peak_tflops  # noqa: E402
 
 from core import models  # noqa: E402
-from worker.generator import Generator, pick_device, pick_dtype, vae_scale  # noqa: E402
+from worker.model.generator import Conditioning, Generator  # noqa: E402
+from worker.model.latents import vae_scale  # noqa: E402
+from worker.model.loading import LoadOptions, load, pick_device, pick_dtype, wrap  # noqa: E402
 
 CONFIGS = ROOT / "bench" / "configs"
 
@@ -162,7 +164,7 @@ def measure(gen: Generator, *, batch: int, images: int, peak: float | None) -> d
     ids = [n % 1000 for n in range(batch)] if gen.class_conditional else None
 
     def one() -> None:
-        gen.render(prompts, list(range(batch)), sizes=(32,), class_ids=ids)
+        gen.render(prompts, list(range(batch)), sizes=(32,), extra=Conditioning(class_ids=ids))
 
     one()  # warm-up (kernels, allocator, prompt cache)
     if gen.device.type == "cuda":
@@ -232,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.families:
             known = defaults[name]
             if args.smoke:
-                from worker.tiny_model import build
+                from worker.model.tiny_model import build
 
                 family = {"sdxl-turbo": "sdxl", "sd-turbo": "sd", "dit-xl-2-256": "dit"}[name]
                 path = build(Path(scratch) / name, family=family)
-                gen = Generator.load(str(path), device="cpu")
+                gen = load(str(path), LoadOptions(device="cpu"))
                 gen.steps = min(known.steps, 2)
                 gen.guidance_scale = known.guidance_scale
             else:
@@ -248,13 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                     pipe = build_sd(args.skeleton, device, dtype)
                 else:
                     pipe = build_dit(device, dtype)
-                gen = Generator.wrap(
-                    pipe,
-                    device=device,
-                    dtype=dtype,
-                    model=name,
-                    steps=known.steps,
-                    guidance_scale=known.guidance_scale,
+                on = LoadOptions(device=str(device), dtype=str(dtype).removeprefix("torch."))
+                gen = wrap(
+                    pipe, model=name, options=on, defaults=(known.steps, known.guidance_scale)
                 )
             if args.flops_only:
                 row = {

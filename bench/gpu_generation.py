@@ -14,7 +14,7 @@ seconds, every mode end to end, figures meaningless):
 
   HF_HUB_OFFLINE=1 python bench/gpu_generation.py --smoke [MODEL] [--worker] [--json OUT]
 
-MODEL is a pipeline directory with weights (``python -m worker.tiny_model DIR`` writes one) or
+MODEL is a pipeline directory with weights (``python -m worker.model.tiny_model DIR`` writes one) or
 a weightless config directory (``sdxl-turbo-skeleton``: built with random weights on the
 device by ``bench/generation.py``'s ``build_skeleton``; cost does not depend on weight values).
 The tiny decoder is ``DIR/tiny_decoder`` when present, else diffusers' ``AutoencoderTiny()``
@@ -31,7 +31,7 @@ Modes (one row each per configuration):
           fp16-fix VAE is not available offline, so the VAE stays in float32 and decodes the
           pipeline's latents itself (output_type="latent", then vae.decode, postprocess to PIL,
           PIL resize to 32 px). --peer-compile default|off for a cheaper compile.
-- engine: worker.generator.Generator.render (prompts encoded once, batched, resized to 32 and
+- engine: worker.model.generator.Generator.render (prompts encoded once, batched, resized to 32 and
           40 px on the device, one copy to the host), decoder vae in float32 and in bfloat16
           and decoder tiny, at each --resolutions and --batches, eager; then compiled (--compile
           regional by default, full optional) once per (resolution, --compile-batch).
@@ -321,16 +321,16 @@ def load_base(model: Path, device: str) -> tuple[Any, Any, torch.dtype, torch.de
     """(stock pipeline, tiny decoder, model dtype, device, what was loaded)."""
     from diffusers import AutoencoderTiny
 
-    from worker.generator import Generator
+    from worker.model.loading import LoadOptions, load
 
     if has_weights(model):
         tiny_dir = model / "tiny_decoder"
-        gen = Generator.load(
-            str(model),
+        options = LoadOptions(
             device=device,
             channels_last=False,
-            tiny_decoder=str(tiny_dir) if tiny_dir.is_dir() else None,
+            tiny_decoder=(str(tiny_dir),) if tiny_dir.is_dir() else (),
         )
+        gen = load(str(model), options)
         what = f"{model} (weights)"
         tiny = gen.tiny
     else:
@@ -418,6 +418,8 @@ def run_peer(
 ) -> Row:
     from PIL import Image
 
+    from worker.model.latents import to_vae
+
     pipe = clone_pipeline(base)
     pipe.vae.to(dtype=torch.float32)  # no fp16-fix VAE offline: decode in float32
     pipe.unet.to(memory_format=torch.channels_last)
@@ -446,13 +448,7 @@ def run_peer(
             output_type="latent",
         ).images
         with torch.inference_mode():
-            latents = latents.to(torch.float32)
-            if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-                mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents)
-                std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents)
-                latents = latents * std / config.scaling_factor + mean
-            else:
-                latents = latents / config.scaling_factor
+            latents = to_vae(latents.to(torch.float32), config)
             image = vae.decode(latents, return_dict=False)[0]
             images = pipe.image_processor.postprocess(image, output_type="pil")
         for picture in images:
@@ -492,6 +488,8 @@ def run_engine_row(
     compile_seconds: float | None = None,
 ) -> Row:
     """One engine configuration: a warm-up batch (compiles what is new), then ``count``."""
+    from worker.model.generator import SamplingParams
+
     kind, vae_dtype = DECODERS[decoder]
     if vae_dtype is not None and gen.decode_dtype != vae_dtype:
         gen.pipeline.vae.to(dtype=vae_dtype)
@@ -508,19 +506,18 @@ def run_engine_row(
             prompts[start : start + batch],
             seeds[start : start + batch],
             sizes=ENGINE_SIZES,
-            resolution=resolution,
-            decoder=kind,
+            params=SamplingParams(resolution=resolution, decoder=kind),
         )
 
     warm: dict[str, float | None] = {}
     with measured(gen.device, warm):
         render(0)
-    encoded = gen.prompt_stats["encoded"]
+    encoded = gen.prompts.stats["encoded"]
     figures: dict[str, float | None] = {}
     with measured(gen.device, figures):
         for start in range(0, count, batch):
             render(start)
-    per_prompt = (gen.prompt_stats["encoded"] - encoded) / count
+    per_prompt = (gen.prompts.stats["encoded"] - encoded) / count
     row = Row(
         "engine",
         resolution,
@@ -537,7 +534,7 @@ def run_engine_row(
     row = finish(row, figures, flops.per_image(resolution, kind, per_prompt), peak)
     if gen.compile != "off":
         if compile_seconds is not None:
-            row.note += "; compile_s: Generator.wrap's compile of the UNet blocks and decoders"
+            row.note += "; compile_s: wrap's compile of the UNet blocks and decoders"
         else:
             row.note += "; compile_s: what its first batch compiled"
         steady = (figures["seconds"] or 0.0) * batch / count
@@ -582,9 +579,9 @@ def engine_compiled(
     resolutions: Sequence[int],
 ) -> list[Row]:
     """Compiled engine rows: one Generator per (resolution, batch), compiled and warmed up by
-    ``Generator.wrap`` (UNet blocks, VAE decode and tiny decode); the other VAE dtype
+    ``worker.model.loading.wrap`` (UNet blocks, VAE decode and tiny decode); the other VAE dtype
     recompiles the VAE decode on its first batch."""
-    from worker.generator import Generator
+    from worker.model.loading import LoadOptions, TinyDecoder, wrap
 
     rows: list[Row] = []
     guess = args.group_guess
@@ -597,19 +594,17 @@ def engine_compiled(
             continue
         first_vae = next((DECODERS[d][1] for d in decoders if DECODERS[d][1] is not None), None)
         started = time.perf_counter()
-        gen = Generator.wrap(
-            clone_pipeline(base),
-            device=device,
-            dtype=dtype,
-            model=model,
+        options = LoadOptions(
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
             resolution=resolution,
             vae_dtype=str(first_vae or torch.float32).removeprefix("torch."),
             channels_last=args.channels_last,
-            tiny=copy.deepcopy(tiny),
-            tiny_id="tiny",
             compile=args.compile,
             batch_size=batch,
         )
+        tiny_copy = TinyDecoder(copy.deepcopy(tiny), "tiny")
+        gen = wrap(clone_pipeline(base), model=model, options=options, tiny=tiny_copy)
         compile_s = gen.compile_seconds
         guess = args.group_guess = time.perf_counter() - started
         unreported: float | None = compile_s
@@ -938,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import diffusers
     import diffusers.utils.logging
 
-    from worker.tiny_model import build
+    from worker.model.tiny_model import build
 
     # Quiet the per-call "modules that should be kept in float32" notes of dtype changes.
     diffusers.utils.logging.set_verbosity_error()
@@ -1107,24 +1102,20 @@ def _engine(
     float32 and, on CUDA, channels-last)."""
     import torch._dynamo.config as dynamo
 
-    from worker.generator import Generator
+    from worker.model.loading import LoadOptions, TinyDecoder, wrap
 
     # Compiled rows: every (resolution, batch, dtype) gets its own static graph.
     dynamo.automatic_dynamic_shapes = False
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo, name):
             setattr(dynamo, name, 64)
-    return Generator.wrap(
-        base,
-        device=device,
-        dtype=dtype,
-        model=model,
+    options = LoadOptions(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
         vae_dtype="float32",
         channels_last=args.channels_last,
-        tiny=tiny,
-        tiny_id="tiny",
-        compile="off",
     )
+    return wrap(base, model=model, options=options, tiny=TinyDecoder(tiny, "tiny"))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def main() -> int:
         work = Path(scratch)
         model = args.model
         if model is None:
-            from worker.tiny_model import build
+            from worker.model.tiny_model import build
 
             model = build(work / "tiny-model")
         redis, stack, base = start_stack(model, work)

@@ -611,7 +611,7 @@ def main() -> int:
         if args.model is None:
             args.model = work / "tiny-model"
             built = subprocess.run(
-                [sys.executable, "-m", "worker.tiny_model", str(args.model)],
+                [sys.executable, "-m", "worker.model.tiny_model", str(args.model)],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
                 capture_output=True,

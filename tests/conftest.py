@@ -26,7 +26,7 @@ from core.settings import Settings
 from service import stack
 from service.app import create_app
 from service.redis_server import EmbeddedRedis, free_port
-from worker.tiny_model import TINY_DECODER_DIR
+from worker.model.tiny_model import TINY_DECODER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -46,7 +46,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_model import build
+    from worker.model.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
@@ -54,7 +54,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight StableDiffusionPipeline (the SD-Turbo family)."""
-    from worker.tiny_model import build
+    from worker.model.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-sd", family="sd")
 
@@ -62,7 +62,7 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight DiTPipeline (class-conditional, ImageNet-1K)."""
-    from worker.tiny_model import build
+    from worker.model.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-dit", family="dit")
 

@@ -25,7 +25,7 @@ from core.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
 from worker import formats, parquet, postprocess
 from worker.archive import ArchiveWriter, image_name, wants_png
 from worker.augment import source_size
-from worker.generator import Generator
+from worker.model.generator import Conditioning, Generator, SamplingParams
 from worker.preview import PreviewCollector
 from worker.selection import Source
 from worker.webdataset import sample_key
@@ -319,6 +319,7 @@ def run(
         else None
     )
     iterator = iter(items if items is not None else plan(spec))
+    params = SamplingParams.from_spec(spec)
     try:
         while True:
             batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
@@ -353,11 +354,8 @@ def run(
                     prompts,
                     seeds,
                     sizes=(size, src_size),
-                    resolution=spec.resolution,
-                    decoder=spec.decoder,
-                    class_ids=ids,
-                    steps=spec.steps,
-                    guidance_scale=spec.guidance_scale,
+                    params=params,
+                    extra=Conditioning(class_ids=ids),
                 )
             sampling += time.perf_counter() - t0
             rows: list[postprocess.Row] = [

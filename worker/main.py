@@ -21,7 +21,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
@@ -35,14 +34,15 @@ from core.settings import ConfigError, Settings, settings_or_exit
 from worker import runtime
 
 if TYPE_CHECKING:
-    from worker.generator import Generator
     from worker.gpus import GpuClaim
+    from worker.model.generator import Generator
 
 log = logging.getLogger("worker")
 
 LOAD_HINT = (
     "set DISTILL_MODEL to a local directory holding a diffusers StableDiffusionXLPipeline "
-    "(a copy of stabilityai/sdxl-turbo, or `python -m worker.tiny_model DIR` for a smoke test)"
+    "(a copy of stabilityai/sdxl-turbo, or `python -m worker.model.tiny_model DIR` for a smoke "
+    "test)"
 )
 
 
@@ -163,7 +163,9 @@ def _batch_size(generator: Generator, settings: Settings) -> int:
     up that fits in memory."""
     if not settings.auto_batch or generator.device.type != "cuda":
         return settings.batch_size
-    batch, tried = generator.tune_batch(settings.batch_size)
+    from worker.model import compiling
+
+    batch, tried = compiling.tune_batch(generator, settings.batch_size)
     log.info(
         "batch size %d (tried %s)",
         batch,
@@ -171,19 +173,6 @@ def _batch_size(generator: Generator, settings: Settings) -> int:
         extra={"batch": batch},
     )
     return batch
-
-
-def tiny_decoder_sources(settings: Settings) -> list[str]:
-    """Where the optional tiny decoder is looked for, in order: a local model's own
-    ``<model>/tiny_decoder``, then ``DISTILL_TINY_DECODER`` (default ``madebyollin/taesdxl``);
-    only the latter when it is set to anything but its default. Empty when it is ``none``."""
-    chosen = settings.tiny_decoder
-    if chosen is None:
-        return []
-    if chosen != Settings.model_fields["tiny_decoder"].default:
-        return [chosen]
-    beside = Path(settings.model) / models.TINY_DECODER_DIR
-    return [str(beside)] * beside.is_dir() + [chosen]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     beacon.start()
     claim = None
     try:
-        from worker.generator import Generator, ModelLoadError
         from worker.gpus import claim_free_gpu
+        from worker.model import compiling, loading
 
         if settings.torch_threads:
             import torch
@@ -217,18 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             beacon.claim = claim
         started = time.perf_counter()
         try:
-            generator = Generator.load(
-                settings.model,
-                device=device,
-                dtype=settings.dtype,
-                revision=settings.model_revision,
-                variant=settings.model_variant,
-                resolution=settings.resolution,
-                vae_dtype=settings.vae_dtype,
-                channels_last=settings.channels_last,
-                tiny_decoder=tiny_decoder_sources(settings),
-            )
-        except ModelLoadError as exc:
+            options = loading.LoadOptions.from_settings(settings, device=device)
+            generator = loading.load(settings.model, options)
+        except loading.ModelLoadError as exc:
             print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)
             return 2
         log.info(
@@ -240,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = _batch_size(generator, settings)
         if settings.compile != "off":
             beacon.update(state="compiling")
-            generator.enable_compile(settings.compile, batch_size=batch)
+            compiling.enable(generator, settings.compile, batch_size=batch)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # Import the job's code and start the post-processing pool now, not in the first job.
         importlib.import_module("worker.tasks")

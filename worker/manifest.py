@@ -17,7 +17,7 @@ from core import presets
 from core.spec import DatasetSpec
 from worker import engine
 from worker.archive import class_dir
-from worker.generator import Generator
+from worker.model.generator import Generator, SamplingParams
 
 _VERSIONED = (
     "distill-service",
@@ -101,7 +101,7 @@ def build(
         "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
         "model": {
             "alias": spec.model,
-            **generator.provenance(steps=spec.steps, guidance_scale=spec.guidance_scale),
+            **generator.provenance(SamplingParams.from_spec(spec)),
         },
         "decoder": generator.decoder_provenance(spec.decoder),
         "sampling": {

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from core.settings import Settings
-    from worker.generator import Generator
+    from worker.model.generator import Generator
 
 
 @dataclass

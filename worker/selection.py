@@ -40,7 +40,8 @@ from core.presets import ClassInfo
 from core.settings import Settings
 from core.spec import DatasetSpec
 from worker import coreset, references
-from worker.generator import Generator, image_to_image_steps, shrink
+from worker.model.generator import Conditioning, Generator, SamplingParams, image_to_image_steps
+from worker.model.latents import shrink
 
 #: Lloyd iterations at most (k-means stops earlier once no assignment changes).
 KMEANS_ITERATIONS = 100
@@ -132,12 +133,8 @@ class Prototypes:
             prompts,
             seeds,
             sizes=sizes,
-            resolution=self.spec.resolution,
-            decoder=self.spec.decoder,
-            steps=self.spec.steps,
-            guidance_scale=self.spec.guidance_scale,
-            init_latents=latents,
-            strength=self.spec.denoise_strength,
+            params=SamplingParams.from_spec(self.spec),
+            extra=Conditioning(init_latents=latents),
         )
 
     def origin(self, cls: ClassInfo, sample: int) -> str | None:

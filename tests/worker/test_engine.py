@@ -9,13 +9,14 @@ import pytest
 from core.spec import DatasetSpec
 from worker import engine
 from worker.archive import ArchiveWriter
-from worker.generator import Generator
+from worker.model.generator import Generator
+from worker.model.loading import LoadOptions, load
 from worker.postprocess import make_pool
 
 
 @pytest.fixture(scope="module")
 def generator(tiny_model: Path) -> Generator:
-    return Generator.load(str(tiny_model), device="cpu")
+    return load(str(tiny_model), LoadOptions(device="cpu"))
 
 
 def _archive(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,13 +19,20 @@ from core.settings import Settings
 from core.states import ErrorType
 from service.redis_server import EmbeddedRedis
 from tests.conftest import ROOT
-from worker.generator import Generator, ModelLoadError, PartUnavailable
-from worker.main import tiny_decoder_sources
+from worker.model import compiling
+from worker.model.generator import Generator, PartUnavailable, SamplingParams
+from worker.model.loading import LoadOptions, ModelLoadError, load, tiny_decoder_sources
+
+
+def _load(model: str, *, tiny_decoder: str | list[str] | None = None, **options: Any) -> Generator:
+    """``load(model)`` with ``LoadOptions(**options)``; ``tiny_decoder``: one place or several."""
+    sources = [tiny_decoder] if isinstance(tiny_decoder, str) else tiny_decoder or []
+    return load(model, LoadOptions(tiny_decoder=tuple(sources), **options))
 
 
 @pytest.fixture(scope="module")
 def generator(tiny_model: Path) -> Generator:
-    return Generator.load(str(tiny_model), device="cpu")
+    return _load(str(tiny_model), device="cpu")
 
 
 def test_tiny_model_is_a_real_sdxl_pipeline(tiny_model: Path, generator: Generator) -> None:
@@ -68,7 +76,7 @@ def test_check_inputs_names_the_problem(generator: Generator) -> None:
 
 def test_missing_model_is_a_model_load_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="cannot load model"):
-        Generator.load(str(tmp_path / "nothing-here"), device="cpu")
+        _load(str(tmp_path / "nothing-here"), device="cpu")
 
 
 def test_worker_without_a_model_exits_with_one_clear_line(
@@ -94,7 +102,7 @@ def test_worker_without_a_model_exits_with_one_clear_line(
 def test_tiny_model_cli_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.tiny_model", str(tmp_path / "m")],
+        [sys.executable, "-m", "worker.model.tiny_model", str(tmp_path / "m")],
         env=env,
         capture_output=True,
         text=True,
@@ -102,7 +110,7 @@ def test_tiny_model_cli_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote a tiny SDXL pipeline" in proc.stderr
-    assert Generator.load(str(tmp_path / "m"), device="cpu").resolution == 64
+    assert _load(str(tmp_path / "m"), device="cpu").resolution == 64
 
 
 class MemoryLimitedPipeline:
@@ -153,7 +161,7 @@ def test_out_of_memory_at_one_image_is_an_error(generator: Generator) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_real_cuda_out_of_memory_is_survived(tiny_model: Path) -> None:
-    cuda = Generator.load(str(tiny_model), device="cuda", resolution=2048)
+    cuda = _load(str(tiny_model), device="cuda", resolution=2048)
     out = cuda.render(["a photo of a cat"] * 512, list(range(512)), sizes=(8,))
     assert out[8].shape[0] == 512
 
@@ -174,7 +182,7 @@ def test_own_decode_matches_the_stock_pipeline_output(generator: Generator) -> N
 
 
 def test_bfloat16_decoding_is_close_to_float32(tiny_model: Path, generator: Generator) -> None:
-    bf16 = Generator.load(str(tiny_model), device="cpu", vae_dtype="bfloat16")
+    bf16 = _load(str(tiny_model), device="cpu", vae_dtype="bfloat16")
     assert bf16.decode_dtype == torch.bfloat16
     assert bf16.provenance()["decode_dtype"] == "bfloat16"
     a = generator.render(["a photo of a dog"], [3], sizes=(16,))[16].astype(int)
@@ -201,30 +209,33 @@ def _stock_uint8(generator: Generator, prompts: list[str], seeds: list[int]) -> 
 
 
 def test_prompts_are_encoded_once_and_give_the_uncached_images(tiny_model: Path) -> None:
-    fresh = Generator.load(str(tiny_model), device="cpu")
+    fresh = _load(str(tiny_model), device="cpu")
     prompts = [f"a photo of a {c}" for c in ("cat", "dog", "ship", "frog") for _ in range(3)]
     seeds = list(range(12))
     side = fresh.resolution
     first = fresh.render(prompts, seeds, sizes=(side,))[side]
-    assert fresh.prompt_stats == {"encoded": 4, "cached": 8}
+    assert fresh.prompts.stats == {"encoded": 4, "cached": 8}
     again = fresh.render(prompts, seeds, sizes=(side,))[side]
-    assert fresh.prompt_stats == {"encoded": 4, "cached": 20}
+    assert fresh.prompts.stats == {"encoded": 4, "cached": 20}
     assert np.array_equal(first, again)
     assert np.array_equal(first, _stock_uint8(fresh, prompts, seeds))
-    stock = dataclasses.replace(fresh, cache_prompts=False)
+    stock = fresh.stock_prompts()
     assert np.array_equal(first, stock.render(prompts, seeds, sizes=(side,))[side])
 
 
 def test_the_prompt_cache_is_bounded(tiny_model: Path) -> None:
-    small = dataclasses.replace(Generator.load(str(tiny_model), device="cpu"))
-    small.prompt_cache_size = 2
+    small = dataclasses.replace(_load(str(tiny_model), device="cpu"))
+    small.prompts.size = 2
     for label in ("cat", "dog", "ship", "frog"):
         small.render([f"a photo of a {label}"] * 2, [1, 2], sizes=(8,))
-    assert [prompt for prompt, _ in small._embeddings] == ["a photo of a ship", "a photo of a frog"]
+    assert [prompt for prompt, _ in small.prompts.rows] == [
+        "a photo of a ship",
+        "a photo of a frog",
+    ]
     # A batch with more distinct prompts than the cache holds still gets all of them.
     prompts = [f"a photo of a {c}" for c in ("cat", "dog", "bird")]
     out = small.render(prompts, [1, 2, 3], sizes=(8,))[8]
-    assert out.shape[0] == 3 and len(small._embeddings) <= 3
+    assert out.shape[0] == 3 and len(small.prompts.rows) <= 3
 
 
 def test_no_watermark_and_the_vae_keeps_its_decode_dtype(generator: Generator) -> None:
@@ -237,9 +248,7 @@ def test_no_watermark_and_the_vae_keeps_its_decode_dtype(generator: Generator) -
 def test_the_tiny_decoder_uses_its_own_conventions(tiny_model: Path) -> None:
     from diffusers import AutoencoderTiny
 
-    both = Generator.load(
-        str(tiny_model), device="cpu", tiny_decoder=str(tiny_model / "tiny_decoder")
-    )
+    both = _load(str(tiny_model), device="cpu", tiny_decoder=str(tiny_model / "tiny_decoder"))
     assert both.decoders == ("vae", "tiny") and isinstance(both.tiny, AutoencoderTiny)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -248,37 +257,41 @@ def test_the_tiny_decoder_uses_its_own_conventions(tiny_model: Path) -> None:
         expected = (both.tiny.decode(latents).sample / 2 + 0.5).clamp(0, 1)
     assert both.tiny.config.scaling_factor == 1.0
     assert torch.equal(ours, expected) and ours.shape == (2, 3, 64, 64)
-    out = both.render(["a photo of a cat"] * 2, [1, 2], sizes=(16,), decoder="tiny")[16]
+    out = both.render(
+        ["a photo of a cat"] * 2, [1, 2], sizes=(16,), params=SamplingParams(decoder="tiny")
+    )[16]
     assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
     assert both.decoder_provenance("tiny")["class"] == "AutoencoderTiny"
     assert both.decoder_provenance("tiny")["local_fingerprint"]
     with pytest.raises(PartUnavailable, match="DISTILL_TINY_DECODER"):
-        Generator.load(str(tiny_model), device="cpu").render(["a"], [1], sizes=(8,), decoder="tiny")
+        _load(str(tiny_model), device="cpu").render(
+            ["a"], [1], sizes=(8,), params=SamplingParams(decoder="tiny")
+        )
 
 
 def test_a_tiny_decoder_that_cannot_be_loaded_is_optional_and_says_why(
     tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     missing = str(tmp_path / "none-here")
-    with caplog.at_level(logging.WARNING, logger="worker.generator"):
-        generator = Generator.load(str(tiny_model), device="cpu", tiny_decoder=missing)
+    with caplog.at_level(logging.WARNING, logger="worker.model.loading"):
+        generator = _load(str(tiny_model), device="cpu", tiny_decoder=missing)
     assert generator.decoders == ("vae",) and generator.tiny is None
     assert missing in generator.unavailable["tiny_decoder"]
     said = [r.getMessage() for r in caplog.records if "tiny decoder" in r.getMessage()]
     assert len(said) == 1 and missing in said[0] and "To enable it" in said[0], said
     with pytest.raises(PartUnavailable, match="none-here") as refused:
-        generator.render(["a"], [1], sizes=(8,), decoder="tiny")
+        generator.render(["a"], [1], sizes=(8,), params=SamplingParams(decoder="tiny"))
     # A job that reaches such a worker fails with a public type and the reason, not internal.
     kind, detail = describe_failure(PartUnavailable, refused.value)
     assert kind == ErrorType.invalid_request and "none-here" in detail
     # The model itself is still required.
     with pytest.raises(ModelLoadError, match="model"):
-        Generator.load(str(tmp_path / "no-model"), device="cpu")
+        _load(str(tmp_path / "no-model"), device="cpu")
 
 
 def test_the_first_tiny_decoder_that_loads_is_used(tiny_model: Path, tmp_path: Path) -> None:
     beside = str(tiny_model / TINY_DECODER_DIR)
-    generator = Generator.load(
+    generator = _load(
         str(tiny_model), device="cpu", tiny_decoder=[str(tmp_path / "none-here"), beside]
     )
     assert generator.decoders == ("vae", "tiny") and generator.tiny_id == beside
@@ -303,24 +316,24 @@ def test_the_worker_looks_for_the_tiny_decoder_beside_a_local_model_first(
 
 
 def test_a_short_last_batch_is_padded_to_the_fixed_batch(tiny_model: Path) -> None:
-    eager = Generator.load(str(tiny_model), device="cpu")
+    eager = _load(str(tiny_model), device="cpu")
     padded = dataclasses.replace(eager, fixed_batch=4)
     prompts, seeds = ["a photo of a cat", "a photo of a dog", "a photo of a cat"], [1, 2, 3]
     calls: list[int] = []
-    original = padded._render
+    original = padded.render_call
 
     def counting(p: list[str], *args: object, **options: object) -> dict[int, np.ndarray]:
         calls.append(len(p))
         return original(p, *args, **options)  # type: ignore[arg-type]
 
-    padded._render = counting  # type: ignore[method-assign]
+    padded.render_call = counting  # type: ignore[method-assign]
     out = padded.render(prompts, seeds, sizes=(16,))[16]
     assert calls == [4] and out.shape[0] == 3
     assert np.array_equal(out, eager.render(prompts, seeds, sizes=(16,))[16])
 
 
 def test_batch_tuning_measures_doubling_batches(generator: Generator) -> None:
-    best, tried = generator.tune_batch(1, limit=4, gain=1.0)
+    best, tried = compiling.tune_batch(generator, 1, limit=4, gain=1.0)
     assert [b for b, _ in tried][:1] == [1] and best in (1, 2, 4)
     assert all(rate is not None and rate > 0 for _, rate in tried)
 
@@ -329,13 +342,17 @@ def test_batch_tuning_measures_doubling_batches(generator: Generator) -> None:
 def test_a_compiled_generator_gives_the_eager_images(tiny_model: Path) -> None:
     """torch.compile (regional: the UNet's repeated blocks, and both decoders) on this CPU."""
     tiny = str(tiny_model / "tiny_decoder")
-    eager = Generator.load(str(tiny_model), device="cpu", tiny_decoder=tiny)
-    compiled = Generator.load(
+    eager = _load(str(tiny_model), device="cpu", tiny_decoder=tiny)
+    compiled = _load(
         str(tiny_model), device="cpu", tiny_decoder=tiny, compile="regional", batch_size=4
     )
     assert compiled.compile_seconds > 0 and compiled.describe()["compile"] == "regional"
     prompts, seeds = ["a photo of a cat", "a photo of a dog", "a photo of a cat"], [4, 5, 6]
     for decoder in ("vae", "tiny"):
-        a = eager.render(prompts, seeds, sizes=(16,), decoder=decoder)[16].astype(int)
-        b = compiled.render(prompts, seeds, sizes=(16,), decoder=decoder)[16].astype(int)
+        a = eager.render(prompts, seeds, sizes=(16,), params=SamplingParams(decoder=decoder))[
+            16
+        ].astype(int)
+        b = compiled.render(prompts, seeds, sizes=(16,), params=SamplingParams(decoder=decoder))[
+            16
+        ].astype(int)
         assert np.abs(a - b).max() <= 1, decoder  # equal up to rounding

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.generator import image_to_image_steps
+from worker.model.generator import image_to_image_steps
 from worker.selection import kmeans
 
 

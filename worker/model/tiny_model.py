@@ -14,7 +14,7 @@ facebook/DiT-XL-2-256 ships).
 Each is a directory that ``from_pretrained(DIR)`` loads with ``HF_HUB_OFFLINE=1``; the worker
 loads it exactly like the real model.
 
-Usage: ``python -m worker.tiny_model DIR [--family sdxl|sd|dit]``
+Usage: ``python -m worker.model.tiny_model DIR [--family sdxl|sd|dit]``
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def build_tiny_decoder(directory: Path, *, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tiny_model",
+        prog="python -m worker.model.tiny_model",
         description="Write a tiny random-weight pipeline (SDXL, SD or DiT) to DIR.",
     )
     parser.add_argument("directory", type=Path, help="output directory (created if missing)")
