@@ -29,11 +29,10 @@ open('/tmp/requirements-worker.txt', 'w').write( \
 RUN pip install -r /tmp/requirements-api.txt
 
 FROM base AS api
-# The API runs core/ and service/; of worker/ only the webhook sender (compose runs it from
-# this image), so no model code is in it.
+# The API runs core/ and service/ (the webhook sender too: compose runs it from this image);
+# no model code is in it.
 COPY core ./core
 COPY service ./service
-COPY worker/__init__.py worker/webhooks.py ./worker/
 USER distill
 EXPOSE 8000
 CMD ["python", "-m", "service"]

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=["sdxl-turbo", "sd-turbo", "dit-xl-2-256"])
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    from worker.runtime import quiet_libraries
+    from worker.model.quiet import quiet_libraries
 
     quiet_libraries()
     device = pick_device("cpu" if args.smoke else None)

@@ -1,7 +1,7 @@
 """Webhook events of a job: where they may go, how they are signed, and their queue entry.
 
 The API checks a ``callback_url`` and records it; whoever ends the job enqueues its event on
-``DISTILL_WEBHOOK_QUEUE_NAME``; ``python -m worker.webhooks`` (no GPU) delivers it. Events
+``DISTILL_WEBHOOK_QUEUE_NAME``; ``python -m service.webhooks`` (no GPU) delivers it. Events
 are signed per Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature:
 v1,<base64 HMAC-SHA256>``) with ``DISTILL_WEBHOOK_SECRET`` and retried with exponential
 backoff for up to ``DISTILL_WEBHOOK_RETRY_SECONDS``. Every attempt is recorded on the job.

@@ -140,7 +140,7 @@ def main() -> int:
             for n in range(1, settings.workers + 1)
         ),
         Child("api", "service", settings, restart=False),
-        Child("webhooks", "worker.webhooks", settings, restart=True),
+        Child("webhooks", "service.webhooks", settings, restart=True),
     ]
     names = ", ".join(models.catalogue(settings)) if settings.models else settings.model
     _say(

@@ -186,9 +186,9 @@ class Stack:
         return base
 
     def start_webhooks(self) -> subprocess.Popen[bytes]:
-        """The webhook sender (``python -m worker.webhooks``)."""
+        """The webhook sender (``python -m service.webhooks``)."""
         proc = spawn(
-            "worker.webhooks",
+            "service.webhooks",
             self.settings,
             log=self.logs / f"webhooks-{len(self.others) + 1}.log",
             env=self.env,

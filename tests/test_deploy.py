@@ -41,7 +41,7 @@ def test_compose_has_the_services_and_volumes() -> None:
     doc = compose()
     default = {name for name, service in doc["services"].items() if "profiles" not in service}
     assert default == {"redis", "api", "worker", "webhooks"}
-    assert doc["services"]["webhooks"]["command"] == ["python", "-m", "worker.webhooks"]
+    assert doc["services"]["webhooks"]["command"] == ["python", "-m", "service.webhooks"]
     assert "deploy" not in doc["services"]["webhooks"]  # no GPU for webhook delivery
     assert set(doc["volumes"]) == {"redis-data", "data", "hf-cache", "minio-data"}
     redis = doc["services"]["redis"]
@@ -121,9 +121,8 @@ def test_dockerfile_targets_copy_what_their_entry_points_import() -> None:
     assert "requirements-worker" in worker
     api = "\n".join(stages["api"])
     assert "requirements-worker" not in api
-    # The API image holds no model code: of worker/ only the webhook sender it runs.
-    assert "COPY worker ./worker" not in api
-    assert "COPY worker/__init__.py worker/webhooks.py ./worker/" in api
+    # The API image holds no model code: nothing of worker/ (the webhook sender is service's).
+    assert "worker" not in api.replace("requirements-worker", "")
     assert "pyproject.toml" in "\n".join(stages["base"])
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv/", "data/", ".git/"} <= set(ignored)

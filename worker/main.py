@@ -32,6 +32,7 @@ from rq.registry import StartedJobRegistry
 from core import logs, maintenance, models, workers
 from core.settings import ConfigError, Settings, settings_or_exit
 from worker import runtime
+from worker.model.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     from worker.gpus import GpuClaim
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill worker: {exc}", file=sys.stderr, flush=True)
         return 2
     logs.configure(settings.log_level)
-    runtime.quiet_libraries()
+    quiet_libraries()
     name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     redis = Redis.from_url(settings.redis_url)
     beacon = StatusBeacon(redis, name, settings)

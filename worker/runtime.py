@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -71,16 +70,3 @@ def current() -> Runtime:
     if _current is None:
         raise RuntimeError("no model loaded in this process: jobs run inside `python -m worker`")
     return _current
-
-
-def quiet_libraries() -> None:
-    """Keep library notices and progress bars out of the worker's output: every line it
-    prints is one of our JSON log lines or a one-line error. Call before importing them."""
-    for name, value in (
-        ("TRANSFORMERS_VERBOSITY", "error"),
-        ("DIFFUSERS_VERBOSITY", "error"),
-        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-        ("NO_ALBUMENTATIONS_UPDATE", "1"),
-    ):
-        os.environ.setdefault(name, value)

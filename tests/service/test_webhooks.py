@@ -87,7 +87,7 @@ def hook_stack(
             "webhook_retry_seconds": 30,
         }
     )
-    sender = stack.spawn("worker.webhooks", settings, log=tmp_path / "webhooks.log", env=TEST_ENV)
+    sender = stack.spawn("service.webhooks", settings, log=tmp_path / "webhooks.log", env=TEST_ENV)
     try:
         with TestClient(create_app(settings)) as client:
             yield client, settings

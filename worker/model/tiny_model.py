@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args(argv)
-    from worker.runtime import quiet_libraries
+    from worker.model.quiet import quiet_libraries
 
     quiet_libraries()
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The webhook sender: ``python -m worker.webhooks`` drains ``DISTILL_WEBHOOK_QUEUE_NAME``.
+"""The webhook sender: ``python -m service.webhooks`` drains ``DISTILL_WEBHOOK_QUEUE_NAME``.
 
 GPU workers never deliver, so a slow or dead receiver cannot delay jobs or cancellation.
 What an event holds and how it is signed: ``core.webhooks``. No torch here.
