@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_calibration import POOL, ROOT, split, write_selection, write_test_zip
 
-from worker.coreset import METHODS, embed_classes, select
 from worker.evaluate import evaluate
+from worker.selection.coreset import METHODS, embed_classes, select
 
 #: Published ConvNet-3 CIFAR-10 accuracy (percent) by (method, IPC), DC paper Table 1.
 PUBLISHED = {

@@ -37,9 +37,9 @@ import numpy as np
 from PIL import Image
 
 from core import presets
-from worker.archive import ArchiveWriter, class_dir, image_name
 from worker.evaluate import evaluate
 from worker.evaluate.progress import TextBar
+from worker.outputs.archive import ArchiveWriter, class_dir, image_name
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = 500

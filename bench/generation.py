@@ -200,7 +200,8 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from worker import engine
-    from worker.archive import ArchiveWriter
+    from worker.outputs import sink
+    from worker.outputs.archive import ArchiveWriter
     from worker.postprocess import make_pool
 
     gen = load(args)
@@ -210,7 +211,7 @@ def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sync(gen)
     started = time.perf_counter()
     with ArchiveWriter(final=work / "engine.zip", partial=work / "engine.part") as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(spec=spec, writer=writer)
         result = engine.run(
             spec,
             gen,
@@ -312,7 +313,8 @@ def run_postprocess(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import numpy as np
 
     from worker import engine, postprocess
-    from worker.archive import ArchiveWriter
+    from worker.outputs import sink
+    from worker.outputs.archive import ArchiveWriter
 
     spec = spec_for(args)
     rng = np.random.default_rng(0)
@@ -324,7 +326,7 @@ def run_postprocess(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         pool.submit(int).result()
         started = time.perf_counter()
         with ArchiveWriter(final=work / "pp.zip", partial=work / "pp.part") as writer:
-            outputs = engine.Outputs(spec=spec, writer=writer)
+            outputs = sink.Outputs(spec=spec, writer=writer)
             rows: list[postprocess.Row] = [
                 (item.cls, item.sample, i, "p", small[i % 64], large[i % 64])
                 for i, item in enumerate(items)

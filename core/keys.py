@@ -44,7 +44,7 @@ DISTILL_TASK = "worker.tasks.distill"
 SHARD_TASK = "worker.tasks.distill_shard"
 ASSEMBLE_TASK = "worker.tasks.assemble"
 CLEANUP_TASK = "worker.tasks.discard_parts"
-EVALUATE_TASK = "worker.evaluations.run_evaluation"
+EVALUATE_TASK = "worker.evaluate.task.run_evaluation"
 DELIVER_TASK = "service.webhooks.deliver"
 #: The failure callbacks; they run in whichever process notices the failure (a worker, or
 #: the maintenance loop of any process), so they live here, torch-free.

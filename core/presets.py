@@ -213,3 +213,8 @@ CHALLENGE = {
         "tinyimagenet", 64, 10, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
     ),
 }
+
+
+def class_prompt(cls: ClassInfo, imagenet_id: int) -> str:
+    """What a class-conditional image was conditioned on, as its metadata's prompt."""
+    return f"ImageNet-1K class {imagenet_id} ({cls.wnid or cls.label})"

@@ -11,30 +11,18 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import albumentations as A
 import numpy as np
 
 from core.presets import ClassInfo
 from core.spec import DatasetSpec, derive_seed
-from worker.archive import encode_png, image_name, wants_png
 from worker.augment import augment_copies, build_transform
+from worker.outputs.archive import encode_png, image_name, wants_png
+from worker.outputs.sink import Finished
 
 _local = threading.local()
-
-
-@dataclass(frozen=True)
-class Finished:
-    """One output image, encoded, with its metadata line."""
-
-    cls: ClassInfo
-    number: int
-    #: None only when an archive is assembled from parts and nothing needs the pixels.
-    image: np.ndarray | None
-    png: bytes | None
-    meta: dict[str, Any]
 
 
 def _transform(spec: DatasetSpec) -> A.Compose | None:

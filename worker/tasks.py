@@ -36,9 +36,12 @@ from core.records import JobRecord, Piece, ShardRecord
 from core.spec import DatasetSpec
 from core.states import JobState
 from core.storage import Storage, open_storage
-from worker import card, engine, manifest, postprocess, runtime, selection
-from worker.archive import ArchiveInfo, ArchiveWriter, decode_png
+from worker import engine, runtime
 from worker.augment import source_size
+from worker.model.generator import SamplingParams
+from worker.outputs import card, manifest, sink
+from worker.outputs.archive import ArchiveInfo, ArchiveWriter, decode_png
+from worker.selection import sources as selection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,7 +79,7 @@ def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
     shard's worth more of each is needed while it is copied in.
     """
     # Here, not at the top: this function is all that needs them.
-    from worker import parquet, webdataset
+    from worker.outputs import parquet, webdataset
 
     images = spec.total_images if images is None else images
     raw = spec.size * spec.size * 3
@@ -186,6 +189,19 @@ def discard_parts(job_id: str) -> int:
     return removed
 
 
+def _model_facts(rt: runtime.Runtime, spec: DatasetSpec) -> manifest.ModelFacts:
+    generator = rt.generator
+    return manifest.ModelFacts(
+        provenance=generator.provenance(SamplingParams.from_spec(spec)),
+        decoder=generator.decoder_provenance(spec.decoder),
+        resolution=generator.resolution,
+        class_conditional=generator.class_conditional,
+        seed_scheme=engine.SEED_SCHEME,
+        batch_size=rt.batch_size,
+        load_seconds=generator.load_seconds,
+    )
+
+
 def _targets(store: Storage, key: str, scratch: Path) -> tuple[Path, Path]:
     """(final, partial) local files for an archive stored under ``key``.
 
@@ -257,7 +273,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
     )
     hooks = RedisHooks(redis, piece)
     with ArchiveWriter(final=final, partial=partial) as writer:
-        outputs = engine.Outputs(spec=work.sample_spec, writer=writer)
+        outputs = sink.Outputs(spec=work.sample_spec, writer=writer)
         run = engine.run(
             work.sample_spec,
             rt.generator,
@@ -315,8 +331,8 @@ def _publish(
     store: Storage,
     job_id: str,
     writer: ArchiveWriter,
-    outputs: engine.Outputs,
-    run: engine.RunResult,
+    outputs: sink.Outputs,
+    run: sink.RunResult,
     *,
     started: float,
     **extra: str | int | float,
@@ -332,11 +348,10 @@ def _publish(
     source = selection.prepare(spec, rt.settings, rt.generator, source_side=run.source_size)
     described = manifest.build(
         spec,
-        generator=rt.generator,
+        facts=_model_facts(rt, spec),
         outputs=outputs,
         tensors=tensors,
         run=run,
-        batch_size=rt.batch_size,
         selection=source.provenance() if source is not None else None,
     )
     writer.add_file("README.md", card.render(described), compress=True)
@@ -364,8 +379,8 @@ def _publish_part(
     store: Storage,
     piece: Piece,
     info: ArchiveInfo,
-    outputs: engine.Outputs,
-    run: engine.RunResult,
+    outputs: sink.Outputs,
+    run: sink.RunResult,
 ) -> dict[str, Any]:
     """Put a shard's part in the store; then top up the job's window and, after the last
     shard, enqueue the assembly."""
@@ -408,7 +423,7 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
     started = time.perf_counter()
     rows = patiently(lambda: records.read_shards(redis, job_id))
     with ArchiveWriter(final=final, partial=partial) as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(spec=spec, writer=writer)
         for shard in rows:
             if patiently(lambda: records.ending(redis, job_id)):
                 writer.abort()
@@ -417,7 +432,7 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
                 return {"canceled": True}
             with store.local_copy(keys.part(job_id, shard.index)) as path:
                 _copy_part(path, outputs, spec.classes())
-        run = engine.RunResult(
+        run = sink.RunResult(
             generated=sum(r.generated for r in rows),
             seconds_sampling=sum(r.seconds_sampling for r in rows),
             seconds_generating=0.0,
@@ -439,7 +454,7 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
     return result
 
 
-def _copy_part(path: Path, outputs: engine.Outputs, classes: Sequence[ClassInfo]) -> None:
+def _copy_part(path: Path, outputs: sink.Outputs, classes: Sequence[ClassInfo]) -> None:
     """Append one part's images, in their order, to the archive being assembled.
 
     PNG bytes and metadata lines are copied as they are; pixels are decoded only where the
@@ -456,4 +471,4 @@ def _copy_part(path: Path, outputs: engine.Outputs, classes: Sequence[ClassInfo]
             png = part.read(f"train/{name}")
             image = decode_png(png) if outputs.wants_pixels(cls.index, number) else None
             keep_png = png if outputs.wants_png else None
-            outputs.add(postprocess.Finished(cls, number, image, keep_png, row))
+            outputs.add(sink.Finished(cls, number, image, keep_png, row))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.archive import ArchiveWriter, class_dir, image_name, slugify
+from worker.outputs.archive import ArchiveWriter, class_dir, image_name, slugify
 
 HOSTILE = [
     "../../etc/passwd",

@@ -16,7 +16,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from tests.conftest import run_job
-from worker import card
+from worker.outputs import card
 
 # Request order differs from sorted order (apple < crème brûlée < zebra): the names must follow
 # the class indexes, not the alphabet. The paper policy's copies give the metadata a `copy`

@@ -14,8 +14,8 @@ from PIL import Image
 from core import keys, references
 from core.storage import LocalStorage
 from tests.conftest import make_settings
-from worker import coreset
-from worker import references as loader
+from worker.selection import coreset
+from worker.selection import references as loader
 
 
 def blobs(centers: int = 4, per: int = 50, dim: int = 6, seed: int = 0) -> np.ndarray:

@@ -8,9 +8,10 @@ import pytest
 
 from core.spec import DatasetSpec
 from worker import engine
-from worker.archive import ArchiveWriter
 from worker.model.generator import Generator
 from worker.model.loading import LoadOptions, load
+from worker.outputs import sink
+from worker.outputs.archive import ArchiveWriter
 from worker.postprocess import make_pool
 
 
@@ -26,7 +27,7 @@ def _archive(
         make_pool(mode, workers) as pool,  # type: ignore[arg-type]
         ArchiveWriter(final=path, partial=path.with_suffix(".part")) as writer,
     ):
-        outputs = engine.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(spec=spec, writer=writer)
         run = engine.run(
             spec,
             generator,
@@ -65,7 +66,7 @@ def test_progress_reports_every_batch_in_order(generator: Generator, tmp_path: P
     spec = DatasetSpec(labels=["cat", "dog"], ipc=10, image_size=16)  # 2 x 2 sampled, 20 out
     hooks = _Recorder()
     with ArchiveWriter(final=tmp_path / "a.zip", partial=tmp_path / "a.part") as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(spec=spec, writer=writer)
         engine.run(spec, generator, outputs, batch_size=3, hooks=hooks)
     assert [b[0] for b in hooks.batches] == [3, 4]
     assert hooks.batches[-1][1] == 20
@@ -75,6 +76,6 @@ def test_progress_reports_every_batch_in_order(generator: Generator, tmp_path: P
 def test_cancel_between_batches_returns_none(generator: Generator, tmp_path: Path) -> None:
     spec = DatasetSpec(labels=[f"c{i}" for i in range(10)], ipc=5, image_size=8)
     with ArchiveWriter(final=tmp_path / "a.zip", partial=tmp_path / "a.part") as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(spec=spec, writer=writer)
         assert engine.run(spec, generator, outputs, batch_size=2, hooks=_Recorder(1)) is None
     assert not (tmp_path / "a.zip").exists() and not (tmp_path / "a.part").exists()

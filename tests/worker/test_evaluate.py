@@ -20,8 +20,6 @@ import torch
 from PIL import Image
 
 from tests.conftest import CIFAR10_TEST, ROOT
-from worker import formats
-from worker.archive import ArchiveWriter, class_dir, image_name
 from worker.evaluate import (
     BY_INDEX,
     BY_NAME,
@@ -35,6 +33,8 @@ from worker.evaluate import (
 )
 from worker.evaluate.data import normalization
 from worker.evaluate.network import ConvNet
+from worker.outputs import formats
+from worker.outputs.archive import ArchiveWriter, class_dir, image_name
 
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2023, 0.1994, 0.2010]

@@ -21,9 +21,10 @@ from fastapi.testclient import TestClient
 from core.presets import ClassInfo
 from core.spec import DatasetSpec
 from tests.conftest import run_job
-from worker import engine, parquet, tasks
-from worker.archive import ArchiveWriter, decode_png, encode_png, image_name
-from worker.card import features as card_features
+from worker import tasks
+from worker.outputs import parquet, sink
+from worker.outputs.archive import ArchiveWriter, decode_png, encode_png, image_name
+from worker.outputs.card import features as card_features
 
 # Request order differs from sorted order: the names must follow the class indexes.
 LABELS = ["zebra", "apple", "crème brûlée"]
@@ -207,7 +208,7 @@ def test_assembly_from_parts_fills_the_shards_without_imagefolder(tmp_path: Path
     )
     final = tmp_path / "job.zip"
     with ArchiveWriter(final=final, partial=tmp_path / ".job.zip.part") as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(spec=spec, writer=writer)
         tasks._copy_part(part, outputs, (cls,))
         entry = outputs.parquet_entry()
         writer.commit({"formats": entry})

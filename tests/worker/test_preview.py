@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import run_job
-from worker.preview import GAP, LABEL_WIDTH, tile_scale
+from worker.outputs.preview import GAP, LABEL_WIDTH, tile_scale
 
 
 def _sheet(client: TestClient, job_id: str) -> Image.Image:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from worker.model.generator import image_to_image_steps
-from worker.selection import kmeans
+from worker.selection.sources import kmeans
 
 
 def test_kmeans_finds_separated_clusters_in_a_stable_order() -> None:

@@ -21,9 +21,10 @@ from fastapi.testclient import TestClient
 from core.presets import ClassInfo
 from core.spec import DatasetSpec
 from tests.conftest import run_job
-from worker import engine, postprocess, tasks
-from worker.archive import ArchiveWriter, encode_png, image_name
-from worker.webdataset import ShardWriter, encode_sample, sample_key
+from worker import postprocess, tasks
+from worker.outputs import sink
+from worker.outputs.archive import ArchiveWriter, encode_png, image_name
+from worker.outputs.webdataset import ShardWriter, encode_sample, sample_key
 
 BODY: dict[str, Any] = {
     "labels": ["cat", "dog", "fish"],
@@ -148,7 +149,7 @@ def test_assembly_from_parts_fills_the_shards_even_without_imagefolder(tmp_path:
     )
     final = tmp_path / "job.zip"
     with ArchiveWriter(final=final, partial=tmp_path / ".job.zip.part") as writer:
-        outputs = engine.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(spec=spec, writer=writer)
         tasks._copy_part(part, outputs, (cls,))
         entry = outputs.webdataset_entry()["webdataset"]
         writer.commit({"formats": outputs.webdataset_entry()})

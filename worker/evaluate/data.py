@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.archive import slugify
+from worker.outputs.archive import slugify
 
 #: File endings torchvision's ImageFolder accepts.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -39,9 +39,9 @@ from core import references as records
 from core.presets import ClassInfo
 from core.settings import Settings
 from core.spec import DatasetSpec
-from worker import coreset, references
 from worker.model.generator import Conditioning, Generator, SamplingParams, image_to_image_steps
 from worker.model.latents import shrink
+from worker.selection import coreset, references
 
 #: Lloyd iterations at most (k-means stops earlier once no assignment changes).
 KMEANS_ITERATIONS = 100

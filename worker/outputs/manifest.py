@@ -9,15 +9,15 @@ from __future__ import annotations
 import datetime as dt
 import platform
 import time
+from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
 from typing import Any
 
 from core import presets
 from core.spec import DatasetSpec
-from worker import engine
-from worker.archive import class_dir
-from worker.model.generator import Generator, SamplingParams
+from worker.outputs.archive import class_dir
+from worker.outputs.sink import Outputs, RunResult
 
 _VERSIONED = (
     "distill-service",
@@ -33,6 +33,22 @@ _VERSIONED = (
 )
 #: The manifest of a shard's part archive (never served; assembly reads it).
 PART_FORMAT = "distill-service/part-v1"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the manifest says of the model that made a dataset (the caller reads them off
+    its generator): provenance, decoder, sampling side, seeds, load time."""
+
+    #: Everything about the model and sampler needed to make the dataset again.
+    provenance: dict[str, Any]
+    decoder: dict[str, Any]
+    resolution: int
+    class_conditional: bool
+    #: How every image's and copy's seed is derived.
+    seed_scheme: str
+    batch_size: int
+    load_seconds: float = 0.0
 
 
 @cache
@@ -54,11 +70,10 @@ def _iso(ts: float) -> str:
 def build(
     spec: DatasetSpec,
     *,
-    generator: Generator,
-    outputs: engine.Outputs,
+    facts: ModelFacts,
+    outputs: Outputs,
     tensors: dict[str, Any],
-    run: engine.RunResult,
-    batch_size: int,
+    run: RunResult,
     selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the archive holds and everything needed to make it again.
@@ -70,9 +85,11 @@ def build(
     preset = presets.get(spec.preset) if spec.preset else None
     if spec.real:
         prompts: dict[Any, list[str]] = {c: [] for c in spec.classes()}
-    elif generator.class_conditional:
+    elif facts.class_conditional:
         ids = presets.imagenet_ids(spec.classes())
-        prompts = {c: [engine.class_prompt(c, i)] for c, i in zip(spec.classes(), ids, strict=True)}
+        prompts = {
+            c: [presets.class_prompt(c, i)] for c, i in zip(spec.classes(), ids, strict=True)
+        }
     else:
         prompts = {
             c: sorted({spec.prompt(c, n) for n in range(len(spec.templates))})
@@ -101,17 +118,17 @@ def build(
         "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
         "model": {
             "alias": spec.model,
-            **generator.provenance(SamplingParams.from_spec(spec)),
+            **facts.provenance,
         },
-        "decoder": generator.decoder_provenance(spec.decoder),
+        "decoder": facts.decoder,
         "sampling": {
-            "batch_size": batch_size,
+            "batch_size": facts.batch_size,
             "output_size": spec.size,
-            "resolution": spec.resolution or generator.resolution,
+            "resolution": spec.resolution or facts.resolution,
             "copy_source_size": run.source_size,
             "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
             "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],
-            "seeds": engine.SEED_SCHEME,
+            "seeds": facts.seed_scheme,
         },
         "counts": {
             "classes": len(spec.classes()),
@@ -143,7 +160,7 @@ def build(
             "seconds": spec.budget_seconds,
             "seconds_used": round(run.seconds_generating, 3),
             "seconds_sampling": round(run.seconds_sampling, 3),
-            "model_load_seconds": round(generator.load_seconds, 3),
+            "model_load_seconds": round(facts.load_seconds, 3),
             "model_load_counted": False,
             "ipc_reached": min(outputs.per_class.values(), default=0),
             "finished_at": _iso(time.time()),

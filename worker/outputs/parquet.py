@@ -36,9 +36,9 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from core.spec import DatasetSpec
-from worker.archive import class_dir
-from worker.card import COPY_COLUMN, METADATA_COLUMNS
-from worker.card import class_names as card_class_names
+from worker.outputs.archive import class_dir
+from worker.outputs.card import COPY_COLUMN, METADATA_COLUMNS
+from worker.outputs.card import class_names as card_class_names
 
 #: A shard is closed before a row group would take it past this many bytes: ``datasets``'
 #: ``MAX_SHARD_SIZE`` ("500MB"), what ``push_to_hub`` shards by.

@@ -4,8 +4,8 @@ Layout::
 
     train/000_cat/000_00000.png          class index, slug, image number within the class
     train/metadata.jsonl                 one line per image (Hugging Face imagefolder format)
-    webdataset/train-000000.tar          WebDataset shards (worker/webdataset.py), if asked
-    data/train-00000-of-00001.parquet    Parquet shards (worker/parquet.py), if asked
+    webdataset/train-000000.tar          WebDataset shards (worker/outputs/webdataset.py), if asked
+    data/train-00000-of-00001.parquet    Parquet shards (worker/outputs/parquet.py), if asked
     manifest.json                        request, classes, model, versions, counts, timings
 
 Images go straight into a temporary ``.part`` file as they are made; the archive appears
@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from core.storage import fsync_dir
-from worker.webdataset import ShardWriter, encode_sample
+from worker.outputs.webdataset import ShardWriter, encode_sample
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SLUG_CHARS = 40
