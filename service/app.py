@@ -10,10 +10,11 @@ from redis import Redis
 
 from core import maintenance, models
 from core.settings import Settings, get_settings
-from service import errors, references, ui
-from service.api import health_router, router
+from service import errors, references
 from service.guards import BodyGuard
 from service.metrics import registry_for
+from service.routes import evaluations, health, jobs, presets, ui
+from service.routes import models as model_routes
 
 DESCRIPTION = """\
 Generates distilled image datasets on demand: class names in, a zipped ImageFolder out.
@@ -56,10 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.include_router(router)
-    app.include_router(references.router)
-    app.include_router(health_router)
-    app.include_router(ui.router)
+    for router in (jobs, evaluations, model_routes, presets, references, health, ui):
+        app.include_router(router.router)
     errors.install(app)
     app.add_middleware(
         BodyGuard, max_bytes=settings.max_body_bytes, uploads=references.UPLOAD_PATHS
