@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         action="append",
-        choices=["imagefolder", "tensors", "challenge", "webdataset"],
+        choices=["imagefolder", "tensors", "challenge", "webdataset", "parquet"],
         help="archive format; repeat for several",
     )
     p.add_argument("--spec", metavar="FILE", help="JSON request body to start from ('-': stdin)")
