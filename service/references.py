@@ -23,9 +23,9 @@ from core import references
 from core.references import ReferenceInfo, ReferenceSetError
 from core.settings import Settings
 from core.storage import open_storage
-from service.auth import OwnerDep, owner_for
-from service.errors import PROBLEM_JSON, ServiceError
-from service.schemas import Problem
+from service.auth import owner_for
+from service.deps import BINARY, OwnerDep, RedisDep, SettingsDep, problems
+from service.errors import ServiceError
 
 UPLOAD_PATHS = frozenset({"/v1/references"})
 #: What an upload may be sent as; the content decides what it really is.
@@ -40,7 +40,6 @@ MEDIA_TYPES = (
     "application/x-xz",
     "application/octet-stream",
 )
-_BINARY = {"type": "string", "format": "binary"}
 
 
 class ReferenceNotFound(ServiceError):
@@ -64,35 +63,23 @@ class ReferenceList(BaseModel):
     references: list[ReferenceInfo]
 
 
-def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    texts = {
-        401: "API keys are on and none, or an unknown one, was sent",
-        404: "Unknown reference set id (or another key's)",
-        413: "Over DISTILL_MAX_REFERENCE_BYTES (sent or expanded), _IMAGES or _PIXELS; the "
-        "detail names the member",
-        415: "Not a zip or a tar, or sent with a content type that is neither",
-        422: "A member the service refuses (path, link, nested archive, not an image...), "
-        "named in the detail; or an invalid query parameter",
-        503: "Redis unreachable; see Retry-After",
-    }
-    return {
-        code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": texts[code]}
-        for code in codes
-    }
+#: What each problem status means on these routes.
+_TEXTS = {
+    401: "API keys are on and none, or an unknown one, was sent",
+    404: "Unknown reference set id (or another key's)",
+    413: "Over DISTILL_MAX_REFERENCE_BYTES (sent or expanded), _IMAGES or _PIXELS; the "
+    "detail names the member",
+    415: "Not a zip or a tar, or sent with a content type that is neither",
+    422: "A member the service refuses (path, link, nested archive, not an image...), "
+    "named in the detail; or an invalid query parameter",
+    503: "Redis unreachable; see Retry-After",
+}
 
 
-def _redis(request: Request) -> Redis:
-    redis: Redis = request.app.state.redis
-    return redis
+def _answers(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return problems(*codes, texts=_TEXTS)
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-RedisDep = Annotated[Redis, Depends(_redis)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
 ReferenceId = Annotated[str, PathParam(description="The set's id (32 hex digits).")]
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(owner_for)], tags=["references"])
@@ -150,7 +137,7 @@ def _ingest_and_store(
     operation_id="createReference",
     summary="Upload a reference set: a zip or tar of class folders of real images",
     response_model=ReferenceInfo,
-    responses=_problems(401, 413, 415, 422, 503),
+    responses=_answers(401, 413, 415, 422, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -158,7 +145,7 @@ def _ingest_and_store(
             "tree: class folders of images, optionally under one top-level folder. Sent as "
             "application/octet-stream or as any of: " + ", ".join(MEDIA_TYPES[:-1]) + ".",
             # One binary type here, the one code generators understand; the route accepts all.
-            "content": {"application/octet-stream": {"schema": _BINARY}},
+            "content": {"application/octet-stream": {"schema": BINARY}},
         }
     },
 )
@@ -211,7 +198,7 @@ async def create_reference(
     operation_id="listReferences",
     summary="Your reference sets, newest first",
     response_model=ReferenceList,
-    responses=_problems(401, 503),
+    responses=_answers(401, 503),
 )
 def list_references(redis: RedisDep, owner: OwnerDep) -> ReferenceList:
     return ReferenceList(references=references.list_for(redis, owner))
@@ -222,7 +209,7 @@ def list_references(redis: RedisDep, owner: OwnerDep) -> ReferenceList:
     operation_id="getReference",
     summary="One reference set: classes, image counts, digests",
     response_model=ReferenceInfo,
-    responses=_problems(401, 404, 503),
+    responses=_answers(401, 404, 503),
 )
 def get_reference(reference_id: ReferenceId, redis: RedisDep, owner: OwnerDep) -> ReferenceInfo:
     found = references.read(redis, reference_id, owner=owner)
@@ -237,7 +224,7 @@ def get_reference(reference_id: ReferenceId, redis: RedisDep, owner: OwnerDep) -
     operation_id="deleteReference",
     summary="Delete a reference set and its stored images",
     response_class=Response,
-    responses={204: {"description": "Deleted"}, **_problems(401, 404, 503)},
+    responses={204: {"description": "Deleted"}, **_answers(401, 404, 503)},
 )
 def delete_reference(
     reference_id: ReferenceId, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
