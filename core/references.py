@@ -8,16 +8,27 @@ images, optionally under one top-level folder (``train/cat/1.png`` or ``cat/1.pn
     reference.json                classes, each image's digest, size and original member name
 
 so nothing is ever written outside the set's own storage key. It refuses, naming the member:
-absolute names, ``..``, backslashes or NUL in names; symlinks, hardlinks, devices, FIFOs;
-nested archives (by name or content); anything Pillow does not identify as an image of an
-allowed format (``FORMATS``: content decides, not the extension); images over ``max_pixels``
-(from the header, nothing decoded); members over ``MAX_IMAGE_BYTES``; and, as a whole, more
-than ``max_bytes`` uncompressed (summed from the headers before any member is read, and
-counted again while reading, so a lying header gains nothing), more than ``max_images``
-images, more than ``MAX_CLASSES`` classes, no image at all. Hidden entries (any path part
-starting with ``.``, ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``) and directories are
-skipped, not refused: archivers add them unasked. An image that appears twice in one class
-(same bytes) is kept once.
+absolute names, ``..``, backslashes or NUL in names (a zip name is judged as stored, before
+Python cuts it at a NUL); symlinks, hardlinks, devices, FIFOs, sparse files; one name twice
+with different content (``a/b.png`` and ``a//b.png``, NFC and NFD spellings, count as one
+name); nested archives (by name or content); anything Pillow does not identify as an image of
+an allowed format (``FORMATS``: content decides, not the extension); images over
+``max_pixels`` (from the header, before any pixel is decoded); images whose file goes on after
+the image ends (a PNG followed by a zip; ``_image_end`` gives each format's rule; up to
+``_PADDING`` zero bytes of alignment may follow) or stops before; images that do not decode
+(each is decoded once, its first frame to RGB as jobs read it, a few at a time in a pool the
+process shares); members over ``MAX_IMAGE_BYTES``; members the archive cannot give back
+(corrupt deflate, LZMA or bzip2 data, a bad local header). As a whole, naming "the archive"
+or the class folders: an archive too damaged to list (a bad central directory, an end record
+pointing past the file, a name that is not UTF-8 under the UTF-8 flag, an unparseable tar or
+pax header); more than ``max_bytes`` uncompressed (summed from the headers before any member
+is read, and counted again while reading, so a lying header gains nothing; a tar header is
+checked before the next one is looked for, so one declaring 10**15 bytes ends the upload at
+once); more than ``max_images`` images, more than ``MAX_CLASSES`` classes, no image at all;
+two class folders a job could not tell apart (``Cat`` and ``cat``, NFC and NFD ``crème``, one
+wnid twice). Hidden entries (any path part starting with ``.``, ``__MACOSX``, ``Thumbs.db``,
+``desktop.ini``) and directories are skipped, not refused: archivers add them unasked. An
+image that appears twice in one class (same bytes) is kept once.
 
 Records (``core.keys``)::
 
@@ -50,13 +61,17 @@ import re
 import stat
 import struct
 import tarfile
+import threading
 import time
 import unicodedata
 import uuid
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -97,6 +112,44 @@ _ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\
 _WNID = re.compile(r"^(n\d{8})(?:[_\-\s.](.*))?$", re.IGNORECASE)
 _INDEX_PREFIX = re.compile(r"^\d+[_\-\s.](?=.)")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+#: What zipfile, tarfile and the decompressors raise on damaged input besides their own
+#: errors: they do not wrap what their parsers hit (a bad offset, a name that is not UTF-8, a
+#: pax number that is not one, corrupt deflate, LZMA or bzip2 data).
+_DAMAGED: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    ValueError,
+    struct.error,
+    zlib.error,
+    lzma.LZMAError,
+    NotImplementedError,
+    RuntimeError,
+    LookupError,
+    OverflowError,
+)
+#: What Pillow raises on a file it cannot decode: its plugins parse hostile bytes and fail
+#: in many ways, none of which means anything but "not a usable image".
+_UNDECODABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    LookupError,
+    ArithmeticError,
+    TypeError,
+    NotImplementedError,
+    RuntimeError,
+)
+#: Images decoded at once by one process (all uploads together), and how many one upload
+#: keeps waiting: a decode holds up to ``max_pixels`` x 4 bytes and a core.
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+_DECODE_WINDOW = DECODE_THREADS + 1
+_DECODE_WINDOW_BYTES = 128 * 1024 * 1024
 
 
 class ReferenceSetError(ValueError):
@@ -216,6 +269,28 @@ def _looks_like_archive(name: str, head: bytes) -> bool:
 # --- reading an upload -------------------------------------------------------------------------
 
 
+def _why(exc: BaseException) -> str:
+    """What a library said went wrong, for a refusal: never a server path (an OSError's file
+    name is left out), one line."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@contextmanager
+def _reading(member: str | None) -> Iterator[None]:
+    """Refuse, naming ``member`` (None: the archive as a whole), what a library raises on
+    damaged bytes; our own refusals pass through as they are."""
+    try:
+        yield
+    except ReferenceSetError:
+        raise
+    except _DAMAGED as exc:
+        if member is None:
+            raise ReferenceSetError(f"the archive is damaged ({_why(exc)})") from None
+        raise ReferenceSetError(f"cannot read it ({_why(exc)})", member=member) from None
+
+
 class _Bounded(io.RawIOBase):
     """A read-only stream that fails once more than ``limit`` bytes came through: the guard
     on a compressed tar's decompressed size, whatever its headers say."""
@@ -237,6 +312,37 @@ class _Bounded(io.RawIOBase):
         return len(data)
 
 
+class _Tail(io.RawIOBase):
+    """A read-only stream that keeps the last bytes read, so that the block where tarfile
+    stopped can be looked at afterwards: tarfile takes a damaged header after the first one
+    for the end of the archive, silently dropping every member after it."""
+
+    def __init__(self, inner: IO[bytes], keep: int = 1 << 16) -> None:
+        self.inner = inner
+        self.keep = keep
+        self.pos = 0
+        self.tail = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.inner.read(len(buffer))
+        self.pos += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.keep:
+            del self.tail[: len(self.tail) - self.keep]
+        buffer[: len(data)] = data
+        return len(data)
+
+    def block(self, offset: int) -> bytes | None:
+        """The 512 bytes at ``offset`` (fewer at the end), None when no longer kept."""
+        start = self.pos - len(self.tail)
+        if offset < start:
+            return None
+        return bytes(self.tail[offset - start : offset - start + 512])
+
+
 @dataclass(frozen=True)
 class _Entry:
     """A member to read: name, path parts, declared size."""
@@ -253,7 +359,7 @@ def _sniff(path: Path) -> str:
         head = handle.read(512)
     if head[257:262] == b"ustar":
         return "tar"
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) and zipfile.is_zipfile(path):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) and _is_zip(path):
         return "zip"
     if head.startswith(b"\x1f\x8b"):
         return "gz"
@@ -266,12 +372,19 @@ def _sniff(path: Path) -> str:
     raise UnsupportedArchive("the body is neither a zip nor a tar (plain, gz, bz2 or xz)")
 
 
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except _DAMAGED:
+        return False
+
+
 def _plain_tar(path: Path) -> bool:
     try:
         with tarfile.open(path, mode="r:") as archive:
             archive.next()
         return True
-    except (tarfile.TarError, OSError):
+    except _DAMAGED:
         return False
 
 
@@ -282,14 +395,32 @@ def _tar_stream(path: Path, kind: str, limit: int) -> IO[bytes]:
     return io.BufferedReader(_Bounded(opener[kind](path, "rb"), limit), buffer_size=1 << 20)
 
 
-def _tar_entries(archive: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, _Entry | None]]:
+def _tar_entries(
+    archive: tarfile.TarFile, limit: int
+) -> Iterator[tuple[tarfile.TarInfo, _Entry | None]]:
+    """Each member with what to read of it (None: skipped), refusing what ``_check_totals``
+    cannot wait for: a stream read moves to the next header by reading past this member's
+    declared size, so a header claiming 10**15 bytes would keep it reading nothing for hours.
+    Declared sizes (all members, skipped ones too) may add up to ``limit`` at most."""
+    declared = 0
     for info in archive:
+        if info.size < 0:
+            raise ReferenceSetError("its header declares a negative size", member=info.name)
+        declared += info.size
+        if declared > limit:
+            raise ReferenceTooLarge(
+                f"its header declares {info.size} bytes; the whole archive may expand to "
+                f"{limit} bytes at most",
+                member=info.name,
+            )
         parts = check_member_name(info.name)
         if info.issym() or info.islnk():
             raise ReferenceSetError("links are refused", member=info.name)
         if info.isdir() or parts is None:
             yield info, None
             continue
+        if info.issparse():
+            raise ReferenceSetError("sparse files are refused", member=info.name)
         if not info.isfile():
             raise ReferenceSetError(
                 "devices, FIFOs and other special files are refused", member=info.name
@@ -300,6 +431,9 @@ def _tar_entries(archive: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, _E
 def _zip_entries(archive: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, _Entry]]:
     out = []
     for info in archive.infolist():
+        # zipfile cuts a name at its first NUL (``cat/x.png\0../../evil`` reads as
+        # ``cat/x.png``): the name as stored is the one judged.
+        check_member_name(info.orig_filename)
         parts = check_member_name(info.filename)
         mode = info.external_attr >> 16
         if info.create_system == 3 and mode and stat.S_ISLNK(mode):
@@ -361,13 +495,25 @@ def _read_bounded(handle: IO[bytes], entry: _Entry, budget: int) -> bytes:
     return data
 
 
+# --- images: what they are, where they end, whether they decode --------------------------------
+
+
 def identify(data: bytes, member: str, *, max_pixels: int) -> str:
-    """The file extension for an image's bytes, from its content (header only, nothing is
-    decoded); ReferenceSetError naming ``member`` for anything else."""
+    """The file extension for an image's bytes, from its content; ReferenceSetError naming
+    ``member`` for anything else. The header decides the format and the size (within
+    ``max_pixels``); the file must end where the format's structure ends (``_image_end``);
+    then the image is decoded the way jobs read it (first frame, to RGB)."""
+    extension = _inspect(data, member, max_pixels=max_pixels)
+    _decode(data, member)
+    return extension
+
+
+def _inspect(data: bytes, member: str, *, max_pixels: int) -> str:
+    """``identify`` up to the decoding: format, size and end, no pixel data decompressed."""
     if _looks_like_archive(member, data[:512]):
         raise ReferenceSetError("nested archives are refused", member=member)
     # Imported here: the API process loads Pillow only when an upload arrives.
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with warnings.catch_warnings():
@@ -375,18 +521,12 @@ def identify(data: bytes, member: str, *, max_pixels: int) -> str:
             with Image.open(io.BytesIO(data), formats=_OPENERS) as image:
                 width, height = image.size
                 kind = str(image.format)
+                frames = int(getattr(image, "n_frames", 1)) if kind == "MPO" else 1
                 # Chunk checksums and structure, still without decompressing pixel data.
                 image.verify()
     except Image.DecompressionBombError as exc:
         raise ReferenceTooLarge(f"too many pixels ({exc})", member=member) from None
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,
-        EOFError,
-        struct.error,
-    ) as exc:
+    except _UNDECODABLE as exc:  # UnidentifiedImageError is an OSError
         allowed = ", ".join(sorted(FORMATS))
         raise ReferenceSetError(f"not an image ({allowed}): {exc}", member=member) from None
     if width * height > max_pixels:
@@ -396,7 +536,338 @@ def identify(data: bytes, member: str, *, max_pixels: int) -> str:
         )
     if width < 1 or height < 1 or kind not in FORMATS:
         raise ReferenceSetError(f"not a usable {kind} image ({width}x{height})", member=member)
+    _check_end(data, kind, frames, member)
     return FORMATS[kind]
+
+
+def _decode(data: bytes, member: str) -> None:
+    """Decode the image as every job will (its first frame, to RGB): truncated or corrupt
+    pixel data is refused now rather than failing each job that picks the image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=_OPENERS) as image:
+            image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ReferenceTooLarge(f"too many pixels ({exc})", member=member) from None
+    except _UNDECODABLE as exc:
+        raise ReferenceSetError(f"the image does not decode ({_why(exc)})", member=member) from None
+
+
+#: Zero bytes allowed after an image's end: writers align files (Pillow pads each page of a
+#: multi-page TIFF to 16 bytes, cameras pad to a block); zeros carry nothing.
+_PADDING = 4096
+#: What ends each format (see ``_image_end``).
+_ENDS = {
+    "PNG": "IEND chunk",
+    "JPEG": "end-of-image marker",
+    "MPO": "last image's end-of-image marker",
+    "GIF": "trailer",
+    "WEBP": "RIFF chunk",
+    "BMP": "pixel rows (or colour profile)",
+    "TIFF": "furthest IFD, tag value, strip or tile",
+    "PPM": "raster",
+}
+
+
+class _Malformed(ValueError):
+    """An image whose structure does not hold together; the message says where."""
+
+
+def _check_end(data: bytes, kind: str, frames: int, member: str) -> None:
+    """Refuse an image whose file goes on after the image ends (a PNG followed by a zip) or
+    stops before (a truncated structure)."""
+    try:
+        end = _image_end(data, kind, frames=frames)
+    except (ValueError, IndexError, struct.error) as exc:  # _Malformed is a ValueError
+        raise ReferenceSetError(f"not a well-formed {kind} image: {exc}", member=member) from None
+    if end > len(data):
+        raise ReferenceSetError(
+            f"the {kind} image is cut short: its structure needs {end} bytes, the file has "
+            f"{len(data)}",
+            member=member,
+        )
+    extra = data[end:]
+    if len(extra) > _PADDING or extra.strip(b"\x00"):
+        raise ReferenceSetError(
+            f"{len(extra)} bytes after the end of the {kind} image (its {_ENDS[kind]} must "
+            "end the file) are refused",
+            member=member,
+        )
+
+
+def _image_end(data: bytes, kind: str, *, frames: int = 1) -> int:
+    """Where the image in ``data`` ends, by its format's own structure:
+
+    - PNG: just after the IEND chunk, walking chunk lengths from the signature.
+    - JPEG: just after the EOI marker, walking marker segments and scan data; MPO: after the
+      EOI of the last of its ``frames`` JPEG streams, which follow one another.
+    - GIF: just after the trailer (0x3B), walking blocks and sub-blocks.
+    - WEBP: the end of the RIFF chunk (8 + its size), its chunks filling it exactly.
+    - BMP: the end of the pixel rows (offset + padded rows, or offset + the declared size when
+      compressed), or of an embedded colour profile placed after them.
+    - TIFF (classic, not BigTIFF): the furthest byte any IFD reaches, with its tag values,
+      strips, tiles and the IFDs it points to (next, sub-IFDs, EXIF, GPS).
+    - PPM (netpbm P1-P6): the end of the raster (binary), or of the last sample (plain).
+    """
+    if kind in ("JPEG", "MPO"):
+        pos = 0
+        for _ in range(frames):
+            pos = _jpeg_end(data, pos)
+        return pos
+    walkers = {
+        "PNG": _png_end,
+        "GIF": _gif_end,
+        "WEBP": _webp_end,
+        "BMP": _bmp_end,
+        "TIFF": _tiff_end,
+        "PPM": _ppm_end,
+    }
+    return walkers[kind](data)
+
+
+def _png_end(data: bytes) -> int:
+    pos = 8
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        pos += 12 + length
+        if kind == b"IEND":
+            return pos
+    raise _Malformed("no IEND chunk ends it")
+
+
+#: In JPEG scan data a 0xFF is a marker unless followed by 0x00 (stuffing) or RST0-7.
+_SCAN_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+
+
+def _jpeg_end(data: bytes, pos: int) -> int:
+    """Just after the EOI marker of the JPEG stream that starts at ``pos``."""
+    if data[pos : pos + 2] != b"\xff\xd8":
+        raise _Malformed(f"no JPEG start-of-image marker at byte {pos}")
+    pos += 2
+    size = len(data)
+    while True:
+        if pos >= size:
+            raise _Malformed("it ends before its end-of-image marker")
+        if data[pos] != 0xFF:
+            raise _Malformed(f"no JPEG marker at byte {pos}")
+        while pos < size and data[pos] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos >= size:
+            raise _Malformed("it ends before its end-of-image marker")
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:
+            return pos
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue  # markers without a length
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2:
+            raise _Malformed(f"a JPEG segment of length {length} at byte {pos}")
+        pos += length
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            found = _SCAN_MARKER.search(data, pos)
+            if found is None:
+                raise _Malformed("it ends inside its scan data")
+            pos = found.start()
+
+
+def _gif_end(data: bytes) -> int:
+    flags = data[10]
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    while True:
+        if pos >= len(data):
+            raise _Malformed("it ends before its trailer")
+        block = data[pos]
+        if block == 0x3B:
+            return pos + 1
+        if block == 0x21:  # extension: label, then sub-blocks
+            pos = _gif_sub_blocks(data, pos + 2)
+        elif block == 0x2C:  # image: descriptor, local colour table, LZW code size, data
+            flags = data[pos + 9]
+            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            pos = _gif_sub_blocks(data, pos + 1)
+        else:
+            raise _Malformed(f"an unknown GIF block 0x{block:02x} at byte {pos}")
+
+
+def _gif_sub_blocks(data: bytes, pos: int) -> int:
+    while True:
+        if pos >= len(data):
+            raise _Malformed("it ends inside a block")
+        length = data[pos]
+        pos += 1 + length
+        if length == 0:
+            return pos
+
+
+def _webp_end(data: bytes) -> int:
+    end = 8 + int.from_bytes(data[4:8], "little")
+    pos = 12
+    while pos + 8 <= end:
+        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        pos += 8 + length + (length & 1)
+    if end > len(data):
+        return end  # cut short
+    # The last chunk's padding byte may be counted in the RIFF size or left out.
+    if pos not in (end, end + 1):
+        raise _Malformed("its chunks do not fill its RIFF chunk")
+    return end
+
+
+def _bmp_end(data: bytes) -> int:
+    offset, header = struct.unpack_from("<II", data, 10)
+    if header == 12:  # OS/2 1.x: 16-bit sizes, never compressed
+        width, height, _, bits = struct.unpack_from("<HHHH", data, 18)
+        compression = size = 0
+    else:
+        width, height, _, bits, compression, size = struct.unpack_from("<iiHHII", data, 18)
+    if width < 1 or bits not in (1, 2, 4, 8, 16, 24, 32):
+        raise _Malformed(f"{width} pixels wide at {bits} bits per pixel")
+    if compression in (1, 2, 4, 5):  # RLE8, RLE4, JPEG, PNG: the declared size is the data
+        if size == 0:
+            raise _Malformed("compressed pixel data of undeclared size")
+        end = offset + size
+    else:
+        end = offset + (width * bits + 31) // 32 * 4 * abs(height)
+    if header >= 124 and struct.unpack_from("<I", data, 14 + 56)[0] == 0x4D424544:  # 'MBED'
+        profile, length = struct.unpack_from("<II", data, 14 + 112)
+        end = max(end, 14 + profile + length)
+    return int(end)
+
+
+_TIFF_TYPE_SIZES = {
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 1,
+    7: 1,
+    8: 2,
+    9: 4,
+    10: 8,
+    11: 4,
+    12: 8,
+    13: 4,
+}
+#: Tags whose values are offsets of more IFDs: sub-IFDs, EXIF, GPS, interoperability.
+_TIFF_IFD_TAGS = frozenset({330, 34665, 34853, 40965})
+#: (offsets, byte counts) tag pairs: strips, tiles, a JPEG thumbnail, free space.
+_TIFF_EXTENTS = ((273, 279), (324, 325), (513, 514), (288, 289))
+_TIFF_WANTED = _TIFF_IFD_TAGS | {tag for pair in _TIFF_EXTENTS for tag in pair}
+
+
+def _tiff_end(data: bytes) -> int:
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    magic = struct.unpack_from(f"{order or '<'}H", data, 2)[0]
+    if order is None or magic != 42:
+        raise _Malformed("not a classic TIFF header (BigTIFF is not accepted)")
+    end = 8
+    todo = [struct.unpack_from(f"{order}I", data, 4)[0]]
+    seen: set[int] = set()
+    while todo:
+        at = todo.pop()
+        if at == 0 or at in seen:
+            continue
+        if len(seen) >= 1024:
+            raise _Malformed("more than 1024 IFDs")
+        seen.add(at)
+        values, reach, following = _tiff_ifd(data, order, at)
+        end = max(end, reach)
+        for offsets, counts in _TIFF_EXTENTS:
+            for start, length in zip(values.get(offsets, ()), values.get(counts, ()), strict=False):
+                end = max(end, start + length)
+        for tag in _TIFF_IFD_TAGS & values.keys():
+            todo.extend(values[tag])
+        todo.extend(following)
+    return end
+
+
+def _tiff_ifd(
+    data: bytes, order: str, at: int
+) -> tuple[dict[int, tuple[int, ...]], int, list[int]]:
+    """One IFD: the values of the tags ``_tiff_end`` follows, the furthest byte the IFD and
+    its tag values reach, and the IFDs it points to (the next one, IFD-typed tags)."""
+    (count,) = struct.unpack_from(f"{order}H", data, at)
+    reach = at + 2 + 12 * count + 4
+    following = [struct.unpack_from(f"{order}I", data, reach - 4)[0]]
+    values: dict[int, tuple[int, ...]] = {}
+    for n in range(count):
+        field = at + 2 + 12 * n
+        tag, kind, number = struct.unpack_from(f"{order}HHI", data, field)
+        size = _TIFF_TYPE_SIZES.get(kind, 1) * number
+        start = struct.unpack_from(f"{order}I", data, field + 8)[0] if size > 4 else field + 8
+        if start + size > len(data):
+            raise _Malformed(f"tag {tag} points past the end of the file")
+        reach = max(reach, start + size)
+        if kind in (3, 4, 13) and (tag in _TIFF_WANTED or kind == 13):
+            if number > 1 << 20:
+                raise _Malformed(f"tag {tag} holds {number} offsets or counts")
+            unpacked = struct.unpack_from(
+                f"{order}{number}{'H' if kind == 3 else 'I'}", data, start
+            )
+            if kind == 13:
+                following.extend(unpacked)
+            else:
+                values[tag] = unpacked
+    return values, reach, following
+
+
+_NETPBM_SPACE = b" \t\r\n\x0b\x0c"
+_DIGITS = re.compile(rb"[0-9]+")
+
+
+def _netpbm_skip(data: bytes, pos: int) -> int:
+    """Past the whitespace and comments (``#`` to the end of the line) at ``pos``."""
+    while pos < len(data):
+        if data[pos] == 0x23:
+            newline = data.find(b"\n", pos)
+            pos = len(data) if newline < 0 else newline + 1
+        elif data[pos] in _NETPBM_SPACE:
+            pos += 1
+        else:
+            break
+    return pos
+
+
+def _ppm_end(data: bytes) -> int:
+    kind = data[1] - 48 if data[:1] == b"P" and len(data) > 2 else 0
+    if not 1 <= kind <= 6:
+        raise _Malformed("only netpbm P1-P6 is accepted")
+    fields: list[int] = []
+    pos = 2
+    while len(fields) < (2 if kind in (1, 4) else 3):
+        pos = _netpbm_skip(data, pos)
+        found = _DIGITS.match(data, pos)
+        if found is None:
+            raise _Malformed(f"its header holds no number at byte {pos}")
+        if len(found[0]) > 9:
+            raise _Malformed(f"a header number of {len(found[0])} digits")
+        fields.append(int(found[0]))
+        pos = found.end()
+    width, height = fields[0], fields[1]
+    maxval = fields[2] if len(fields) == 3 else 1
+    samples = width * height * (3 if kind in (3, 6) else 1)
+    if kind >= 4:  # binary: one whitespace byte, then the raster
+        if pos >= len(data) or data[pos] not in _NETPBM_SPACE:
+            raise _Malformed("no whitespace after its header")
+        depth = 1 if maxval < 256 else 2
+        row = (width + 7) // 8 if kind == 4 else width * depth * (3 if kind == 6 else 1)
+        return pos + 1 + row * height
+    if samples > len(data):
+        raise _Malformed(f"{samples} samples cannot fit in {len(data)} bytes")
+    # Plain: the samples as numbers (P1: digits 0 and 1) between whitespace. Possessive
+    # quantifiers: a failed match never backtracks into the runs of digits.
+    sample = rb"\s*+[01]" if kind == 1 else rb"\s*+[0-9]++"
+    found = re.compile(rb"(?:%s){%d}\s*+" % (sample, samples)).match(data, pos)
+    if found is None:
+        raise _Malformed(f"it does not hold {samples} samples")
+    return found.end()
+
+
+# --- writing the normalized set ----------------------------------------------------------------
 
 
 class _Writer:
@@ -408,11 +879,19 @@ class _Writer:
         self.images: dict[str, dict[str, dict[str, Any]]] = {
             c: {} for c in sorted(set(folder_of.values()))
         }
+        self.paths: dict[str, str] = {}
         self.bytes = 0
 
-    def add(self, member: str, data: bytes, extension: str) -> None:
-        folder = self.folder_of[member]
+    def add(self, entry: _Entry, data: bytes, extension: str) -> None:
+        folder = self.folder_of[entry.name]
         digest = hashlib.sha256(data).hexdigest()
+        # One path spelled twice (or two ways: NFC and NFD, a doubled slash) is one file once
+        # extracted; with two contents, which image the set holds depends on the tool.
+        path = unicodedata.normalize("NFC", "/".join(entry.parts))
+        if self.paths.setdefault(path, digest) != digest:
+            raise ReferenceSetError(
+                "the archive holds this name twice, with different content", member=entry.name
+            )
         if digest in self.images[folder]:
             return  # the same image twice in one class counts once
         file = f"{folder}/{digest}.{extension}"
@@ -423,7 +902,7 @@ class _Writer:
             "sha256": digest,
             "file": file,
             "bytes": len(data),
-            "source": member,
+            "source": entry.name,
         }
         self.bytes += len(data)
 
@@ -443,6 +922,60 @@ class _Writer:
         self.zip.close()
 
 
+_decoders_lock = threading.Lock()
+_decoders_pool: list[ThreadPoolExecutor] = []
+
+
+def _decoders() -> ThreadPoolExecutor:
+    """The process's image decoders (``DECODE_THREADS``), shared by every upload so that
+    concurrent uploads cannot multiply the memory decoding takes; started on first use."""
+    with _decoders_lock:
+        if not _decoders_pool:
+            _decoders_pool.append(
+                ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="reference-decode")
+            )
+        return _decoders_pool[0]
+
+
+class _Checked:
+    """Images being decoded while the archive is read on, handed to the writer in member
+    order once decoded (so a refusal names the first bad member); a few at a time."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self.writer = writer
+        self.waiting: deque[tuple[_Entry, bytes, str, Future[None]]] = deque()
+        self.bytes = 0
+
+    def add(self, entry: _Entry, data: bytes, extension: str) -> None:
+        decoding = _decoders().submit(_decode, data, entry.name)
+        self.waiting.append((entry, data, extension, decoding))
+        self.bytes += len(data)
+        while len(self.waiting) > _DECODE_WINDOW or (
+            len(self.waiting) > 1 and self.bytes > _DECODE_WINDOW_BYTES
+        ):
+            self._settle()
+
+    def _settle(self) -> None:
+        entry, data, extension, decoding = self.waiting.popleft()
+        self.bytes -= len(data)
+        decoding.result()
+        self.writer.add(entry, data, extension)
+
+    def finish(self) -> None:
+        while self.waiting:
+            self._settle()
+
+    def abandon(self) -> None:
+        """Drop what has not started and wait out what runs: nothing of a refused upload
+        goes on once it is answered."""
+        for *_, decoding in self.waiting:
+            decoding.cancel()
+        for *_, decoding in self.waiting:
+            if not decoding.cancelled():
+                decoding.exception()
+        self.waiting.clear()
+
+
 def _class_digest(shas: Sequence[str]) -> str:
     return hashlib.sha256("".join(f"{s}\n" for s in sorted(shas)).encode()).hexdigest()
 
@@ -460,6 +993,31 @@ def _check_folder(name: str) -> None:
         raise ReferenceSetError(f"a class folder may not be called {MANIFEST}", member=name)
 
 
+def _check_distinct(folders: Iterable[str]) -> None:
+    """Refuse two class folders a job could not tell apart: names equal but for case,
+    Unicode normalization or punctuation (``Cat`` and ``cat``, NFC and NFD ``crème``), or one
+    wnid twice. ``match`` would answer every job on that class "several folders match"."""
+    seen: dict[tuple[str, object], str] = {}
+    for folder in sorted(folders):
+        wnid, names = folder_keys(folder)
+        marks: list[tuple[str, object]] = [
+            ("name", unicodedata.normalize("NFKC", folder).casefold().strip())
+        ]
+        if wnid:
+            marks.append(("wnid", wnid))
+        elif names:
+            marks.append(("keys", frozenset(names)))
+        for mark in marks:
+            other = seen.setdefault(mark, folder)
+            if other != folder:
+                raise ReferenceSetError(
+                    f"class folders {other!r} and {folder!r}: a job could not tell them apart "
+                    "(they differ only by case, Unicode normalization or punctuation, or "
+                    "share a wnid)",
+                    member=folder,
+                )
+
+
 def ingest(
     source_path: Path,
     *,
@@ -475,7 +1033,9 @@ def ingest(
     """Validate the zip or tar at ``source_path`` and write its normalized zip to ``output``
     (default: beside the source, ``.ref-<id>.zip.part``). Returns the zip and its info
     (``created_at`` now, no ``expires_at`` until ``store``). Raises ``ReferenceSetError`` (or a
-    subclass) naming the member at fault; the output is then removed."""
+    subclass) naming the member at fault, or "the archive" when it is damaged as a whole; the
+    output is then removed. Every image is decoded once (``identify``), a few at a time in a
+    pool shared by the process."""
     limits = Limits(max_bytes, max_images, max_pixels, max_classes)
     reference_id = reference_id or uuid.uuid4().hex
     source_path = Path(source_path)
@@ -514,35 +1074,31 @@ def _folders(entries: Sequence[_Entry]) -> dict[str, str]:
     classes = layout([(e.name, e.parts) for e in entries])
     for folder in classes:
         _check_folder(folder)
+    _check_distinct(classes)
     return {member: folder for folder, members in classes.items() for member in members}
 
 
 def _ingest_zip(source: Path, output: Path, limits: Limits) -> tuple[list[dict[str, Any]], int]:
-    with zipfile.ZipFile(source) as archive:
+    with _reading(None):
+        archive = zipfile.ZipFile(source)
+    with archive:
         pairs = _zip_entries(archive)
         entries = [e for _, e in pairs]
         _check_totals(entries, limits)
         writer = _Writer(output, _folders(entries))
+        checked = _Checked(writer)
         try:
             left = limits.max_bytes
             for info, entry in pairs:
-                try:
-                    with archive.open(info) as handle:
-                        data = _read_bounded(handle, entry, left)
-                except (
-                    zipfile.BadZipFile,
-                    OSError,
-                    RuntimeError,
-                    EOFError,
-                    NotImplementedError,
-                ) as exc:
-                    raise ReferenceSetError(f"cannot read it ({exc})", member=entry.name) from None
+                with _reading(entry.name), archive.open(info) as handle:
+                    data = _read_bounded(handle, entry, left)
                 left -= len(data)
-                writer.add(
-                    entry.name, data, identify(data, entry.name, max_pixels=limits.max_pixels)
-                )
+                extension = _inspect(data, entry.name, max_pixels=limits.max_pixels)
+                checked.add(entry, data, extension)
+            checked.finish()
             return writer.finish(), writer.bytes
         except BaseException:
+            checked.abandon()
             writer.abort()
             raise
 
@@ -552,16 +1108,32 @@ def _ingest_tar(
 ) -> tuple[list[dict[str, Any]], int]:
     # Headers and padding cost at most ~1.5 KiB per member beyond the data itself.
     expanded = limits.max_bytes + 2048 * (limits.max_images + limits.max_classes + 64)
+    with _reading(None):
+        entries = _tar_headers(source, kind, expanded, limits)
+    _check_totals(entries, limits)
+    writer = _Writer(output, _folders(entries))
+    checked = _Checked(writer)
     try:
-        # First pass: headers only (a stream read skips the data), so nothing is read into
-        # memory before the totals are known.
-        with (
-            _tar_stream(source, kind, expanded) as raw,
-            tarfile.open(fileobj=raw, mode="r|") as archive,
-        ):
-            entries = []
-            most = 2 * (limits.max_images + limits.max_classes) + 1000
-            for headers, (_, entry) in enumerate(_tar_entries(archive), start=1):
+        with _reading(None):
+            _read_tar(source, kind, expanded, limits, checked)
+        checked.finish()
+        return writer.finish(), writer.bytes
+    except BaseException:
+        checked.abandon()
+        writer.abort()
+        raise
+
+
+def _tar_headers(source: Path, kind: str, expanded: int, limits: Limits) -> list[_Entry]:
+    """First pass: headers only (a stream read skips the data), so nothing is read into
+    memory before the totals are known. The archive must end in a zero block (or at the end
+    of the file), not at a header tarfile could not parse."""
+    entries = []
+    most = 2 * (limits.max_images + limits.max_classes) + 1000
+    with _tar_stream(source, kind, expanded) as raw:
+        tail = _Tail(raw)
+        with tarfile.open(fileobj=tail, mode="r|") as archive:
+            for headers, (_, entry) in enumerate(_tar_entries(archive, expanded), start=1):
                 # Each header costs memory: stop at a count no acceptable set reaches.
                 if headers > most:
                     raise ReferenceTooLarge(
@@ -569,32 +1141,33 @@ def _ingest_tar(
                     )
                 if entry is not None:
                     entries.append(entry)
-        _check_totals(entries, limits)
-        folder_of = _folders(entries)
-        writer = _Writer(output, folder_of)
-        try:
-            left = limits.max_bytes
-            with (
-                _tar_stream(source, kind, expanded) as raw,
-                tarfile.open(fileobj=raw, mode="r|") as archive,
-            ):
-                for info, entry in _tar_entries(archive):
-                    if entry is None:
-                        continue
-                    handle = archive.extractfile(info)
-                    if handle is None:
-                        raise ReferenceSetError("cannot read it", member=entry.name)
-                    data = _read_bounded(handle, entry, left)
-                    left -= len(data)
-                    writer.add(
-                        entry.name, data, identify(data, entry.name, max_pixels=limits.max_pixels)
-                    )
-            return writer.finish(), writer.bytes
-        except BaseException:
-            writer.abort()
-            raise
-    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
-        raise ReferenceSetError(f"the tar archive is damaged ({exc})") from None
+            stop = archive.offset
+        block = tail.block(stop)
+        if block is None or block.strip(b"\x00"):
+            raise ReferenceSetError(
+                f"the archive is damaged (the block at byte {stop} is neither a tar header "
+                "nor the end of the archive)"
+            )
+    return entries
+
+
+def _read_tar(source: Path, kind: str, expanded: int, limits: Limits, checked: _Checked) -> None:
+    """Second pass: each image's bytes, checked and handed on."""
+    left = limits.max_bytes
+    with (
+        _tar_stream(source, kind, expanded) as raw,
+        tarfile.open(fileobj=raw, mode="r|") as archive,
+    ):
+        for info, entry in _tar_entries(archive, expanded):
+            if entry is None:
+                continue
+            with _reading(entry.name):
+                handle = archive.extractfile(info)
+                if handle is None:
+                    raise ReferenceSetError("cannot read it", member=entry.name)
+                data = _read_bounded(handle, entry, left)
+            left -= len(data)
+            checked.add(entry, data, _inspect(data, entry.name, max_pixels=limits.max_pixels))
 
 
 # --- records -----------------------------------------------------------------------------------
