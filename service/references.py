@@ -4,11 +4,13 @@ An upload is the request body itself (a zip or tar), not JSON, so the JSON body 
 ``UPLOAD_PATHS`` through and this route enforces ``DISTILL_MAX_REFERENCE_BYTES`` while it
 streams the body to a scratch file: nothing over the limit is ever held or kept. The file is
 then validated and normalized off the event loop and the result stored; a refused upload
-leaves nothing behind (no stored object, no record).
+leaves nothing behind (no stored object, no record). A client that goes away mid-upload is
+the client's doing: one INFO line, the scratch file removed, nothing kept.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +20,7 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from redis import Redis
+from starlette.requests import ClientDisconnect
 
 from core import references
 from core.references import ReferenceInfo, ReferenceSetError
@@ -26,6 +29,8 @@ from core.storage import open_storage
 from service.auth import owner_for
 from service.deps import BINARY, OwnerDep, RedisDep, SettingsDep, problems
 from service.errors import ServiceError
+
+log = logging.getLogger(__name__)
 
 UPLOAD_PATHS = frozenset({"/v1/references"})
 #: What an upload may be sent as; the content decides what it really is.
@@ -57,6 +62,14 @@ class ReferenceRejected(ServiceError):
             413: "Reference set too large",
             415: "Unsupported media type",
         }.get(error.status, "Invalid reference set")
+
+
+class UploadAbandoned(ServiceError):
+    """The client disconnected before the body was complete. Nobody reads the answer; its
+    status is for the access log."""
+
+    status = 400
+    title = "Upload incomplete"
 
 
 class ReferenceList(BaseModel):
@@ -93,12 +106,25 @@ async def _receive(request: Request, target: Path, limit: int) -> None:
             references.ReferenceTooLarge(f"body of {length} bytes exceeds {limit} bytes")
         )
     received = 0
-    with open(target, "wb") as handle:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise ReferenceRejected(references.ReferenceTooLarge(f"body exceeds {limit} bytes"))
-            handle.write(chunk)
+    try:
+        with open(target, "wb") as handle:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise ReferenceRejected(
+                        references.ReferenceTooLarge(f"body exceeds {limit} bytes")
+                    )
+                handle.write(chunk)
+    except ClientDisconnect:
+        # The caller's doing, not an error of ours (the route removes the scratch file).
+        log.info(
+            "reference upload abandoned: the client disconnected",
+            extra={
+                "received_bytes": received,
+                "declared_bytes": int(length) if length.isdigit() else None,
+            },
+        )
+        raise UploadAbandoned(f"the client disconnected after {received} bytes") from None
 
 
 def _ingest_and_store(
