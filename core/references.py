@@ -1301,11 +1301,14 @@ def named_sets(directory: Path | None) -> list[str]:
     return available_testsets(directory)
 
 
-def members(path: Path) -> dict[str, list[str]]:
+def members(path: Path | zipfile.ZipFile) -> dict[str, list[str]]:
     """``{class folder: [file, ...]}`` of an ImageFolder directory or zip (a named set or a
-    stored one), by ``layout``'s rule, without decoding anything; files sorted by name.
-    Entries are files relative to the directory, or zip member names. Files are taken by
-    extension here: a named set is the operator's, not an upload."""
+    stored one; a zip given open is read as it is, not opened again), by ``layout``'s rule,
+    without decoding anything; files sorted by name. Entries are files relative to the
+    directory, or zip member names. Files are taken by extension here: a named set is the
+    operator's, not an upload."""
+    if isinstance(path, zipfile.ZipFile):
+        return _zip_members(path)
     path = Path(path)
     files: list[tuple[str, tuple[str, ...]]] = []
     if path.is_dir():
@@ -1318,12 +1321,18 @@ def members(path: Path) -> dict[str, list[str]]:
                     files.append(("/".join(parts), parts))
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            for entry in archive.namelist():
-                checked = check_member_name(entry)
-                if checked is not None and entry.lower().endswith(_IMAGE_SUFFIXES):
-                    files.append((entry, checked))
+            return _zip_members(archive)
     else:
         raise ReferenceSetError(f"{path.name} is neither a directory nor a zip of class folders")
+    return {folder: sorted(found) for folder, found in sorted(layout(files).items())}
+
+
+def _zip_members(archive: zipfile.ZipFile) -> dict[str, list[str]]:
+    files = []
+    for entry in archive.namelist():
+        checked = check_member_name(entry)
+        if checked is not None and entry.lower().endswith(_IMAGE_SUFFIXES):
+            files.append((entry, checked))
     return {folder: sorted(found) for folder, found in sorted(layout(files).items())}
 
 

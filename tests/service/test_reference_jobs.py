@@ -19,7 +19,7 @@ from PIL import Image
 from core.settings import Settings
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, run_job, start_worker, stop_worker
+from tests.conftest import make_settings, run_job, start_worker, stop_worker, wait_for
 
 CLASSES = ("cat", "dog", "ship")
 PER_CLASS = 6
@@ -213,3 +213,36 @@ def test_the_evaluator_scores_a_real_image_archive_like_any_other(
     result = evaluate(path, test, runs=1, epochs=2, device="cpu", use_dsa=False, resize_test=True)
     scored = result.to_dict()
     assert 0.0 <= scored["mean"] <= 100.0 and len(scored["accuracies"]) == 1
+
+
+@pytest.mark.parametrize("delete_when", ["submitted", "running"])
+def test_deleting_a_set_that_a_job_reads_never_fails_it_as_internal(
+    stack: tuple[Settings, TestClient, str], delete_when: str
+) -> None:
+    settings, client, _ = stack
+    body = io.BytesIO()
+    with zipfile.ZipFile(body, "w") as archive:
+        for member, data in _reference().items():
+            archive.writestr(member, data)
+    made = client.post(
+        "/v1/references", content=body.getvalue(), headers={"content-type": "application/zip"}
+    )
+    assert made.status_code == 201, made.text
+    ref = made.json()["id"]
+    request = _body(method="prototypes", reference=ref, strength=0.5, labels=list(CLASSES))
+    submitted = client.post("/v1/jobs", json=request)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    if delete_when == "running":
+        wait_for(client.get, job_id, until=lambda job: job["state"] != "queued")
+    assert client.delete(f"/v1/references/{ref}").status_code == 204
+    job = wait_for(client.get, job_id)
+    # Opened before the delete: it runs on the set as it was. Not yet opened: it fails as a
+    # request naming a set that is gone. Never an internal error, never a server path.
+    if job["state"] == "failed":
+        error = job["error"]
+        assert error["type"] == "invalid_request", job
+        assert ref in error["detail"] and "deleted or expired" in error["detail"], job
+        assert str(settings.data_dir) not in error["detail"], job
+    else:
+        assert job["state"] == "succeeded", job
