@@ -15,7 +15,8 @@ name); nested archives (by name or content); anything Pillow does not identify a
 an allowed format (``FORMATS``: content decides, not the extension); images over
 ``max_pixels`` (from the header, before any pixel is decoded); images whose file goes on after
 the image ends (a PNG followed by a zip; ``_image_end`` gives each format's rule; up to
-``_PADDING`` zero bytes of alignment may follow) or stops before; images that do not decode
+``_PADDING`` zero bytes of alignment may follow) or stops before; JPEGs of more than
+``MAX_JPEG_SCANS`` scans (each one another decoding pass); images that do not decode
 (each is decoded once, its first frame to RGB as jobs read it, a few at a time in a pool the
 process shares); members over ``MAX_IMAGE_BYTES``; members the archive cannot give back
 (corrupt deflate, LZMA or bzip2 data, a bad local header). As a whole, naming "the archive"
@@ -69,9 +70,9 @@ import warnings
 import zipfile
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -639,6 +640,9 @@ def _png_end(data: bytes) -> int:
 
 #: In JPEG scan data a 0xFF is a marker unless followed by 0x00 (stuffing) or RST0-7.
 _SCAN_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+#: Scans one JPEG may have: decoding time grows with scans x pixels, and encoders write one
+#: (baseline) or about ten (progressive).
+MAX_JPEG_SCANS = 100
 
 
 def _jpeg_end(data: bytes, pos: int) -> int:
@@ -647,6 +651,7 @@ def _jpeg_end(data: bytes, pos: int) -> int:
         raise _Malformed(f"no JPEG start-of-image marker at byte {pos}")
     pos += 2
     size = len(data)
+    scans = 0
     while True:
         if pos >= size:
             raise _Malformed("it ends before its end-of-image marker")
@@ -667,6 +672,9 @@ def _jpeg_end(data: bytes, pos: int) -> int:
             raise _Malformed(f"a JPEG segment of length {length} at byte {pos}")
         pos += length
         if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise _Malformed(f"more than {MAX_JPEG_SCANS} scans")
             found = _SCAN_MARKER.search(data, pos)
             if found is None:
                 raise _Malformed("it ends inside its scan data")
@@ -1114,8 +1122,16 @@ def _ingest_tar(
     writer = _Writer(output, _folders(entries))
     checked = _Checked(writer)
     try:
-        with _reading(None):
-            _read_tar(source, kind, expanded, limits, checked)
+        with closing(_tar_members(source, kind, expanded, limits)) as members:
+            while True:
+                # Only reading the archive is judged here: a failure to write the normalized
+                # zip (a full disk) is ours, not the upload's.
+                with _reading(None):
+                    found = next(members, None)
+                if found is None:
+                    break
+                entry, data = found
+                checked.add(entry, data, _inspect(data, entry.name, max_pixels=limits.max_pixels))
         checked.finish()
         return writer.finish(), writer.bytes
     except BaseException:
@@ -1151,8 +1167,10 @@ def _tar_headers(source: Path, kind: str, expanded: int, limits: Limits) -> list
     return entries
 
 
-def _read_tar(source: Path, kind: str, expanded: int, limits: Limits, checked: _Checked) -> None:
-    """Second pass: each image's bytes, checked and handed on."""
+def _tar_members(
+    source: Path, kind: str, expanded: int, limits: Limits
+) -> Generator[tuple[_Entry, bytes], None, None]:
+    """Second pass: each image's entry and bytes, in archive order."""
     left = limits.max_bytes
     with (
         _tar_stream(source, kind, expanded) as raw,
@@ -1167,7 +1185,7 @@ def _read_tar(source: Path, kind: str, expanded: int, limits: Limits, checked: _
                     raise ReferenceSetError("cannot read it", member=entry.name)
                 data = _read_bounded(handle, entry, left)
             left -= len(data)
-            checked.add(entry, data, _inspect(data, entry.name, max_pixels=limits.max_pixels))
+            yield entry, data
 
 
 # --- records -----------------------------------------------------------------------------------

@@ -700,3 +700,13 @@ def test_an_image_that_does_not_decode_is_refused(tmp_path: Path) -> None:
         references.ingest(source, **LIMITS)
     assert caught.value.member == "cat/cut.png"
     assert scratch(tmp_path) == ["t.zip"]
+
+
+def test_a_jpeg_of_countless_scans_is_refused_before_it_is_decoded() -> None:
+    # Decoding time grows with scans x pixels: each repeated scan is another pass.
+    progressive = _saved("JPEG", progressive=True)
+    last_scan = progressive.rfind(b"\xff\xda")
+    scan = progressive[last_scan:-2]  # up to the end-of-image marker
+    data = progressive[:-2] + scan * references.MAX_JPEG_SCANS + b"\xff\xd9"
+    with pytest.raises(ReferenceSetError, match=f"more than {references.MAX_JPEG_SCANS} scans"):
+        references.identify(data, "cat/slow.jpg", max_pixels=10_000)
