@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import struct
 import tarfile
+import threading
 import warnings
 import zipfile
 import zlib
@@ -382,8 +384,6 @@ def _zip_bytes(members: dict[str, bytes], method: int = zipfile.ZIP_STORED) -> b
 
 
 def noise_png(side: int = 48, seed: int = 1) -> bytes:
-    import random
-
     out = io.BytesIO()
     pixels = random.Random(seed).randbytes(3 * side * side)
     Image.frombytes("RGB", (side, side), pixels).save(out, format="PNG")
@@ -462,8 +462,6 @@ def test_a_damaged_archive_is_refused_naming_the_member_or_the_archive(
 def _ingest_within(source: Path, seconds: float, **limits: int) -> BaseException | None:
     """Run ``ingest`` in a daemon thread (a hung one cannot block the test run); fail unless it
     ends within ``seconds``. Returns what it raised, None for a success."""
-    import threading
-
     outcome: list[BaseException | None] = []
 
     def target() -> None:
@@ -673,7 +671,6 @@ def test_a_png_followed_by_a_zip_is_refused(tmp_path: Path) -> None:
 def _truncated_pixels(side: int = 64) -> bytes:
     """A PNG whose chunks are all well formed (checksums right) but whose IDAT holds only half
     of the compressed pixels."""
-    import random
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data)
