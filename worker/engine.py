@@ -29,12 +29,12 @@ from worker.selection.sources import Source
 #: Batches whose post-processing may be in flight while the next one is sampled.
 MAX_PENDING_BATCHES = 2
 
-# Written into every manifest: the text is part of the archive's bytes, so it stays as it was
-# when the seed code lived in worker/spec.py (``derive_seed`` is in core/spec.py now).
+# Written into every manifest (part of the archive's bytes): change it only with the scheme.
 SEED_SCHEME = (
-    "image seed = blake2b-64(job seed, class key, n); its copies k = 1..copies come in order from"
-    " one albumentations RNG seeded with blake2b-64(job seed, class key, n, 'copies');"
-    " class key = wnid if the class has one, else its label (worker/spec.py)"
+    "image seed = blake2b-64(job seed, class key, n); augmented copy k = 1..copies of image n"
+    " draws every transform from one numpy default_rng and one random.Random, both seeded with"
+    " blake2b-64(job seed, class key, n, 'copy', k); class key = wnid if the class has one,"
+    " else its label (derive_seed, core/spec.py)"
 )
 
 

@@ -2,7 +2,8 @@
 
 No torch here: this module runs in the worker's post-processing pool, threads or separate
 processes (``DISTILL_POSTPROCESS_MODE``). Results do not depend on which thread or process
-made them: every copy comes from a seed fixed by the request.
+made them, nor on what it made before: copy k of sampled image n of a class is drawn from
+``derive_seed(job seed, class key, n, "copy", k)`` alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from core.presets import ClassInfo
 from core.spec import DatasetSpec, derive_seed
-from worker.augment import augment_copies, build_transform
+from worker.augment import augment, build_transform
 from worker.outputs.archive import encode_png, image_name, wants_png
 from worker.outputs.sink import Finished
 
@@ -26,7 +27,8 @@ _local = threading.local()
 
 
 def _transform(spec: DatasetSpec) -> A.Compose | None:
-    """This thread's pipeline for the job's policy (a Compose carries its own RNG state)."""
+    """This thread's pipeline for the job's policy (a Compose carries RNG state, so threads do
+    not share one; ``augment`` replaces that state for every copy)."""
     cache: dict[str, A.Compose | None] = getattr(_local, "transforms", None) or {}
     _local.transforms = cache
     key = f"{spec.size}:{spec.augment.model_dump_json()}"
@@ -68,8 +70,10 @@ def finish_item(
     wanted = copies if spec.ipc is None else min(copies, spec.ipc - first - 1)
     transform = _transform(spec)
     if transform is not None and wanted > 0:
-        copies_seed = derive_seed(spec.seed, cls.key, sample, "copies")
-        for k, image in enumerate(augment_copies(transform, source, wanted, seed=copies_seed), 1):
+        for k in range(1, wanted + 1):
+            image = augment(
+                transform, source, seed=derive_seed(spec.seed, cls.key, sample, "copy", k)
+            )
             done.append(
                 Finished(
                     cls,

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from core.spec import AugmentSpec
+from core.spec import AugmentSpec, DatasetSpec, derive_seed
 from tests.conftest import CIFAR10_TEST
 from worker.augment import augment, build_transform, source_size
+from worker.postprocess import finish_item
 
 
 def _photos(count: int) -> list[np.ndarray]:
@@ -77,3 +81,50 @@ def test_every_whitelisted_transform_builds_and_runs() -> None:
         assert transform is not None
         source = image if source_size(spec, image_size=32) == 40 else image[:32, :32]
         assert augment(transform, source, seed=1).shape == (32, 32, 3), name
+
+
+def _paper() -> A.Compose:
+    transform = build_transform(AugmentSpec(), image_size=32)
+    assert transform is not None
+    return transform
+
+
+def test_a_copy_depends_on_its_own_seed_alone() -> None:
+    rng = np.random.default_rng(3)
+    source = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    kept = source.copy()
+    seeds = [derive_seed(5, "cat", 0, "copy", k) for k in range(1, 9)]
+    alone = [augment(_paper(), source, seed=s) for s in seeds]
+    # One transform for all, in the other order, the global RNGs reseeded before each copy:
+    # a copy comes from its own generators, not from what the transform made before nor from
+    # Python's, NumPy's or OpenCV's global state.
+    shared = _paper()
+    for i in reversed(range(len(seeds))):
+        random.seed(i)
+        np.random.seed(i)
+        cv2.setRNGSeed(i)
+        assert np.array_equal(augment(shared, source, seed=seeds[i]), alone[i]), i
+        assert np.array_equal(augment(shared, source, seed=seeds[i]), alone[i]), i
+    assert np.array_equal(source, kept)  # no transform wrote into the source
+    assert len({c.tobytes() for c in alone}) == len(seeds)
+
+
+def test_finish_item_draws_copy_k_from_its_documented_seed() -> None:
+    spec = DatasetSpec(labels=["cat", "dog"], ipc=10, image_size=32, seed=9)
+    cls = spec.classes()[1]
+    rng = np.random.default_rng(4)
+    small = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    source = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    done = finish_item(spec, cls, 1, 123, "a photo of a dog", small, source)
+    assert [d.number for d in done] == [5, 6, 7, 8, 9]
+    images = [d.image for d in done]
+    for k in range(1, 5):
+        expected = augment(_paper(), source, seed=derive_seed(9, "dog", 1, "copy", k))
+        assert images[k] is not None and np.array_equal(images[k], expected), k
+        assert done[k].meta["copy"] == k
+    # Fewer copies wanted (ipc 8: two for this image): those made are the same ones.
+    short = finish_item(spec.model_copy(update={"ipc": 8}), cls, 1, 123, "p", small, source)
+    assert len(short) == 3
+    for k in (1, 2):
+        image = short[k].image
+        assert image is not None and np.array_equal(image, images[k]), k

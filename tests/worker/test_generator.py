@@ -22,6 +22,7 @@ from tests.conftest import ROOT
 from worker.model import compiling
 from worker.model.generator import Generator, PartUnavailable, SamplingParams
 from worker.model.loading import LoadOptions, ModelLoadError, load, tiny_decoder_sources
+from worker.model.prompts import PromptCache
 
 
 def _load(model: str, *, tiny_decoder: str | list[str] | None = None, **options: Any) -> Generator:
@@ -218,9 +219,31 @@ def test_prompts_are_encoded_once_and_give_the_uncached_images(tiny_model: Path)
     again = fresh.render(prompts, seeds, sizes=(side,))[side]
     assert fresh.prompts.stats == {"encoded": 4, "cached": 20}
     assert np.array_equal(first, again)
-    assert np.array_equal(first, _stock_uint8(fresh, prompts, seeds))
-    stock = fresh.stock_prompts()
-    assert np.array_equal(first, stock.render(prompts, seeds, sizes=(side,))[side])
+    # The stock path encodes the batch's 12 prompts together, the cache each prompt alone:
+    # the pooled embeddings differ in their last bits, so a pixel may round one level apart.
+    for stock in (
+        _stock_uint8(fresh, prompts, seeds),
+        fresh.stock_prompts().render(prompts, seeds, sizes=(side,))[side],
+    ):
+        apart = np.abs(first.astype(int) - stock.astype(int))
+        assert apart.max() <= 1 and np.count_nonzero(apart) <= first.size // 1000
+
+
+def test_a_prompt_s_embedding_does_not_depend_on_what_was_encoded_before(
+    generator: Generator,
+) -> None:
+    def cache() -> PromptCache:
+        return PromptCache(generator.pipeline, generator.family, generator.device)
+
+    cat, dog, ship = (f"a photo of a {c}" for c in ("cat", "dog", "ship"))
+    alone = cache().encode([cat])
+    warm = cache()
+    warm.encode([dog])
+    # Missing together with another prompt, or after others were cached: the same bits.
+    for embeds, row in ((cache().encode([ship, cat, cat]), 1), (warm.encode([dog, cat]), 1)):
+        assert set(embeds) == set(alone)
+        for name, value in alone.items():
+            assert torch.equal(embeds[name][row], value[0]), name
 
 
 def test_the_prompt_cache_is_bounded(tiny_model: Path) -> None:

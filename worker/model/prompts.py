@@ -1,8 +1,9 @@
 """Prompt embeddings, each distinct prompt through the text encoders once per worker.
 
 All images of a class share its prompt, so a job of 100 classes runs the encoders 100 times,
-not once per image. The pipeline is then called with ``prompt_embeds`` (and SDXL's
-``pooled_prompt_embeds``); the images are the stock prompt path's, byte for byte (tested).
+not once per image; each prompt goes through them alone, so its embedding is the same
+whatever the worker encoded before. The pipeline is then called with ``prompt_embeds`` (and
+SDXL's ``pooled_prompt_embeds``).
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ class PromptCache:
         ``guided`` (classifier-free guidance against the empty prompt)."""
         cache = self.rows
         missing = [p for p in dict.fromkeys(prompts) if (p, guided) not in cache]
-        if missing:
-            for prompt, row in zip(missing, self._encode(missing, guided), strict=True):
-                cache[(prompt, guided)] = row
-            self.stats["encoded"] += len(missing)
+        # One encoder pass per prompt: batched, a prompt's pooled embedding changes in its
+        # last bits with the batch's size (the projection is one matrix product over all the
+        # batch's rows, rounded differently for one row than for several). Which prompts are
+        # missing together depends on what this worker ran before, so batching them made an
+        # image depend on the worker's history: the same sharded job on one worker or on two
+        # gave source pixels one level apart, and so different augmented copies.
+        for prompt in missing:
+            (cache[(prompt, guided)],) = self._encode([prompt], guided)
+        self.stats["encoded"] += len(missing)
         self.stats["cached"] += len(prompts) - len(missing)
         for prompt in prompts:
             cache.move_to_end((prompt, guided))
