@@ -83,18 +83,6 @@ def build(
     budget and times: they decided how many images it holds.
     """
     preset = presets.get(spec.preset) if spec.preset else None
-    if spec.real:
-        prompts: dict[Any, list[str]] = {c: [] for c in spec.classes()}
-    elif facts.class_conditional:
-        ids = presets.imagenet_ids(spec.classes())
-        prompts = {
-            c: [presets.class_prompt(c, i)] for c, i in zip(spec.classes(), ids, strict=True)
-        }
-    else:
-        prompts = {
-            c: sorted({spec.prompt(c, n) for n in range(len(spec.templates))})
-            for c in spec.classes()
-        }
     manifest: dict[str, Any] = {
         "format": "distill-service/archive-v1",
         "request": spec.model_dump(mode="json", exclude={"callback_url"}),
@@ -103,17 +91,7 @@ def build(
             if preset
             else None
         ),
-        "classes": [
-            {
-                "index": c.index,
-                "label": c.label,
-                "wnid": c.wnid,
-                "folder": f"train/{class_dir(c.index, c.label)}",
-                "prompts": prompts[c],
-                "images": outputs.per_class.get(c.index, 0),
-            }
-            for c in spec.classes()
-        ],
+        "classes": _classes(spec, outputs, _prompts(spec, facts)),
         # Keyed like torchvision's ImageFolder: by folder name (labels can repeat in ImageNet).
         "class_to_idx": {class_dir(c.index, c.label): c.index for c in spec.classes()},
         "model": {
@@ -121,48 +99,94 @@ def build(
             **facts.provenance,
         },
         "decoder": facts.decoder,
-        "sampling": {
-            "batch_size": facts.batch_size,
-            "output_size": spec.size,
-            "resolution": spec.resolution or facts.resolution,
-            "copy_source_size": run.source_size,
-            "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
-            "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],
-            "seeds": facts.seed_scheme,
-        },
-        "counts": {
-            "classes": len(spec.classes()),
-            "images_per_class": min(outputs.per_class.values(), default=0),
-            "images": outputs.count,
-            "generated": run.generated,
-            "augmented": outputs.count - run.generated,
-        },
-        "formats": {
-            **(
-                {
-                    "imagefolder": "train/<index>_<name>/<index>_<n>.png, RGB uint8 PNG; "
-                    "train/metadata.jsonl for the Hugging Face imagefolder loader"
-                }
-                if "imagefolder" in spec.formats
-                else {}
-            ),
-            **outputs.webdataset_entry(),
-            **outputs.parquet_entry(),
-            **tensors,
-        },
+        "sampling": _sampling(spec, facts, run),
+        "counts": _counts(spec, outputs, run),
+        "formats": _formats(spec, outputs, tensors),
         "versions": dict(library_versions()),
     }
     if selection is not None:
         # Which reference images were taken (real methods) or clustered (prototypes).
         manifest["reference"] = selection
     if spec.budget_seconds is not None:
-        manifest["budget"] = {
-            "seconds": spec.budget_seconds,
-            "seconds_used": round(run.seconds_generating, 3),
-            "seconds_sampling": round(run.seconds_sampling, 3),
-            "model_load_seconds": round(facts.load_seconds, 3),
-            "model_load_counted": False,
-            "ipc_reached": min(outputs.per_class.values(), default=0),
-            "finished_at": _iso(time.time()),
-        }
+        manifest["budget"] = _budget(spec.budget_seconds, facts, outputs, run)
     return manifest
+
+
+def _prompts(spec: DatasetSpec, facts: ModelFacts) -> dict[presets.ClassInfo, list[str]]:
+    """Each class's prompts: none for real images, the class's id prompt for a
+    class-conditional model, else every template's."""
+    if spec.real:
+        return {c: [] for c in spec.classes()}
+    if facts.class_conditional:
+        ids = presets.imagenet_ids(spec.classes())
+        return {c: [presets.class_prompt(c, i)] for c, i in zip(spec.classes(), ids, strict=True)}
+    return {
+        c: sorted({spec.prompt(c, n) for n in range(len(spec.templates))}) for c in spec.classes()
+    }
+
+
+def _classes(
+    spec: DatasetSpec, outputs: Outputs, prompts: dict[presets.ClassInfo, list[str]]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": c.index,
+            "label": c.label,
+            "wnid": c.wnid,
+            "folder": f"train/{class_dir(c.index, c.label)}",
+            "prompts": prompts[c],
+            "images": outputs.per_class.get(c.index, 0),
+        }
+        for c in spec.classes()
+    ]
+
+
+def _sampling(spec: DatasetSpec, facts: ModelFacts, run: RunResult) -> dict[str, Any]:
+    return {
+        "batch_size": facts.batch_size,
+        "output_size": spec.size,
+        "resolution": spec.resolution or facts.resolution,
+        "copy_source_size": run.source_size,
+        "resize": "bicubic with antialiasing, on the model's device, from the sampled image",
+        "augment_steps": [step.model_dump(mode="json") for step in spec.augment.steps()],
+        "seeds": facts.seed_scheme,
+    }
+
+
+def _counts(spec: DatasetSpec, outputs: Outputs, run: RunResult) -> dict[str, Any]:
+    return {
+        "classes": len(spec.classes()),
+        "images_per_class": min(outputs.per_class.values(), default=0),
+        "images": outputs.count,
+        "generated": run.generated,
+        "augmented": outputs.count - run.generated,
+    }
+
+
+def _formats(spec: DatasetSpec, outputs: Outputs, tensors: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **(
+            {
+                "imagefolder": "train/<index>_<name>/<index>_<n>.png, RGB uint8 PNG; "
+                "train/metadata.jsonl for the Hugging Face imagefolder loader"
+            }
+            if "imagefolder" in spec.formats
+            else {}
+        ),
+        **outputs.webdataset_entry(),
+        **outputs.parquet_entry(),
+        **tensors,
+    }
+
+
+def _budget(seconds: float, facts: ModelFacts, outputs: Outputs, run: RunResult) -> dict[str, Any]:
+    """A time-budget job's budget and times: they decided how many images it holds."""
+    return {
+        "seconds": seconds,
+        "seconds_used": round(run.seconds_generating, 3),
+        "seconds_sampling": round(run.seconds_sampling, 3),
+        "model_load_seconds": round(facts.load_seconds, 3),
+        "model_load_counted": False,
+        "ipc_reached": min(outputs.per_class.values(), default=0),
+        "finished_at": _iso(time.time()),
+    }
