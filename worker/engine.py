@@ -17,6 +17,8 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from core import presets
 from core.presets import ClassInfo, class_prompt
 from core.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
@@ -127,105 +129,160 @@ def run(
                 items=items,
                 source=source,
             )
-    size = spec.size
-    src_size = source_size(spec.augment, image_size=size)
-    budget = spec.budget_seconds
-    started = time.perf_counter()
-    sampling = 0.0
-    slowest_batch = 0.0
-    generated = 0
-    pending: deque[tuple[int, list[Future[list[Finished]]]]] = deque()
-
-    def drain(keep: int) -> None:
-        while len(pending) > keep:
-            sampled, futures = pending.popleft()
-            before = outputs.count
-            for future in futures:
-                for done in future.result():
-                    outputs.add(done)
-            hooks.on_batch(
-                generated=generated - sum(n for n, _ in pending),
-                written=outputs.count,
-                added=(sampled, outputs.count - before),
-            )
-
-    # A class-conditional model takes each class's ImageNet-1K id; its "prompt" in the
-    # metadata says which class it was.
-    class_ids = (
-        dict(zip(spec.classes(), presets.imagenet_ids(spec.classes()), strict=True))
-        if generator.class_conditional and source is None
-        else None
+    batches = _Batches(
+        spec, generator, outputs, hooks=hooks, pool=pool, workers=workers, source=source
     )
     iterator = iter(items if items is not None else plan(spec))
-    params = SamplingParams.from_spec(spec)
     try:
+        if not batches.run_all(iterator, batch_size=batch_size):
+            return None
+    finally:
+        # Canceled or interrupted: let in-flight items finish before the pool is reused.
+        batches.cancel_pending()
+    return RunResult(
+        generated=batches.generated,
+        seconds_sampling=batches.sampling,
+        seconds_generating=time.perf_counter() - batches.started,
+        source_size=batches.src_size,
+    )
+
+
+class _Batches:
+    """One run's batches: their prompts and seeds, their sampling, their post-processing in
+    the pool, and the writing of finished images in order."""
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        generator: Generator,
+        outputs: Outputs,
+        *,
+        hooks: Hooks,
+        pool: Executor,
+        workers: int,
+        source: Source | None,
+    ) -> None:
+        self.spec = spec
+        self.generator = generator
+        self.outputs = outputs
+        self.hooks = hooks
+        self.pool = pool
+        self.workers = workers
+        self.source = source
+        self.size = spec.size
+        self.src_size = source_size(spec.augment, image_size=self.size)
+        self.started = time.perf_counter()
+        self.sampling = 0.0
+        self.slowest_batch = 0.0
+        self.generated = 0
+        self.pending: deque[tuple[int, list[Future[list[Finished]]]]] = deque()
+        # A class-conditional model takes each class's ImageNet-1K id; its "prompt" in the
+        # metadata says which class it was.
+        self.class_ids: dict[ClassInfo, int] | None = (
+            dict(zip(spec.classes(), presets.imagenet_ids(spec.classes()), strict=True))
+            if generator.class_conditional and source is None
+            else None
+        )
+        self.params = SamplingParams.from_spec(spec)
+
+    def run_all(self, iterator: Iterator[Item], *, batch_size: int) -> bool:
+        """Sample batch after batch until the plan or the budget ends; False when canceled."""
+        spec = self.spec
         while True:
             batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
             if not batch:
                 break
-            if hooks.should_cancel():
-                return None
-            if hooks.should_stop():
+            if self.hooks.should_cancel():
+                return False
+            if self.hooks.should_stop():
                 raise Interrupted
             # Stop before a batch that would overrun the budget (the first round always runs).
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - self.started
             if (
-                budget is not None
-                and generated >= len(spec.classes())
-                and elapsed + slowest_batch > budget
+                spec.budget_seconds is not None
+                and self.generated >= len(spec.classes())
+                and elapsed + self.slowest_batch > spec.budget_seconds
             ):
                 break
-            t0 = time.perf_counter()
-            seeds = [derive_seed(spec.seed, it.cls.key, it.sample) for it in batch]
-            ids = [class_ids[it.cls] for it in batch] if class_ids is not None else None
-            if spec.real:
-                prompts = ["" for _ in batch]  # real images: no prompt made them
-            elif ids is None:
-                prompts = [spec.prompt(it.cls, it.sample) for it in batch]
-            else:
-                prompts = [class_prompt(it.cls, i) for it, i in zip(batch, ids, strict=True)]
-            if source is not None:
-                pairs = [(it.cls, it.sample) for it in batch]
-                images = source.render(pairs, prompts, seeds, sizes=(size, src_size))
-            else:
-                images = generator.render(
-                    prompts,
-                    seeds,
-                    sizes=(size, src_size),
-                    params=params,
-                    extra=Conditioning(class_ids=ids),
-                )
-            sampling += time.perf_counter() - t0
-            rows: list[postprocess.Row] = [
-                (
-                    item.cls,
-                    item.sample,
-                    seed,
-                    prompt,
-                    images[size][i],
-                    images[src_size][i],
-                    source.origin(item.cls, item.sample) if source is not None else None,
-                )
-                for i, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True))
-            ]
-            chunk = -(-len(rows) // workers)
-            futures = [
-                pool.submit(postprocess.finish_items, spec, rows[start : start + chunk])
-                for start in range(0, len(rows), chunk)
-            ]
-            generated += len(batch)
-            pending.append((len(batch), futures))
-            drain(keep=MAX_PENDING_BATCHES - 1)
-            slowest_batch = max(slowest_batch, time.perf_counter() - t0)
-        drain(keep=0)
-    finally:
-        # Canceled or interrupted: let in-flight items finish before the pool is reused.
-        for _, futures in pending:
+            self.step(batch)
+        self.drain(keep=0)
+        return True
+
+    def step(self, batch: list[Item]) -> None:
+        """Sample one batch, hand its post-processing to the pool, write what is finished."""
+        t0 = time.perf_counter()
+        seeds = [derive_seed(self.spec.seed, it.cls.key, it.sample) for it in batch]
+        ids = [self.class_ids[it.cls] for it in batch] if self.class_ids is not None else None
+        prompts = self._prompts(batch, ids)
+        images = self._sample(batch, prompts, seeds, ids)
+        self.sampling += time.perf_counter() - t0
+        self._submit(batch, seeds, prompts, images)
+        self.drain(keep=MAX_PENDING_BATCHES - 1)
+        self.slowest_batch = max(self.slowest_batch, time.perf_counter() - t0)
+
+    def _prompts(self, batch: list[Item], ids: list[int] | None) -> list[str]:
+        if self.spec.real:
+            return ["" for _ in batch]  # real images: no prompt made them
+        if ids is None:
+            return [self.spec.prompt(it.cls, it.sample) for it in batch]
+        return [class_prompt(it.cls, i) for it, i in zip(batch, ids, strict=True)]
+
+    def _sample(
+        self, batch: list[Item], prompts: list[str], seeds: list[int], ids: list[int] | None
+    ) -> dict[int, np.ndarray]:
+        """The batch's pixels at the output and copy-source sizes."""
+        sizes = (self.size, self.src_size)
+        if self.source is not None:
+            pairs = [(it.cls, it.sample) for it in batch]
+            return self.source.render(pairs, prompts, seeds, sizes=sizes)
+        return self.generator.render(
+            prompts, seeds, sizes=sizes, params=self.params, extra=Conditioning(class_ids=ids)
+        )
+
+    def _submit(
+        self,
+        batch: list[Item],
+        seeds: list[int],
+        prompts: list[str],
+        images: dict[int, np.ndarray],
+    ) -> None:
+        """Split the batch's post-processing into ``workers`` tasks and queue them."""
+        source = self.source
+        rows: list[postprocess.Row] = [
+            (
+                item.cls,
+                item.sample,
+                seed,
+                prompt,
+                images[self.size][i],
+                images[self.src_size][i],
+                source.origin(item.cls, item.sample) if source is not None else None,
+            )
+            for i, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True))
+        ]
+        chunk = -(-len(rows) // self.workers)
+        futures = [
+            self.pool.submit(postprocess.finish_items, self.spec, rows[start : start + chunk])
+            for start in range(0, len(rows), chunk)
+        ]
+        self.generated += len(batch)
+        self.pending.append((len(batch), futures))
+
+    def drain(self, keep: int) -> None:
+        """Write finished batches in their order until at most ``keep`` are in flight."""
+        while len(self.pending) > keep:
+            sampled, futures = self.pending.popleft()
+            before = self.outputs.count
+            for future in futures:
+                for done in future.result():
+                    self.outputs.add(done)
+            self.hooks.on_batch(
+                generated=self.generated - sum(n for n, _ in self.pending),
+                written=self.outputs.count,
+                added=(sampled, self.outputs.count - before),
+            )
+
+    def cancel_pending(self) -> None:
+        for _, futures in self.pending:
             for future in futures:
                 future.cancel()
-    return RunResult(
-        generated=generated,
-        seconds_sampling=sampling,
-        seconds_generating=time.perf_counter() - started,
-        source_size=src_size,
-    )
