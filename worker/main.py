@@ -178,12 +178,8 @@ def _batch_size(generator: Generator, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until SIGINT/SIGTERM; exit 2 when the model cannot be loaded."""
-    settings = settings_or_exit("distill worker")
-    try:
-        # The model this worker serves; from here on its queue is that model's (core.models).
-        settings = models.scoped(settings, models.own(settings))
-    except ConfigError as exc:
-        print(f"distill worker: {exc}", file=sys.stderr, flush=True)
+    settings = _scoped_settings()
+    if settings is None:
         return 2
     logs.configure(settings.log_level)
     quiet_libraries()
@@ -191,88 +187,145 @@ def main(argv: list[str] | None = None) -> int:
     redis = Redis.from_url(settings.redis_url)
     beacon = StatusBeacon(redis, name, settings)
     beacon.start()
-    claim = None
     try:
-        from worker.gpus import claim_free_gpu
-        from worker.model import compiling, loading
-
-        if settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
-        device = settings.device
-        if device is None:
-            claim = claim_free_gpu(redis, owner=name, ttl=settings.heartbeat_ttl)
-            device = claim.device if claim else None
-            beacon.claim = claim
-        started = time.perf_counter()
-        try:
-            options = loading.LoadOptions.from_settings(settings, device=device)
-            generator = loading.load(settings.model, options)
-        except loading.ModelLoadError as exc:
-            print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)
+        device = _device(settings, redis, name, beacon)
+        generator = _load(settings, device)
+        if generator is None:
             return 2
-        log.info(
-            "loaded %s on %s in %.1f s",
-            settings.model,
-            generator.device,
-            time.perf_counter() - started,
-        )
-        batch = _batch_size(generator, settings)
-        if settings.compile != "off":
-            beacon.update(state="compiling")
-            compiling.enable(generator, settings.compile, batch_size=batch)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # Import the job's code and start the post-processing pool now, not in the first job.
-        importlib.import_module("worker.tasks")
-        from worker.postprocess import make_pool
-
-        pool = make_pool(settings.postprocess_mode, settings.postprocess_pool_size)
-        runtime.install(
-            runtime.Runtime(
-                generator=generator,
-                settings=settings,
-                worker_name=name,
-                pool=pool,
-                batch_size=batch,
-            )
-        )
-
-        queue = Queue(settings.queue_name, connection=redis)
-        # Maintenance also reaps jobs of dead workers; run it about once per heartbeat TTL.
-        worker = DistillWorker(
-            [queue],
-            connection=redis,
-            name=name,
-            maintenance_interval=max(settings.heartbeat_ttl, 10),
-            default_result_ttl=settings.result_ttl,
-        )
-        worker.heartbeat_ttl = settings.heartbeat_ttl
-        beacon.worker = worker
-        beacon.probe = lambda: {
-            "gpu_memory_bytes": generator.gpu_memory_bytes(),
-            "images_per_second": runtime.last_rate(),
-        }
-        # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
-        worker._install_signal_handlers()  # type: ignore[no-untyped-call]
-        beacon.update(
-            state=workers.READY,
-            batch_size=batch,
-            postprocess_workers=settings.postprocess_pool_size,
-            unavailable=generator.unavailable,
-            **generator.describe(),
-        )
-        try:
-            worker.work(with_scheduler=False, logging_level=settings.log_level)
-        except RedisConnectionError as exc:
-            # Redis went away for good while shutting down (or never came back).
-            log.error("worker stopped: Redis is unreachable (%s)", exc)
-            return 1
-        return 0
+        batch = _warm(generator, settings, beacon)
+        _install_runtime(settings, name, generator, batch)
+        worker = _make_worker(settings, redis, name, beacon, generator)
+        return _serve(worker, settings, beacon, generator, batch)
     finally:
         beacon.stop()
-        if claim is not None:
-            claim.release()
+        if beacon.claim is not None:
+            beacon.claim.release()
+
+
+def _scoped_settings() -> Settings | None:
+    """The worker's settings scoped to the model it serves; None (said on stderr) when the
+    model configuration is wrong."""
+    settings = settings_or_exit("distill worker")
+    try:
+        # The model this worker serves; from here on its queue is that model's (core.models).
+        return models.scoped(settings, models.own(settings))
+    except ConfigError as exc:
+        print(f"distill worker: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def _device(settings: Settings, redis: Redis, name: str, beacon: StatusBeacon) -> str | None:
+    """``DISTILL_DEVICE``, else a free GPU claimed through Redis (held on ``beacon``, which
+    refreshes it at every beat), else None: the loader's default."""
+    from worker.gpus import claim_free_gpu
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if settings.device is not None:
+        return settings.device
+    claim = claim_free_gpu(redis, owner=name, ttl=settings.heartbeat_ttl)
+    beacon.claim = claim
+    return claim.device if claim else None
+
+
+def _load(settings: Settings, device: str | None) -> Generator | None:
+    """The warm pipeline; None (said on stderr, with the fix) when the model cannot load."""
+    from worker.model import loading
+
+    started = time.perf_counter()
+    try:
+        options = loading.LoadOptions.from_settings(settings, device=device)
+        generator = loading.load(settings.model, options)
+    except loading.ModelLoadError as exc:
+        print(f"distill worker: {exc}. To fix: {LOAD_HINT}.", file=sys.stderr, flush=True)
+        return None
+    log.info(
+        "loaded %s on %s in %.1f s",
+        settings.model,
+        generator.device,
+        time.perf_counter() - started,
+    )
+    return generator
+
+
+def _warm(generator: Generator, settings: Settings, beacon: StatusBeacon) -> int:
+    """Pick the batch size and compile for it (``DISTILL_COMPILE``); returns the batch size."""
+    from worker.model import compiling
+
+    batch = _batch_size(generator, settings)
+    if settings.compile != "off":
+        beacon.update(state="compiling")
+        compiling.enable(generator, settings.compile, batch_size=batch)
+    return batch
+
+
+def _install_runtime(settings: Settings, name: str, generator: Generator, batch: int) -> None:
+    """Make the worker's warm state (``worker.runtime``) that every job uses."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Import the job's code and start the post-processing pool now, not in the first job.
+    importlib.import_module("worker.tasks")
+    from worker.postprocess import make_pool
+
+    pool = make_pool(settings.postprocess_mode, settings.postprocess_pool_size)
+    runtime.install(
+        runtime.Runtime(
+            generator=generator,
+            settings=settings,
+            worker_name=name,
+            pool=pool,
+            batch_size=batch,
+        )
+    )
+
+
+def _make_worker(
+    settings: Settings, redis: Redis, name: str, beacon: StatusBeacon, generator: Generator
+) -> DistillWorker:
+    """The RQ worker on the model's queue, watched by ``beacon``, its signal handlers set."""
+    queue = Queue(settings.queue_name, connection=redis)
+    # Maintenance also reaps jobs of dead workers; run it about once per heartbeat TTL.
+    worker = DistillWorker(
+        [queue],
+        connection=redis,
+        name=name,
+        maintenance_interval=max(settings.heartbeat_ttl, 10),
+        default_result_ttl=settings.result_ttl,
+    )
+    worker.heartbeat_ttl = settings.heartbeat_ttl
+    beacon.worker = worker
+    beacon.probe = lambda: {
+        "gpu_memory_bytes": generator.gpu_memory_bytes(),
+        "images_per_second": runtime.last_rate(),
+    }
+    # Handlers first: a SIGTERM right after "ready" must get the clean shutdown path.
+    worker._install_signal_handlers()  # type: ignore[no-untyped-call]
+    return worker
+
+
+def _serve(
+    worker: DistillWorker,
+    settings: Settings,
+    beacon: StatusBeacon,
+    generator: Generator,
+    batch: int,
+) -> int:
+    """Say "ready" and take jobs until stopped; 0, or 1 when Redis is gone for good."""
+    beacon.update(
+        state=workers.READY,
+        batch_size=batch,
+        postprocess_workers=settings.postprocess_pool_size,
+        unavailable=generator.unavailable,
+        **generator.describe(),
+    )
+    try:
+        worker.work(with_scheduler=False, logging_level=settings.log_level)
+    except RedisConnectionError as exc:
+        # Redis went away for good while shutting down (or never came back).
+        log.error("worker stopped: Redis is unreachable (%s)", exc)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
