@@ -297,8 +297,31 @@ def evaluate(
         use_dsa=use_dsa,
         progress=progress,
     )
+    return EvaluationResult(
+        accuracies=accuracies,
+        mean=float(np.mean(accuracies)),
+        std=float(np.std(accuracies)),
+        protocol=_protocol(profile, hyper, norm=norm, train=train, test=test, use_dsa=use_dsa),
+        class_check=class_check,
+        seconds=time.perf_counter() - started,
+        seconds_per_epoch=per_epoch,
+        device=str(target),
+        seeds=seeds,
+    )
+
+
+def _protocol(
+    profile: Profile,
+    hyper: Hyper,
+    *,
+    norm: Normalization,
+    train: TrainSet,
+    test: TestSet,
+    use_dsa: bool,
+) -> dict[str, Any]:
+    """What the evaluation did, for the result: network, optimiser, data and metric."""
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
-    protocol: dict[str, Any] = {
+    return {
         "profile": profile,
         "epochs": hyper.epochs,
         "runs": hyper.runs,
@@ -329,14 +352,3 @@ def evaluate(
         "test_resized": test.resized,
         "metric": "top-1 accuracy on the test set after the last epoch",
     }
-    return EvaluationResult(
-        accuracies=accuracies,
-        mean=float(np.mean(accuracies)),
-        std=float(np.std(accuracies)),
-        protocol=protocol,
-        class_check=class_check,
-        seconds=time.perf_counter() - started,
-        seconds_per_epoch=per_epoch,
-        device=str(target),
-        seeds=seeds,
-    )
