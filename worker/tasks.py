@@ -41,7 +41,7 @@ from worker.augment import source_size
 from worker.model.generator import SamplingParams
 from worker.outputs import card, manifest, sink
 from worker.outputs.archive import ArchiveInfo, ArchiveWriter, decode_png
-from worker.selection import sources as selection
+from worker.selection import sources
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -265,7 +265,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
     started = time.time()
     # A job that starts from a reference set: its picked images or prototypes, prepared once
     # per worker (worker.selection).
-    source = selection.prepare(
+    source = sources.prepare(
         spec,
         settings,
         rt.generator,
@@ -345,7 +345,7 @@ def _publish(
     sheet = outputs.preview.render(spec.size)
     writer.add_file("preview.png", sheet)
     finished = time.time()
-    source = selection.prepare(spec, rt.settings, rt.generator, source_side=run.source_size)
+    source = sources.prepare(spec, rt.settings, rt.generator, source_side=run.source_size)
     described = manifest.build(
         spec,
         facts=_model_facts(rt, spec),

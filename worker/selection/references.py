@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from core import keys
-from core import references as records
+from core.references.matching import match
+from core.references.named import members, named_path, named_sets
 from core.settings import Settings
 from core.storage import open_storage
 
@@ -75,9 +76,9 @@ def source(
     if (reference_id is None) == (name is None):
         raise ValueError("give exactly one of reference_id and name")
     if name is not None:
-        path = records.named_path(settings.references_dir, name)
+        path = named_path(settings.references_dir, name)
         if path is None:
-            known = ", ".join(records.named_sets(settings.references_dir)) or "none"
+            known = ", ".join(named_sets(settings.references_dir)) or "none"
             raise ReferenceUnavailable(f"no reference set named {name!r} (known: {known})")
         yield path
         return
@@ -98,7 +99,7 @@ def source(
 
 def folder_counts(opened: OpenSet) -> dict[str, int]:
     """``{class folder: image files}`` of a set, without decoding anything."""
-    return {folder: len(files) for folder, files in records.members(opened).items()}
+    return {folder: len(files) for folder, files in members(opened).items()}
 
 
 def _square(data: bytes, size: int) -> np.ndarray:
@@ -121,7 +122,7 @@ def load(
     directory or a zip), each class in digest order; ValueError for an unknown folder."""
     if size < 1:
         raise ValueError(f"size must be positive, not {size}")
-    found = records.members(opened)
+    found = members(opened)
     unknown = [f for f in folders if f not in found]
     if unknown:
         raise ValueError(f"the reference set has no folder(s) {', '.join(map(repr, unknown))}")
@@ -160,5 +161,5 @@ def load_for_classes(
 ) -> list[ClassImages]:
     """Each class ``(label, wnid)`` of a job, in the job's order, matched to its folder of the
     set (``core.references.match``: ValueError listing every class without one) and loaded."""
-    folders = records.match(classes, folder_counts(opened))
+    folders = match(classes, folder_counts(opened))
     return load(opened, folders, size=size)

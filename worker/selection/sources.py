@@ -35,8 +35,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from core import references as records
 from core.presets import ClassInfo
+from core.references.matching import match
 from core.settings import Settings
 from core.spec import DatasetSpec
 from worker.model.generator import Conditioning, Generator, SamplingParams, image_to_image_steps
@@ -283,7 +283,7 @@ def _prototypes(spec: DatasetSpec, settings: Settings, generator: Generator) -> 
     result = Prototypes(spec=spec, generator=generator, centres={})
     with references.source(settings, **spec.reference_source()) as path:
         folders = references.folder_counts(path)
-        matched = records.match(_job_classes(spec), folders)
+        matched = match(_job_classes(spec), folders)
         for cls, folder in zip(spec.classes(), matched, strict=True):
             # One class at a time: only its latents stay in memory.
             (images,) = references.load(path, [folder], size=side)
