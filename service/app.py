@@ -10,10 +10,10 @@ from redis import Redis
 
 from core import maintenance, models
 from core.settings import Settings, get_settings
-from service import errors, references
+from service import errors
 from service.guards import BodyGuard
 from service.metrics import registry_for
-from service.routes import evaluations, health, jobs, presets, ui
+from service.routes import evaluations, health, jobs, presets, references, ui
 from service.routes import models as model_routes
 
 DESCRIPTION = """\

@@ -4,6 +4,9 @@
     ├── Unauthorized             401  API keys are on and none (or a wrong one) was sent
     ├── JobNotFound              404  unknown (or expired) job id
     ├── PresetNotFound           404  unknown preset name
+    ├── ReferenceNotFound        404  unknown reference set id (or another key's)
+    ├── ReferenceRejected        413, 415 or 422  an upload core.references refused
+    ├── UploadAbandoned          400  the client went away before the upload's body ended
     ├── JobConflict              409  the job is not in a state that allows this
     ├── JobExpired               410  the job ended more than DISTILL_RESULT_TTL ago
     ├── ArchiveGone              410  the job succeeded but its archive is no longer on disk
@@ -32,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.references import ReferenceSetError
 from core.spec import POLICY_TAGS
 from service.schemas import FieldError, Problem
 
@@ -102,6 +106,31 @@ class InvalidCursor(ServiceError):
 class PresetNotFound(ServiceError):
     status = 404
     title = "Preset not found"
+
+
+class ReferenceNotFound(ServiceError):
+    status = 404
+    title = "Reference set not found"
+
+
+class ReferenceRejected(ServiceError):
+    """An upload ``core.references`` refused; its status (413, 415, 422) comes with it."""
+
+    def __init__(self, error: ReferenceSetError) -> None:
+        super().__init__(str(error))
+        self.status = error.status
+        self.title = {
+            413: "Reference set too large",
+            415: "Unsupported media type",
+        }.get(error.status, "Invalid reference set")
+
+
+class UploadAbandoned(ServiceError):
+    """The client disconnected before the body was complete. Nobody reads the answer; its
+    status is for the access log."""
+
+    status = 400
+    title = "Upload incomplete"
 
 
 class JobConflict(ServiceError):

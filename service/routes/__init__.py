@@ -4,7 +4,7 @@
     evaluations  /v1/jobs/{id}/evaluations
     models       /v1/models
     presets      /v1/presets
-    references   /v1/references (service/references.py: streamed uploads)
+    references   /v1/references: streamed uploads (their own size limit), list, get, delete
     health       /healthz, /readyz, /metrics
     ui           the operator page (/ and /jobs/<id>)
 

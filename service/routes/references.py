@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi import Path as PathParam
@@ -23,14 +23,15 @@ from redis import Redis
 from starlette.requests import ClientDisconnect
 
 from core import references
-from core.references import ReferenceInfo, ReferenceSetError
+from core.references import ReferenceInfo, ReferenceSetError, ReferenceTooLarge, UnsupportedArchive
 from core.settings import Settings
 from core.storage import open_storage
 from service.auth import owner_for
 from service.deps import BINARY, OwnerDep, RedisDep, SettingsDep, problems
-from service.errors import ServiceError
+from service.errors import ReferenceNotFound, ReferenceRejected, UploadAbandoned
 
-log = logging.getLogger(__name__)
+#: The logger name these routes had before they moved under routes/: log lines read as before.
+log = logging.getLogger("service.references")
 
 UPLOAD_PATHS = frozenset({"/v1/references"})
 #: What an upload may be sent as; the content decides what it really is.
@@ -45,31 +46,6 @@ MEDIA_TYPES = (
     "application/x-xz",
     "application/octet-stream",
 )
-
-
-class ReferenceNotFound(ServiceError):
-    status = 404
-    title = "Reference set not found"
-
-
-class ReferenceRejected(ServiceError):
-    """An upload ``core.references`` refused; its status (413, 415, 422) comes with it."""
-
-    def __init__(self, error: ReferenceSetError) -> None:
-        super().__init__(str(error))
-        self.status = error.status
-        self.title = {
-            413: "Reference set too large",
-            415: "Unsupported media type",
-        }.get(error.status, "Invalid reference set")
-
-
-class UploadAbandoned(ServiceError):
-    """The client disconnected before the body was complete. Nobody reads the answer; its
-    status is for the access log."""
-
-    status = 400
-    title = "Upload incomplete"
 
 
 class ReferenceList(BaseModel):
@@ -89,10 +65,6 @@ _TEXTS = {
 }
 
 
-def _answers(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return problems(*codes, texts=_TEXTS)
-
-
 ReferenceId = Annotated[str, PathParam(description="The set's id (32 hex digits).")]
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(owner_for)], tags=["references"])
@@ -102,18 +74,14 @@ async def _receive(request: Request, target: Path, limit: int) -> None:
     """The body into ``target``, refusing (413) as soon as it passes ``limit`` bytes."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise ReferenceRejected(
-            references.ReferenceTooLarge(f"body of {length} bytes exceeds {limit} bytes")
-        )
+        raise ReferenceRejected(ReferenceTooLarge(f"body of {length} bytes exceeds {limit} bytes"))
     received = 0
     try:
         with open(target, "wb") as handle:
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > limit:
-                    raise ReferenceRejected(
-                        references.ReferenceTooLarge(f"body exceeds {limit} bytes")
-                    )
+                    raise ReferenceRejected(ReferenceTooLarge(f"body exceeds {limit} bytes"))
                 handle.write(chunk)
     except ClientDisconnect:
         # The caller's doing, not an error of ours (the route removes the scratch file).
@@ -163,7 +131,7 @@ def _ingest_and_store(
     operation_id="createReference",
     summary="Upload a reference set: a zip or tar of class folders of real images",
     response_model=ReferenceInfo,
-    responses=_answers(401, 413, 415, 422, 503),
+    responses=problems(401, 413, 415, 422, 503, texts=_TEXTS),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -194,7 +162,7 @@ async def create_reference(
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in MEDIA_TYPES:
         raise ReferenceRejected(
-            references.UnsupportedArchive(
+            UnsupportedArchive(
                 f"send the archive as one of {', '.join(MEDIA_TYPES)} (got {media or 'none'})"
             )
         )
@@ -224,7 +192,7 @@ async def create_reference(
     operation_id="listReferences",
     summary="Your reference sets, newest first",
     response_model=ReferenceList,
-    responses=_answers(401, 503),
+    responses=problems(401, 503, texts=_TEXTS),
 )
 def list_references(redis: RedisDep, owner: OwnerDep) -> ReferenceList:
     return ReferenceList(references=references.list_for(redis, owner))
@@ -235,7 +203,7 @@ def list_references(redis: RedisDep, owner: OwnerDep) -> ReferenceList:
     operation_id="getReference",
     summary="One reference set: classes, image counts, digests",
     response_model=ReferenceInfo,
-    responses=_answers(401, 404, 503),
+    responses=problems(401, 404, 503, texts=_TEXTS),
 )
 def get_reference(reference_id: ReferenceId, redis: RedisDep, owner: OwnerDep) -> ReferenceInfo:
     found = references.read(redis, reference_id, owner=owner)
@@ -250,7 +218,7 @@ def get_reference(reference_id: ReferenceId, redis: RedisDep, owner: OwnerDep) -
     operation_id="deleteReference",
     summary="Delete a reference set and its stored images",
     response_class=Response,
-    responses={204: {"description": "Deleted"}, **_answers(401, 404, 503)},
+    responses={204: {"description": "Deleted"}, **problems(401, 404, 503, texts=_TEXTS)},
 )
 def delete_reference(
     reference_id: ReferenceId, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
