@@ -16,12 +16,14 @@ from service.errors import PROBLEM_JSON
 from service.schemas import Problem
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Dependencies that only read app state are coroutines: FastAPI runs a plain ``def`` dependency
+# in its threadpool, and on a polled route those hand-offs cost more than the route itself.
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     redis: Redis = request.app.state.redis
     return redis
 
