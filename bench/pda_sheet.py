@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.spec import AugmentSpec, derive_seed
+from core.augmentation import AugmentSpec
+from core.spec import derive_seed
 from worker.augment import augment, build_transform, source_size
 
 ROOT = Path(__file__).resolve().parents[1]

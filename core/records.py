@@ -17,10 +17,10 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args, get_type_hints
+from typing import Any, TypeVar, cast, get_args, get_type_hints
 
 from redis import Redis
-from redis.exceptions import WatchError
+from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from core import keys, stats, webhooks
@@ -417,42 +417,48 @@ def finish(
     rather than 404. A job with a ``callback_url`` gets its event queued for the webhook sender.
     """
     key = keys.job(job_id)
+
+    def record_outcome(pipe: Pipeline) -> tuple[JobRecord, float | None] | None:
+        """Under WATCH of the job's hash: read it, then queue the writes (``transaction``
+        runs this again whenever the hash changed meanwhile: progress, a cancel flag)."""
+        raw = _text(pipe.hgetall(key))  # type: ignore[arg-type]
+        if not raw or "outcome" in raw:
+            return None  # nothing queued: the transaction's EXEC writes nothing
+        record = JobRecord.parse(job_id, raw)
+        now = time.time()
+        seconds = max(now - record.started_at, 1e-6) if record.started_at else None
+        mapping: dict[FieldT, EncodableT] = {
+            "outcome": outcome.value,
+            "finished_at": repr(now),
+            "expires_at": repr(now + record.ttl),
+        }
+        mapping.update(fields or {})
+        pipe.multi()
+        pipe.hset(key, mapping=mapping)
+        keep = record.ttl + TOMBSTONE_S
+        pipe.expire(key, keep)
+        if record.sharded:
+            pipe.expire(keys.shards(job_id), keep)
+            pipe.expire(keys.shards_done(job_id), keep)
+            pipe.srem(keys.SHARDED, job_id)
+        stats.incr(pipe, f"jobs_{outcome.value}")
+        if seconds is not None:
+            stats.observe(pipe, "job_duration", seconds)
+            written = int((fields or {}).get("written", record.written))
+            if outcome is JobState.succeeded:
+                stats.last_job(pipe, images=written, seconds=seconds, finished_at=now)
+        return record, seconds
+
     # One transaction: readers never see the outcome without its fields (an archive, say).
-    with redis.pipeline() as pipe:
-        while True:
-            try:
-                pipe.watch(key)  # type: ignore[no-untyped-call]
-                raw = _text(pipe.hgetall(key))  # type: ignore[arg-type]
-                if not raw or "outcome" in raw:
-                    pipe.reset()
-                    return False
-                record = JobRecord.parse(job_id, raw)
-                now = time.time()
-                seconds = max(now - record.started_at, 1e-6) if record.started_at else None
-                mapping: dict[FieldT, EncodableT] = {
-                    "outcome": outcome.value,
-                    "finished_at": repr(now),
-                    "expires_at": repr(now + record.ttl),
-                }
-                mapping.update(fields or {})
-                pipe.multi()
-                pipe.hset(key, mapping=mapping)
-                keep = record.ttl + TOMBSTONE_S
-                pipe.expire(key, keep)
-                if record.sharded:
-                    pipe.expire(keys.shards(job_id), keep)
-                    pipe.expire(keys.shards_done(job_id), keep)
-                    pipe.srem(keys.SHARDED, job_id)
-                stats.incr(pipe, f"jobs_{outcome.value}")
-                if seconds is not None:
-                    stats.observe(pipe, "job_duration", seconds)
-                    written = int((fields or {}).get("written", record.written))
-                    if outcome is JobState.succeeded:
-                        stats.last_job(pipe, images=written, seconds=seconds, finished_at=now)
-                pipe.execute()
-                break
-            except WatchError:
-                continue  # the record changed (progress, a cancel flag): read it again
+    # redis-py annotates ``func`` as returning None, though value_from_callable hands back
+    # what it returns.
+    recorded = cast(
+        "tuple[JobRecord, float | None] | None",
+        redis.transaction(record_outcome, key, value_from_callable=True),  # type: ignore[arg-type]
+    )
+    if recorded is None:
+        return False
+    record, seconds = recorded
     details = {k: v for k, v in (fields or {}).items() if k.startswith(("error_", "archive_"))}
     log.log(
         logging.WARNING if outcome is JobState.failed else logging.INFO,

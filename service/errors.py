@@ -35,8 +35,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.augmentation import POLICY_TAGS
 from core.references import ReferenceSetError
-from core.spec import POLICY_TAGS
 from service.schemas import FieldError, Problem
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from core.spec import CROPS, AugmentSpec, TransformStep
+from core.augmentation import CROPS, AugmentSpec, TransformStep
 
 _BORDERS = {
     "reflect_101": cv2.BORDER_REFLECT_101,

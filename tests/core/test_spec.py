@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from core.spec import PAPER_POLICY, AugmentSpec, DatasetSpec, TransformStep, derive_seed
+from core.augmentation import PAPER_POLICY, AugmentSpec, TransformStep
+from core.spec import DatasetSpec, derive_seed
 
 
 def test_generated_per_class_is_ceil_of_ipc_over_copies_plus_one() -> None:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.spec import AugmentSpec, DatasetSpec, derive_seed
+from core.augmentation import AugmentSpec
+from core.spec import DatasetSpec, derive_seed
 from tests.conftest import CIFAR10_TEST
 from worker.augment import augment, build_transform, source_size
 from worker.postprocess import finish_item
@@ -71,7 +72,7 @@ def test_rotation_mirrors_borders_unless_asked_for_constant() -> None:
 
 
 def test_every_whitelisted_transform_builds_and_runs() -> None:
-    from core.spec import TRANSFORM_PARAMS
+    from core.augmentation import TRANSFORM_PARAMS
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
