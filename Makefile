@@ -21,8 +21,8 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check core service worker client tests bench
-	$(VENV)/bin/ruff format --check core service worker client tests bench
+	$(VENV)/bin/ruff check core service worker client tests bench scripts
+	$(VENV)/bin/ruff format --check core service worker client tests bench scripts
 	$(VENV)/bin/mypy core service worker client
 	$(VENV)/bin/lint-imports
 

@@ -135,6 +135,7 @@ class SpecFields(TypedDict, total=False):
     seed: int | None
     prompt_template: str | Sequence[str] | None
     prompts: Mapping[str, str] | Sequence[Mapping[str, str]] | None
+    prompt_strategy: str | None
     augment: Mapping[str, Any] | None
     policy: str | Sequence[Mapping[str, Any]] | None
     copies: int | None
@@ -173,6 +174,7 @@ def build_spec(
         for name in (
             "preset", "ipc", "budget_seconds", "image_size", "resolution", "decoder", "seed",
             "callback_url", "model", "steps", "guidance_scale", "method", "reference", "strength",
+            "prompt_strategy",
         )
     }  # fmt: skip
     plain["labels"] = None if labels is None else builtins.list(labels)

@@ -27,6 +27,7 @@ from pydantic import (
 from core import presets
 from core.augmentation import AugmentSpec
 from core.presets import ClassInfo, PresetName
+from core.prompts import DEFAULT_STRATEGY, DEFAULT_TEMPLATE, Strategy, choose, variants
 
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 100
@@ -209,11 +210,20 @@ class DatasetSpec(BaseModel):
     prompt_template: (
         Template | Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)]
     ) = Field(
-        default="a photo of a {label}",
+        default=DEFAULT_TEMPLATE,
         description="Prompt with {label}; a list is cycled across each class's images.",
     )
     prompts: list[PromptOverride] = Field(
         default_factory=list, max_length=MAX_LABELS, description="Per-class prompt overrides."
+    )
+    prompt_strategy: Strategy = Field(
+        default=DEFAULT_STRATEGY,
+        description="template: prompt_template. synonyms, definitions, domains, backgrounds: "
+        "each image's prompt is drawn (seeded by the job seed, class and image) from the "
+        "class's WordNet synonyms ('a photo of a {synonym}'), its WordNet gloss or hypernym "
+        "('a photo of a {label}, {gloss}'), image domains ('a {domain} of a {label}') or "
+        "backgrounds ('a photo of a {label} {background}'). Needs the default prompt_template; "
+        "a class in prompts keeps its override; without WordNet, 'a photo of a {label}'.",
     )
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     formats: list[Format] = Field(
@@ -318,6 +328,13 @@ class DatasetSpec(BaseModel):
             raise ValueError("reference: method generate uses no reference images")
         if self.method != "generate" and self.reference is None:
             raise ValueError(f"reference: method {self.method} needs a reference set")
+        if self.prompt_strategy != DEFAULT_STRATEGY and self.templates != (DEFAULT_TEMPLATE,):
+            raise ValueError(
+                f"prompt_strategy: {self.prompt_strategy} makes its own prompts; it takes the "
+                f"default prompt_template ({DEFAULT_TEMPLATE!r}), or use prompt_strategy template"
+            )
+        if self.prompt_strategy != DEFAULT_STRATEGY and self.real:
+            raise ValueError(f"prompt_strategy: method {self.method} makes no prompts")
         if self.strength is not None and self.method != "prototypes":
             raise ValueError("strength: only method prototypes re-noises images")
         if self.real and self.budget_seconds is not None:
@@ -384,8 +401,20 @@ class DatasetSpec(BaseModel):
         for override in self.prompts:
             if override.label in (cls.label, cls.wnid):
                 return override.prompt
+        if self.prompt_strategy != DEFAULT_STRATEGY:
+            seed = derive_seed(self.seed, "prompt", cls.key, sample)
+            return choose(self.prompt_strategy, cls, seed=seed)
         templates = self.templates
         return templates[sample % len(templates)].format(label=cls.prompt_name)
+
+    def prompt_variants(self, cls: ClassInfo) -> tuple[str, ...]:
+        """Every prompt a class's images may get: its override, else its strategy's."""
+        for override in self.prompts:
+            if override.label in (cls.label, cls.wnid):
+                return (override.prompt,)
+        if self.prompt_strategy != DEFAULT_STRATEGY:
+            return variants(self.prompt_strategy, cls)
+        return tuple(t.format(label=cls.prompt_name) for t in self.templates)
 
 
 def derive_seed(job_seed: int, *parts: str | int) -> int:

@@ -46,8 +46,13 @@ def resolve_model(settings: Settings, spec: DatasetSpec) -> tuple[models.ModelEn
         raise InvalidField(f"model: {exc.args[0]}") from None
     what = f"model {entry.alias!r} ({entry.id})"
     if entry.class_conditional and not spec.real:
-        for name in ("prompt_template", "prompts"):
-            if name in spec.model_fields_set and (name != "prompts" or spec.prompts):
+        given = {
+            "prompt_template": "prompt_template" in spec.model_fields_set,
+            "prompts": bool(spec.prompts),
+            "prompt_strategy": spec.prompt_strategy != "template",
+        }
+        for name, asked in given.items():
+            if asked:
                 raise InvalidField(
                     f"{name}: {what} is class-conditional: it is conditioned on ImageNet-1K "
                     "class ids and takes no prompts"

@@ -141,6 +141,11 @@ def test_models_lists_every_alias_with_its_defaults_and_ready_workers(
             "prompts",
             "takes no prompts",
         ),
+        (
+            {"preset": "imagenette", "model": "dit", "prompt_strategy": "synonyms"},
+            "prompt_strategy",
+            "takes no prompts",
+        ),
         ({"preset": "imagenette", "model": "dit", "resolution": 512}, "resolution", "64 px"),
         ({"labels": ["cat"], "model": "sd-turbo", "decoder": "tiny"}, "decoder", "SDXL"),
         ({"labels": ["cat"], "steps": 51}, "steps", ""),

@@ -174,6 +174,7 @@ def test_defaults_are_filled_in(idle_client: TestClient) -> None:
         "decoder": "vae",
         "prompt_template": "a photo of a {label}",
         "prompts": [],
+        "prompt_strategy": "template",
         "augment": {"policy": "paper", "copies": 4, "crop_scale": 1.25},
         "formats": ["imagefolder"],
         "callback_url": None,

@@ -381,6 +381,9 @@ def _made_section(manifest: dict[str, Any], model_id: str, lic: License) -> list
             "the images per class)",
         ),
     ]
+    strategy = request.get("prompt_strategy")
+    if strategy:  # absent: the request's prompt_template, the default
+        made.append(("prompts", _prompt_strategy(str(strategy))))
     if manifest.get("preset"):
         made.append(("preset", _md(manifest["preset"]["name"])))
     budget = manifest.get("budget")
@@ -396,6 +399,25 @@ def _made_section(manifest: dict[str, Any], model_id: str, lic: License) -> list
         "service on the same model, device and batch size makes this archive again, byte for "
         "byte.",
     ]
+
+
+#: What each prompt strategy gives a class's images (core.prompts).
+PROMPT_STRATEGIES = {
+    "synonyms": "a photo of one of the class's WordNet synonyms",
+    "definitions": "a photo of the class with its WordNet definition or hypernym",
+    "domains": "an image domain (photo, painting, sketch, cartoon, ...) of the class",
+    "backgrounds": "a photo of the class in a background (a forest, a beach, indoors, ...)",
+}
+
+
+def _prompt_strategy(strategy: str) -> str:
+    what = PROMPT_STRATEGIES.get(strategy)
+    if what is None:
+        return f"strategy {_code(strategy)}"
+    return (
+        f"strategy {_code(strategy)}: each image's prompt is drawn (seeded per image) from "
+        f"{what}; the classes table lists them all"
+    )
 
 
 def _counts_section(counts: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from core import presets
+from core.prompts import DEFAULT_STRATEGY
 from core.spec import DatasetSpec
 from worker.outputs.archive import class_dir
 from worker.outputs.sink import Outputs, RunResult
@@ -85,7 +86,13 @@ def build(
     preset = presets.get(spec.preset) if spec.preset else None
     manifest: dict[str, Any] = {
         "format": "distill-service/archive-v1",
-        "request": spec.model_dump(mode="json", exclude={"callback_url"}),
+        # The default prompt strategy is left out, so that a request that does not name one
+        # keeps the bytes its archive had before strategies existed.
+        "request": spec.model_dump(
+            mode="json",
+            exclude={"callback_url"}
+            | ({"prompt_strategy"} if spec.prompt_strategy == DEFAULT_STRATEGY else set()),
+        ),
         "preset": (
             {"name": preset.name, "title": preset.title, "mean": preset.mean, "std": preset.std}
             if preset
@@ -114,15 +121,14 @@ def build(
 
 def _prompts(spec: DatasetSpec, facts: ModelFacts) -> dict[presets.ClassInfo, list[str]]:
     """Each class's prompts: none for real images, the class's id prompt for a
-    class-conditional model, else every template's."""
+    class-conditional model, else every prompt its images may get (its override, every
+    template's, or every one its prompt strategy picks from), sorted."""
     if spec.real:
         return {c: [] for c in spec.classes()}
     if facts.class_conditional:
         ids = presets.imagenet_ids(spec.classes())
         return {c: [presets.class_prompt(c, i)] for c, i in zip(spec.classes(), ids, strict=True)}
-    return {
-        c: sorted({spec.prompt(c, n) for n in range(len(spec.templates))}) for c in spec.classes()
-    }
+    return {c: sorted(set(spec.prompt_variants(c))) for c in spec.classes()}
 
 
 def _classes(
