@@ -75,6 +75,17 @@ class DistillWorker(SimpleWorker):
             queue.enqueue_job(job, at_front=True)
             self.log.info("job %s put back at the front of the queue", job.id)
 
+    def running_job_id(self) -> str | None:
+        """The job this process is running now, from its own executions only.
+
+        RQ's ``get_current_job_id`` falls back to the execution index in Redis when the
+        process has none, and keeps the first answer it reads there: read from the beat
+        thread in the moment a finished execution is gone from the process but not yet from
+        Redis, it would report that job for as long as the worker stays idle.
+        """
+        running = list(self.executions.values())
+        return running[0].job_id if running else None
+
     def beat_running_jobs(self) -> None:
         """Extend this worker's key and its running executions by one heartbeat TTL."""
         if not self.born:
@@ -131,7 +142,7 @@ class StatusBeacon:
     def publish(self) -> None:
         live = {**self.fields, **self.probe()}
         if self.worker is not None:
-            live["current_job"] = self.worker.get_current_job_id() or ""
+            live["current_job"] = self.worker.running_job_id() or ""
         workers.publish(
             self.redis,
             self.name,
