@@ -44,6 +44,12 @@ class EvaluationRequest(BaseModel):
     )
     runs: int | None = Field(None, ge=1, le=10, description="Default: the profile's.")
     epochs: int | None = Field(None, ge=1, le=5000, description="Default: the profile's.")
+    labels: Literal["hard", "soft"] = Field(
+        "hard",
+        description="hard: train on the class indices (the challenge's protocol). soft: train "
+        "on the archive's soft_labels.pt (KL divergence at its temperature; the job needs "
+        "soft_labels), and report the same runs on hard labels beside it in result.hard.",
+    )
 
 
 def testset_path(directory: Path | None, name: str) -> Path | None:

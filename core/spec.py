@@ -28,6 +28,7 @@ from core import presets
 from core.augmentation import AugmentSpec
 from core.presets import ClassInfo, PresetName
 from core.prompts import DEFAULT_STRATEGY, DEFAULT_TEMPLATE, Strategy, choose, variants
+from core.soft_labels import SoftLabelsRequest
 
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 100
@@ -238,6 +239,14 @@ class DatasetSpec(BaseModel):
         "data/train-NNNNN-of-NNNNN.parquet of about 500 MB each: image, label as a ClassLabel "
         "naming the classes, and the metadata.jsonl columns).",
     )
+    soft_labels: SoftLabelsRequest | None = Field(
+        default=None,
+        description="Label every image with a teacher's logits: soft_labels.pt (float16, "
+        "images x classes, class-major) and each image's top_k classes and probabilities at "
+        "the temperature as metadata columns soft_top_k and soft_top_p. The reference "
+        "teacher is trained on the request's reference set (which method generate then "
+        "takes). Not with the challenge format, whose file holds hard labels only.",
+    )
     callback_url: str | None = Field(
         default=None,
         max_length=2000,
@@ -324,8 +333,12 @@ class DatasetSpec(BaseModel):
             if override.label in seen:
                 raise ValueError(f"prompts[{index}].label {override.label!r} is overridden twice")
             seen.add(override.label)
-        if self.method == "generate" and self.reference is not None:
-            raise ValueError("reference: method generate uses no reference images")
+        if self.method == "generate" and self.reference is not None and not self.teacher_set:
+            raise ValueError(
+                "reference: method generate uses no reference images (unless soft_labels' "
+                "teacher is reference)"
+            )
+        self._check_soft_labels()
         if self.method != "generate" and self.reference is None:
             raise ValueError(f"reference: method {self.method} needs a reference set")
         if self.prompt_strategy != DEFAULT_STRATEGY and self.templates != (DEFAULT_TEMPLATE,):
@@ -347,7 +360,32 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"classes x ipc = {total} images exceeds the limit of {limit}")
         return self
 
+    def _check_soft_labels(self) -> None:
+        soft = self.soft_labels
+        if soft is None:
+            return
+        if soft.teacher == "reference" and self.reference is None:
+            raise ValueError(
+                "soft_labels.teacher: reference trains the teacher on the request's reference "
+                "set; give reference"
+            )
+        if "challenge" in self.formats:
+            raise ValueError(
+                "soft_labels: the challenge's file holds hard labels only; ask for "
+                "imagefolder, tensors, webdataset or parquet"
+            )
+        classes = len(self.classes())
+        if soft.top_k > classes:
+            raise ValueError(
+                f"soft_labels.top_k: {soft.top_k} is more than the job's {classes} classes"
+            )
+
     # ---- derived views (the worker and the manifest use these) ----
+
+    @property
+    def teacher_set(self) -> bool:
+        """Whether the reference set trains a soft-label teacher."""
+        return self.soft_labels is not None and self.soft_labels.teacher == "reference"
 
     def classes(self) -> tuple[ClassInfo, ...]:
         """The job's classes in class-index order."""

@@ -96,10 +96,10 @@ def resolve_model(settings: Settings, spec: DatasetSpec) -> tuple[models.ModelEn
 
 
 def _check_reference(redis: Redis, settings: Settings, spec: DatasetSpec, owner: str) -> None:
-    """A method that starts from real images needs a reference set of the caller's (or a
-    named one) with a folder of enough images for every class: else a 422 naming
-    ``reference`` and listing what is missing."""
-    if spec.method == "generate":
+    """A method that starts from real images (or a soft-label teacher trained on them) needs
+    a reference set of the caller's (or a named one) with a folder of enough images for every
+    class: else a 422 naming ``reference`` and listing what is missing."""
+    if spec.reference is None:
         return
     counts = references.folder_counts(
         redis, settings.references_dir, owner=owner, **spec.reference_source()
@@ -115,7 +115,8 @@ def _check_reference(redis: Redis, settings: Settings, spec: DatasetSpec, owner:
         folders = references.match(classes, counts)
     except ValueError as exc:
         raise InvalidField(f"reference: {exc}") from None
-    need = spec.generated_per_class
+    # A set that only trains the soft-label teacher needs one image of each class.
+    need = 1 if spec.method == "generate" else spec.generated_per_class
     short = [
         f"{label} ({folder}: {counts[folder]})"
         for (label, _), folder in zip(classes, folders, strict=True)

@@ -65,6 +65,11 @@ def submit_evaluation(
     ):
         known = ", ".join(evaluations.available_testsets(settings.testsets_dir)) or "none"
         raise InvalidField(f"testset: no test set {request.testset!r} (available: {known})")
+    if request.labels == "soft" and job.request.soft_labels is None:
+        raise InvalidField(
+            f"labels: soft trains on the archive's soft_labels.pt, and job {job_id} was made "
+            "without soft_labels"
+        )
     eval_id = uuid.uuid4().hex
     evaluations.create(redis, eval_id, job_id=job_id, request=request, ttl=settings.result_ttl)
     queue_for(redis, settings).enqueue(

@@ -41,7 +41,7 @@ from worker.augment import source_size
 from worker.model.generator import SamplingParams
 from worker.outputs import card, manifest, sink
 from worker.outputs.archive import ArchiveInfo, ArchiveWriter, decode_png
-from worker.selection import sources
+from worker.selection import sources, teachers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -272,8 +272,14 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
         source_side=source_size(spec.augment, image_size=spec.size),
     )
     hooks = RedisHooks(redis, piece)
+    # A shard's part is labelled by its assembly, which sees every image in order.
+    teacher = teachers.for_job(spec, settings) if shard is None else None
     with ArchiveWriter(final=final, partial=partial) as writer:
-        outputs = sink.Outputs(spec=work.sample_spec, writer=writer)
+        outputs = sink.Outputs(
+            spec=work.sample_spec,
+            writer=writer,
+            teacher=teacher.logits if teacher is not None else None,
+        )
         run = engine.run(
             work.sample_spec,
             rt.generator,
@@ -291,7 +297,9 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
         # This worker's own sampling rate (advertised in its status); assembly is not sampling.
         runtime.record_rate(outputs.count / max(time.time() - started, 1e-6))
         if shard is None:
-            return _publish(redis, store, piece.job_id, writer, outputs, run, started=started)
+            return _publish(
+                redis, store, piece.job_id, writer, outputs, run, started=started, teacher=teacher
+            )
         info = writer.commit(
             {
                 "format": manifest.PART_FORMAT,
@@ -335,6 +343,7 @@ def _publish(
     run: sink.RunResult,
     *,
     started: float,
+    teacher: teachers.Teacher | None = None,
     **extra: str | int | float,
 ) -> dict[str, Any]:
     """Finish the dataset's archive (tensors, contact sheet, manifest), put it in the store
@@ -342,6 +351,7 @@ def _publish(
     rt = runtime.current()
     spec = outputs.spec
     tensors = outputs.write_tensors()
+    soft = outputs.write_soft_labels(teacher.provenance) if teacher is not None else None
     sheet = outputs.preview.render(spec.size)
     writer.add_file("preview.png", sheet)
     finished = time.time()
@@ -353,6 +363,7 @@ def _publish(
         tensors=tensors,
         run=run,
         selection=source.provenance() if source is not None else None,
+        soft_labels=soft,
     )
     writer.add_file("README.md", card.render(described), compress=True)
     info = writer.commit(described)
@@ -422,8 +433,11 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
     check_space(spec, partial.parent)
     started = time.perf_counter()
     rows = patiently(lambda: records.read_shards(redis, job_id))
+    teacher = teachers.for_job(spec, settings)
     with ArchiveWriter(final=final, partial=partial) as writer:
-        outputs = sink.Outputs(spec=spec, writer=writer)
+        outputs = sink.Outputs(
+            spec=spec, writer=writer, teacher=teacher.logits if teacher is not None else None
+        )
         for shard in rows:
             if patiently(lambda: records.ending(redis, job_id)):
                 writer.abort()
@@ -447,6 +461,7 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
             outputs,
             run,
             started=first_start,
+            teacher=teacher,
             seconds_assembling=round(time.perf_counter() - started, 3),
             assembly=JobState.succeeded.value,
         )

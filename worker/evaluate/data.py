@@ -52,6 +52,9 @@ class TrainSet:
     wnids: tuple[str | None, ...]
     preset: dict[str, Any] | None
     source: str
+    #: Each image's ``train/`` file name, when read from the ImageFolder tree (None: from
+    #: tensors.pt, class-major).
+    files: tuple[str, ...] | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -161,7 +164,7 @@ def _from_tensors(archive: zipfile.ZipFile) -> tuple[torch.Tensor, torch.Tensor,
 
 def _from_imagefolder(
     archive: zipfile.ZipFile, folder_index: dict[str, int] | None
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[str], tuple[str, ...]]:
     """``train/`` images with labels from metadata.jsonl, else from their folders."""
     names = set(archive.namelist())
     rows: list[tuple[str, int]] = []
@@ -195,9 +198,10 @@ def _from_imagefolder(
             rows.append((name, index[folder]))
     if not rows:
         raise EvaluationError("the archive holds neither tensors.pt nor images under train/")
+    file_names = tuple(name.removeprefix("train/") for name, _ in rows)
     arrays = [_decode(archive.read(name), name)[0] for name, _ in rows]
     images = _stack(arrays, [name for name, _ in rows], "the archive's train/")
-    return images, torch.tensor([label for _, label in rows], dtype=torch.int64), []
+    return images, torch.tensor([label for _, label in rows], dtype=torch.int64), [], file_names
 
 
 def load_archive(path: Path) -> TrainSet:
@@ -214,11 +218,12 @@ def load_archive(path: Path) -> TrainSet:
             if entries
             else None
         )
+        files: tuple[str, ...] | None = None
         if "tensors.pt" in names:
             images, labels, tensor_classes = _from_tensors(archive)
             source = "tensors.pt"
         else:
-            images, labels, tensor_classes = _from_imagefolder(archive, folder_index)
+            images, labels, tensor_classes, files = _from_imagefolder(archive, folder_index)
             source = "train/"
     if entries is not None:
         classes = [str(c["label"]) for c in entries]
@@ -239,6 +244,7 @@ def load_archive(path: Path) -> TrainSet:
         wnids=tuple(None if w is None else str(w) for w in wnids),
         preset=preset if isinstance(preset, dict) else None,
         source=source,
+        files=files,
     )
 
 

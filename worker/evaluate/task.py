@@ -54,6 +54,7 @@ def run_evaluation(eval_id: str) -> dict[str, Any]:
             epochs=request.epochs,
             profile=request.profile,
             progress=progress,
+            labels=request.labels,
         ).to_dict()
     result["testset"] = request.testset
     # A copy of the manifest with the evaluation in it, beside the archive.

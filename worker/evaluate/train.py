@@ -11,8 +11,10 @@ reference code's ``np.std``).
 from __future__ import annotations
 
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +35,10 @@ from worker.evaluate.data import (
     testset_folders,
 )
 from worker.evaluate.network import ConvNet
+from worker.outputs.soft_labels import read as read_soft_labels
 
 Profile = Literal["full", "fast"]
+Labels = Literal["hard", "soft"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class EvaluationResult:
     seconds_per_epoch: float
     device: str
     seeds: list[int] = field(default_factory=list)
+    #: What the reported runs trained on: hard (the class index) or soft (the archive's
+    #: soft_labels.pt); a soft evaluation also reports the hard-label runs here.
+    labels: str = "hard"
+    hard: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -153,11 +161,15 @@ def train_once(
     seed: int,
     use_dsa: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
+    soft: SoftTargets | None = None,
 ) -> float:
     """Train ``model`` in place on normalised ``images`` (already on the model's device);
     returns the last epoch's mean loss.
 
-    Shuffling and DSA draw from one CPU generator seeded with ``seed``.
+    With ``soft``, the loss is the KL divergence from the teacher's probabilities at the
+    temperature to the network's, times the temperature squared (Hinton et al.; the
+    soft-label papers' loss); else cross-entropy on ``labels``. Shuffling and DSA draw from
+    one CPU generator seeded with ``seed``.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(
@@ -179,7 +191,10 @@ def train_once(
             batch = images[index]
             if use_dsa:
                 batch = dsa.augment(batch, generator)
-            loss = F.cross_entropy(model(batch), labels[index])
+            if soft is None:
+                loss = F.cross_entropy(model(batch), labels[index])
+            else:
+                loss = soft.loss(model(batch), index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -188,6 +203,24 @@ def train_once(
         if on_epoch is not None:
             on_epoch(epoch + 1, mean_loss)
     return mean_loss
+
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """A teacher's probabilities at ``temperature`` (N, C), row ``i`` for training image
+    ``i``, on the images' device."""
+
+    probabilities: torch.Tensor
+    temperature: float
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, temperature: float) -> SoftTargets:
+        return cls(F.softmax(logits.to(torch.float32) / temperature, dim=1), temperature)
+
+    def loss(self, outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        log_p = F.log_softmax(outputs / t, dim=1)
+        return F.kl_div(log_p, self.probabilities[index], reduction="batchmean") * (t * t)
 
 
 def hyper_for(profile: str, *, epochs: int | None, runs: int | None) -> Hyper:
@@ -212,6 +245,8 @@ def run_protocol(
     seed: int = 0,
     use_dsa: bool = True,
     progress: ProgressCallback | None = None,
+    soft_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> tuple[list[float], list[int], float]:
     """Accuracy of each of ``hyper.runs`` runs (seeds ``seed``, ``seed + 1``, ...), the seeds,
     and the training seconds per epoch (testing excluded)."""
@@ -230,6 +265,11 @@ def run_protocol(
         )
     images = _normalize(train.images.to(device), norm)
     labels = train.labels.to(device)
+    soft = (
+        SoftTargets.from_logits(soft_logits.to(device), temperature)
+        if soft_logits is not None
+        else None
+    )
     accuracies: list[float] = []
     seeds = [seed + run for run in range(hyper.runs)]
     training = 0.0
@@ -242,7 +282,14 @@ def run_protocol(
 
         started = time.perf_counter()
         loss = train_once(
-            model, images, labels, hyper, seed=run_seed, use_dsa=use_dsa, on_epoch=on_epoch
+            model,
+            images,
+            labels,
+            hyper,
+            seed=run_seed,
+            use_dsa=use_dsa,
+            on_epoch=on_epoch,
+            soft=soft,
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so the time is the work's, not the queue's
@@ -268,6 +315,7 @@ def evaluate(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     resize_test: bool = False,
+    labels: Labels = "hard",
 ) -> EvaluationResult:
     """Evaluate the distilled set in ``archive`` on the real ImageFolder ``testset``.
 
@@ -278,6 +326,10 @@ def evaluate(
     ``progress`` is called after every epoch; an exception it raises stops the evaluation
     (a job's cancel). Input problems raise ``EvaluationError`` (``ClassOrderError`` for
     classes in the wrong order) before any training.
+
+    ``labels="soft"`` trains on the archive's ``soft_labels.pt`` (``SoftTargets``) and
+    reports those runs, with the same runs on hard labels in ``hard``: a soft-label score is
+    never mistaken for the challenge's, which trains on hard labels.
     """
     started = time.perf_counter()
     hyper = hyper_for(profile, epochs=epochs, runs=runs)
@@ -286,28 +338,85 @@ def evaluate(
     # Checked before the test images are decoded: a wrong order fails in a moment.
     class_check = check_class_order(train.classes, testset_folders(testset), wnids=train.wnids)
     test = load_testset(Path(testset), resize_to=train.image_size if resize_test else None)
+    soft = soft_logits_for(Path(archive), train) if labels == "soft" else None
     norm = normalization(train, mean=mean, std=std)
-    accuracies, seeds, per_epoch = run_protocol(
-        train,
-        test,
-        hyper=hyper,
-        norm=norm,
-        device=target,
-        seed=seed,
-        use_dsa=use_dsa,
-        progress=progress,
+    passes = 1 if soft is None else 2
+
+    def reporter(offset: int) -> ProgressCallback | None:
+        if progress is None:
+            return None
+        report = progress
+
+        def shifted(p: Progress) -> None:
+            report(replace(p, run=p.run + offset * hyper.runs, runs=p.runs * passes))
+
+        return shifted
+
+    run = partial(
+        run_protocol, train, test, hyper=hyper, norm=norm, device=target, seed=seed, use_dsa=use_dsa
     )
+    accuracies, seeds, per_epoch = run(progress=reporter(0))
+    protocol = _protocol(profile, hyper, norm=norm, train=train, test=test, use_dsa=use_dsa)
+    hard = None
+    if soft is not None:
+        hard = {
+            "accuracies": accuracies,
+            "mean": float(np.mean(accuracies)),
+            "std": float(np.std(accuracies)),
+        }
+        accuracies, _, soft_per_epoch = run(
+            progress=reporter(1), soft_logits=soft.logits, temperature=soft.temperature
+        )
+        per_epoch = (per_epoch + soft_per_epoch) / 2
+        protocol["soft_labels"] = {
+            "file": "soft_labels.pt",
+            "temperature": soft.temperature,
+            "loss": "KL(teacher || network) of the softmaxes at the temperature, x T^2",
+            "hard": "the same runs and seeds on the class indices, reported in hard",
+        }
     return EvaluationResult(
         accuracies=accuracies,
         mean=float(np.mean(accuracies)),
         std=float(np.std(accuracies)),
-        protocol=_protocol(profile, hyper, norm=norm, train=train, test=test, use_dsa=use_dsa),
+        protocol=protocol,
         class_check=class_check,
         seconds=time.perf_counter() - started,
         seconds_per_epoch=per_epoch,
         device=str(target),
         seeds=seeds,
+        labels=labels,
+        hard=hard,
     )
+
+
+@dataclass(frozen=True)
+class _Soft:
+    logits: torch.Tensor
+    temperature: float
+
+
+def soft_logits_for(archive: Path, train: TrainSet) -> _Soft:
+    """The archive's soft-label logits, row ``i`` for training image ``i``; EvaluationError
+    when the archive has none or they do not match its images."""
+    with zipfile.ZipFile(archive) as zf:
+        try:
+            soft = read_soft_labels(zf)
+        except ValueError as exc:
+            raise EvaluationError(f"labels soft: {exc}") from None
+    if soft.classes != train.classes:
+        raise EvaluationError("labels soft: soft_labels.pt names other classes than manifest.json")
+    if train.files is None:
+        # tensors.pt: class-major, each class in image order, as soft_labels.pt.
+        if not torch.equal(soft.labels, train.labels):
+            raise EvaluationError("labels soft: soft_labels.pt's rows are not tensors.pt's images")
+        return _Soft(soft.logits, soft.temperature)
+    row = {name: i for i, name in enumerate(soft.files)}
+    missing = [f for f in train.files if f not in row]
+    if missing or len(row) != len(train.files):
+        first = missing[0] if missing else "(extra rows)"
+        raise EvaluationError(f"labels soft: soft_labels.pt has no row for {first}")
+    order = torch.tensor([row[f] for f in train.files], dtype=torch.int64)
+    return _Soft(soft.logits[order], soft.temperature)
 
 
 def _protocol(

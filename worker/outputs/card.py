@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from core.models import KNOWN_LICENSES, License
+from core.soft_labels import TOP_K_COLUMN, TOP_P_COLUMN
 from worker.outputs.card_loading import loading
 
 #: What the card calls the method the service follows.
@@ -56,6 +57,13 @@ METADATA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("source", "string"),
 )
 COPY_COLUMN = ("copy", "int64")
+#: A dtype ``list:<value type>`` is a ``datasets`` ``List`` of that type.
+LIST_PREFIX = "list:"
+#: The soft-label columns (``core.soft_labels``), on every line of a job with ``soft_labels``.
+SOFT_COLUMNS: tuple[tuple[str, str], ...] = (
+    (TOP_K_COLUMN, f"{LIST_PREFIX}int64"),
+    (TOP_P_COLUMN, f"{LIST_PREFIX}float64"),
+)
 
 _HUB_CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
 
@@ -121,7 +129,16 @@ def _columns(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     columns = list(METADATA_COLUMNS)
     if manifest["counts"].get("augmented", 0) > 0:
         columns.append(COPY_COLUMN)
+    if manifest.get("soft_labels"):
+        columns += SOFT_COLUMNS
     return columns
+
+
+def _yaml_feature(name: str, dtype: str) -> dict[str, Any]:
+    """One column in ``Features._to_yaml_list``'s form (a list: ``{"name", "list": dtype}``)."""
+    if dtype.startswith(LIST_PREFIX):
+        return {"name": name, "list": dtype.removeprefix(LIST_PREFIX)}
+    return {"name": name, "dtype": dtype}
 
 
 def features(
@@ -130,7 +147,7 @@ def features(
     """The imagefolder dataset's features in the card's YAML form (``Features._to_yaml_list``);
     with ``columns`` (the Parquet shards' column names), those columns'."""
     names = class_names(manifest["classes"])
-    dtypes = dict((*METADATA_COLUMNS, COPY_COLUMN))
+    dtypes = dict((*METADATA_COLUMNS, COPY_COLUMN, *SOFT_COLUMNS))
     metadata = _columns(manifest) if columns is None else [(c, dtypes[c]) for c in columns[2:]]
     return [
         {"name": "image", "dtype": "image"},
@@ -138,7 +155,7 @@ def features(
             "name": "label",
             "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(names)}}},
         },
-        *({"name": name, "dtype": dtype} for name, dtype in metadata),
+        *(_yaml_feature(name, dtype) for name, dtype in metadata),
     ]
 
 
@@ -384,6 +401,17 @@ def _made_section(manifest: dict[str, Any], model_id: str, lic: License) -> list
     strategy = request.get("prompt_strategy")
     if strategy:  # absent: the request's prompt_template, the default
         made.append(("prompts", _prompt_strategy(str(strategy))))
+    soft = manifest.get("soft_labels")
+    if soft:
+        teacher = soft.get("teacher", {})
+        made.append(
+            (
+                "soft labels",
+                f"teacher {_code(teacher.get('teacher', '?'))} ({_md(teacher.get('network', ''))}"
+                f", train accuracy {teacher.get('train_accuracy')}), temperature "
+                f"{soft.get('temperature')}, top {soft.get('top_k')} in the metadata",
+            )
+        )
     if manifest.get("preset"):
         made.append(("preset", _md(manifest["preset"]["name"])))
     budget = manifest.get("budget")
@@ -491,6 +519,16 @@ def _files(manifest: dict[str, Any]) -> list[str]:
             "- `data/train-NNNNN-of-NNNNN.parquet`: Parquet shards in the Hub's layout, one row "
             "per image: `image` (PNG bytes and file name), `label` (a `ClassLabel`), then the "
             "metadata columns; the schema holds the `datasets` features."
+        )
+    soft = manifest.get("soft_labels")
+    if soft:
+        lines.append(
+            f"- `{soft['file']}`: the teacher's float16 logits, one row per image (class-major, "
+            "each class in image order), columns in class-index order, with `labels`, `files`, "
+            "`classes` and `temperature`; every metadata line also lists its `soft_top_k` "
+            f"classes and their `soft_top_p` probabilities at temperature {soft['temperature']}. "
+            "Train on them with a KL loss at that temperature; the challenge's evaluation "
+            "trains on hard labels."
         )
     for name, entry in formats.items():
         if name.endswith(".pt") and isinstance(entry, dict):

@@ -76,6 +76,7 @@ def build(
     tensors: dict[str, Any],
     run: RunResult,
     selection: dict[str, Any] | None = None,
+    soft_labels: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the archive holds and everything needed to make it again.
 
@@ -86,12 +87,13 @@ def build(
     preset = presets.get(spec.preset) if spec.preset else None
     manifest: dict[str, Any] = {
         "format": "distill-service/archive-v1",
-        # The default prompt strategy is left out, so that a request that does not name one
-        # keeps the bytes its archive had before strategies existed.
+        # The default prompt strategy and absent soft labels are left out, so that a request
+        # that names neither keeps the bytes its archive had before they existed.
         "request": spec.model_dump(
             mode="json",
             exclude={"callback_url"}
-            | ({"prompt_strategy"} if spec.prompt_strategy == DEFAULT_STRATEGY else set()),
+            | ({"prompt_strategy"} if spec.prompt_strategy == DEFAULT_STRATEGY else set())
+            | ({"soft_labels"} if spec.soft_labels is None else set()),
         ),
         "preset": (
             {"name": preset.name, "title": preset.title, "mean": preset.mean, "std": preset.std}
@@ -116,6 +118,8 @@ def build(
         manifest["reference"] = selection
     if spec.budget_seconds is not None:
         manifest["budget"] = _budget(spec.budget_seconds, facts, outputs, run)
+    if soft_labels is not None:
+        manifest["soft_labels"] = soft_labels
     return manifest
 
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from core.spec import DatasetSpec
 from worker.outputs.archive import class_dir
-from worker.outputs.card import COPY_COLUMN, METADATA_COLUMNS
+from worker.outputs.card import COPY_COLUMN, LIST_PREFIX, METADATA_COLUMNS, SOFT_COLUMNS
 from worker.outputs.card import class_names as card_class_names
 
 #: A shard is closed before a row group would take it past this many bytes: ``datasets``'
@@ -61,7 +61,7 @@ CDC_OPTIONS: dict[str, int] = {
 }
 #: The image struct's leaves: stored as they are (PNG does not compress further).
 _IMAGE_LEAVES = ("image.bytes", "image.path")
-_ARROW_TYPES = {"string": pa.string(), "int64": pa.int64()}
+_ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
 _IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
@@ -91,27 +91,43 @@ def has_copies(spec: DatasetSpec) -> bool:
     return spec.augment.n_copies > 0 and (spec.ipc is None or spec.ipc > 1)
 
 
-def columns(*, with_copy: bool) -> list[tuple[str, str]]:
-    """(name, ``datasets`` dtype) of the metadata columns after ``image`` and ``label``."""
-    return [*METADATA_COLUMNS, *((COPY_COLUMN,) if with_copy else ())]
+def columns(*, with_copy: bool, with_soft: bool = False) -> list[tuple[str, str]]:
+    """(name, ``datasets`` dtype) of the metadata columns after ``image`` and ``label``; a
+    ``list:`` dtype is a ``List`` of that value type (the soft-label columns)."""
+    soft = SOFT_COLUMNS if with_soft else ()
+    return [*METADATA_COLUMNS, *((COPY_COLUMN,) if with_copy else ()), *soft]
 
 
-def features_json(names: Sequence[str], *, with_copy: bool) -> str:
+def _feature(dtype: str) -> dict[str, Any]:
+    if dtype.startswith(LIST_PREFIX):
+        return {"feature": _feature(dtype.removeprefix(LIST_PREFIX)), "_type": "List"}
+    return {"dtype": dtype, "_type": "Value"}
+
+
+def _arrow_type(dtype: str) -> pa.DataType:
+    if dtype.startswith(LIST_PREFIX):
+        return pa.list_(_arrow_type(dtype.removeprefix(LIST_PREFIX)))
+    return _ARROW_TYPES[dtype]
+
+
+def features_json(names: Sequence[str], *, with_copy: bool, with_soft: bool = False) -> str:
     """The schema's ``huggingface`` metadata, as ``datasets``' ``Features.arrow_schema`` has it."""
     features: dict[str, Any] = {
         "image": {"_type": "Image"},
         "label": {"names": list(names), "_type": "ClassLabel"},
     }
-    for name, dtype in columns(with_copy=with_copy):
-        features[name] = {"dtype": dtype, "_type": "Value"}
+    for name, dtype in columns(with_copy=with_copy, with_soft=with_soft):
+        features[name] = _feature(dtype)
     return json.dumps({"info": {"features": features}})
 
 
-def schema(names: Sequence[str], *, with_copy: bool) -> pa.Schema:
+def schema(names: Sequence[str], *, with_copy: bool, with_soft: bool = False) -> pa.Schema:
     """The shards' Arrow schema, features included."""
     fields = [pa.field("image", _IMAGE_TYPE), pa.field("label", pa.int64())]
-    fields += [pa.field(n, _ARROW_TYPES[t]) for n, t in columns(with_copy=with_copy)]
-    return pa.schema(fields, metadata={"huggingface": features_json(names, with_copy=with_copy)})
+    listed = columns(with_copy=with_copy, with_soft=with_soft)
+    fields += [pa.field(n, _arrow_type(t)) for n, t in listed]
+    metadata = {"huggingface": features_json(names, with_copy=with_copy, with_soft=with_soft)}
+    return pa.schema(fields, metadata=metadata)
 
 
 class ShardWriter:
@@ -128,6 +144,7 @@ class ShardWriter:
         *,
         names: Sequence[str],
         with_copy: bool,
+        with_soft: bool = False,
         directory: Path | None = None,
         max_bytes: int = MAX_BYTES,
         row_group_rows: int = ROW_GROUP_ROWS,
@@ -136,12 +153,13 @@ class ShardWriter:
         if max_bytes < 1 or row_group_rows < 1 or row_group_bytes < 1:
             raise ValueError("shards and row groups must be allowed at least one row and byte")
         self.names = list(names)
-        self.schema = schema(self.names, with_copy=with_copy)
+        self.with_copy, self.with_soft = with_copy, with_soft
+        self.schema = schema(self.names, with_copy=with_copy, with_soft=with_soft)
         self.directory = directory
         self.max_bytes = max_bytes
         self.row_group_rows = row_group_rows
         self.row_group_bytes = row_group_bytes
-        self._columns = [n for n, _ in columns(with_copy=with_copy)]
+        self._columns = [n for n, _ in columns(with_copy=with_copy, with_soft=with_soft)]
         self._files: list[IO[bytes]] = []
         self._writer: pq.ParquetWriter | None = None
         self._shard_bytes = 0
@@ -150,9 +168,17 @@ class ShardWriter:
         self.rows = 0
 
     @classmethod
-    def for_spec(cls, spec: DatasetSpec, *, directory: Path | None = None) -> ShardWriter:
-        """A writer for ``spec``'s classes and columns, with the default limits."""
-        return cls(names=class_names(spec), with_copy=has_copies(spec), directory=directory)
+    def for_spec(
+        cls, spec: DatasetSpec, *, directory: Path | None = None, with_soft: bool = False
+    ) -> ShardWriter:
+        """A writer for ``spec``'s classes and columns (the soft-label ones ``with_soft``),
+        with the default limits."""
+        return cls(
+            names=class_names(spec),
+            with_copy=has_copies(spec),
+            with_soft=with_soft,
+            directory=directory,
+        )
 
     def add(self, file_name: str, png: bytes, row: dict[str, Any]) -> None:
         """Append one image: its PNG, ``train/`` file name and metadata line's values
@@ -194,7 +220,10 @@ class ShardWriter:
         self._finish_shard()
         handle = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115 - closed in shards/close
         self._files.append(handle)
-        leaves = [*_IMAGE_LEAVES, "label", *self._columns]
+        listed = columns(with_copy=self.with_copy, with_soft=self.with_soft)
+        # A list column's values are its leaf ``<name>.list.element``.
+        leaves = [*_IMAGE_LEAVES, "label"]
+        leaves += [f"{n}.list.element" if t.startswith(LIST_PREFIX) else n for n, t in listed]
         self._writer = pq.ParquetWriter(
             handle,
             self.schema,

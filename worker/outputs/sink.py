@@ -13,8 +13,9 @@ import numpy as np
 
 from core import presets
 from core.presets import ClassInfo
+from core.soft_labels import SOFT_LABELS_FILE
 from core.spec import DatasetSpec
-from worker.outputs import formats, parquet
+from worker.outputs import formats, parquet, soft_labels
 from worker.outputs.archive import ArchiveWriter, image_name, wants_png
 from worker.outputs.preview import PreviewCollector
 from worker.outputs.webdataset import sample_key
@@ -43,20 +44,38 @@ class Outputs:
     per_class: dict[int, int] = field(default_factory=dict)
     preview: PreviewCollector = field(default_factory=PreviewCollector)
     _kept: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    #: The job's soft-label teacher (``soft_labels``): each image's logits. A shard's part
+    #: has none; its assembly labels every image.
+    teacher: soft_labels.Logits | None = None
+    soft: soft_labels.Collector | None = field(default=None, init=False)
     parquet_shards: parquet.ShardWriter | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        asked = self.spec.soft_labels
+        if asked is not None and self.teacher is not None:
+            self.soft = soft_labels.Collector(
+                [c.label for c in self.spec.classes()],
+                temperature=asked.temperature,
+                top_k=asked.top_k,
+                teacher=self.teacher,
+            )
         if "parquet" in self.spec.formats:
             # Beside the zip, like the WebDataset tars; the writer copies them in on commit.
             directory = self.writer.partial.parent
-            self.parquet_shards = parquet.ShardWriter.for_spec(self.spec, directory=directory)
+            self.parquet_shards = parquet.ShardWriter.for_spec(
+                self.spec, directory=directory, with_soft=self.soft is not None
+            )
             self.writer.attach(self.parquet_shards)
 
     def wants_pixels(self, class_index: int, number: int) -> bool:
-        """Whether ``add`` needs this image's array (tensors, or a preview tile)."""
+        """Whether ``add`` needs this image's array (tensors, soft labels, a preview tile)."""
         per_sample = self.spec.augment.n_copies + 1
-        return self.keeps_pixels or self.preview.wants(
-            class_index=class_index, sample=number // per_sample, copy=number % per_sample
+        return (
+            self.keeps_pixels
+            or self.soft is not None
+            or self.preview.wants(
+                class_index=class_index, sample=number // per_sample, copy=number % per_sample
+            )
         )
 
     def add(self, done: Finished) -> None:
@@ -69,9 +88,14 @@ class Outputs:
                 copy=done.number % per_sample,
                 image=done.image,
             )
+        extra: dict[str, Any] = {}
+        if self.soft is not None:
+            if done.image is None:
+                raise ValueError(f"soft labels need the pixels of image {done.number}")
+            extra = self.soft.add(done.cls.index, done.number, done.image)
         if done.png is not None:
             name = image_name(done.cls.index, done.cls.label, done.number)
-            meta = {"label": done.cls.index, "label_name": done.cls.label, **done.meta}
+            meta = {"label": done.cls.index, "label_name": done.cls.label, **done.meta, **extra}
             if "imagefolder" in self.spec.formats:
                 self.writer.add_png(name, done.png, **meta)
             if "webdataset" in self.spec.formats:
@@ -104,6 +128,14 @@ class Outputs:
             return {}
         self.parquet_shards.finish()
         return {"parquet": self.parquet_shards.description()}
+
+    def write_soft_labels(self, provenance: dict[str, Any]) -> dict[str, Any] | None:
+        """Add soft_labels.pt, if asked for; returns the manifest's ``soft_labels`` entry."""
+        if self.soft is None:
+            return None
+        teacher = str(provenance.get("teacher", "reference"))
+        self.writer.add_file(SOFT_LABELS_FILE, self.soft.file_bytes(teacher))
+        return self.soft.description(provenance)
 
     @property
     def keeps_pixels(self) -> bool:

@@ -27,7 +27,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from worker.evaluate.train import Hyper, build_model, resolve_device, train_once
+from worker.selection.teachers import fit
 
 Method = Literal["random_real", "herding", "kcenter"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -120,12 +120,6 @@ def kcenter(features: np.ndarray, k: int) -> list[int]:
     return chosen
 
 
-def _inputs(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> normalised float32 (N, 3, S, S), as the evaluator feeds it."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return (tensor.to(torch.float32) / 255.0 - mean) / std
-
-
 def embed_classes(
     per_class_images: Sequence[np.ndarray],
     *,
@@ -137,31 +131,24 @@ def embed_classes(
 ) -> list[np.ndarray]:
     """ConvNet-``depth`` penultimate features of every image, per class (float64 (N, D)).
 
-    The network is the evaluator's (same initialisation, SGD and schedule, no augmentation),
-    trained for ``epochs`` on all the images with the seed; inputs are normalised with the
-    set's own per-channel mean and std.
+    The network is ``teachers.fit``'s: the evaluator's (same initialisation, SGD and
+    schedule, no augmentation), trained for ``epochs`` on all the images with the seed;
+    inputs are normalised with the set's own per-channel mean and std.
     """
-    target = resolve_device(device)
+    fitted = fit(
+        per_class_images,
+        seed=seed,
+        epochs=epochs,
+        device=device,
+        depth=depth,
+        batch_size=batch_size,
+    )
     counts = [len(x) for x in per_class_images]
     every = np.concatenate([np.asarray(x, dtype=np.uint8) for x in per_class_images])
-    if every.ndim != 4 or every.shape[1] != every.shape[2] or every.shape[3] != 3:
-        raise ValueError(f"images must be uint8 (N, S, S, 3), not {every.shape}")
-    pixels = torch.from_numpy(every).to(torch.float64).div(255.0)
-    mean = pixels.mean(dim=(0, 1, 2)).to(torch.float32).view(1, 3, 1, 1)
-    std = pixels.std(dim=(0, 1, 2), unbiased=False).clamp_min(1e-6).to(torch.float32)
-    std = std.view(1, 3, 1, 1)
-    del pixels
-    inputs = _inputs(every, mean, std).to(target)
-    labels = torch.repeat_interleave(
-        torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64)
-    ).to(target)
-    hyper = Hyper(epochs=epochs, runs=1, depth=depth, batch_size=batch_size)
-    model = build_model(len(counts), int(every.shape[1]), hyper, seed).to(target)
-    train_once(model, inputs, labels, hyper, seed=seed, use_dsa=False)
-    model.eval()
     chunks = []
     with torch.inference_mode():
-        for start in range(0, len(inputs), batch_size):
-            chunks.append(model.embed(inputs[start : start + batch_size]).to("cpu"))
+        for start in range(0, len(every), batch_size):
+            batch = fitted.inputs(every[start : start + batch_size])
+            chunks.append(fitted.model.embed(batch).to("cpu"))
     flat = torch.cat(chunks).to(torch.float64).numpy()
     return [part for part in np.split(flat, np.cumsum(counts)[:-1])]

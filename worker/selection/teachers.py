@@ -1,0 +1,147 @@
+"""Teachers: classifiers that label a job's images with logits (``soft_labels``).
+
+``fit(per_class_images, seed=..., epochs=...)`` trains the benchmark ConvNet (the
+evaluator's network, initialisation, SGD and schedule, no augmentation) on real images, class
+by class, with inputs normalised by the images' own per-channel mean and std. Coreset
+selection embeds with such a network; the ``reference`` teacher is one trained on the job's
+classes of its reference set (``for_job``).
+
+``Teacher.logits(image)`` labels one image at a time, so an image's logits never depend on
+which images share its batch: a job sharded any way, or assembled from parts, gets the same
+numbers. The same images, seed, epochs and torch threads give the same network.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.settings import Settings
+from core.spec import DatasetSpec
+from worker.evaluate.network import ConvNet
+from worker.evaluate.train import Hyper, build_model, resolve_device, train_once
+from worker.selection import references
+
+#: Epochs of the reference teacher: as the coreset features', a minute or two on a CPU for a
+#: CIFAR-sized set.
+TEACHER_EPOCHS = 10
+#: Teachers kept per worker process (a job and its assembly, or repeated requests, reuse one).
+CACHE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A trained ConvNet and the normalisation it was trained with."""
+
+    model: ConvNet
+    mean: torch.Tensor  # float32 (1, 3, 1, 1), on the [0, 1] scale
+    std: torch.Tensor
+    device: torch.device
+    images: int
+    train_accuracy: float
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, S, S, 3) -> normalised float32 (N, 3, S, S) on the network's device."""
+        return _normalised(images, self.mean, self.std).to(self.device)
+
+
+def _normalised(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return (tensor.to(torch.float32) / 255.0 - mean) / std
+
+
+def fit(
+    per_class_images: Sequence[np.ndarray],
+    *,
+    seed: int,
+    epochs: int,
+    device: str | torch.device | None = None,
+    depth: int = 3,
+    batch_size: int = 256,
+) -> Fitted:
+    """ConvNet-``depth`` trained for ``epochs`` on every image (uint8 (N, S, S, 3) per
+    class; class ``c`` is label ``c``) with ``seed``."""
+    target = resolve_device(device)
+    counts = [len(x) for x in per_class_images]
+    every = np.concatenate([np.asarray(x, dtype=np.uint8) for x in per_class_images])
+    if every.ndim != 4 or every.shape[1] != every.shape[2] or every.shape[3] != 3:
+        raise ValueError(f"images must be uint8 (N, S, S, 3), not {every.shape}")
+    pixels = torch.from_numpy(every).to(torch.float64).div(255.0)
+    mean = pixels.mean(dim=(0, 1, 2)).to(torch.float32).view(1, 3, 1, 1)
+    std = pixels.std(dim=(0, 1, 2), unbiased=False).clamp_min(1e-6).to(torch.float32)
+    std = std.view(1, 3, 1, 1)
+    del pixels
+    inputs = _normalised(every, mean, std).to(target)
+    labels = torch.repeat_interleave(
+        torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64)
+    ).to(target)
+    hyper = Hyper(epochs=epochs, runs=1, depth=depth, batch_size=batch_size)
+    model = build_model(len(counts), int(every.shape[1]), hyper, seed).to(target)
+    train_once(model, inputs, labels, hyper, seed=seed, use_dsa=False)
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            predicted = model(inputs[start : start + batch_size]).argmax(dim=1)
+            correct += int((predicted == labels[start : start + batch_size]).sum())
+    return Fitted(model, mean, std, target, len(every), correct / len(every))
+
+
+class Teacher:
+    """A trained network that gives each image its logits, and what it is."""
+
+    def __init__(self, fitted: Fitted, provenance: dict[str, Any]) -> None:
+        self.fitted = fitted
+        self.provenance = provenance
+        self.classes = int(fitted.model.classifier.out_features)
+
+    @torch.inference_mode()
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """float32 (C,) logits of one uint8 (S, S, 3) image."""
+        batch = self.fitted.inputs(np.asarray(image, dtype=np.uint8)[None])
+        out: np.ndarray = self.fitted.model(batch)[0].to("cpu", torch.float32).numpy()
+        return out
+
+
+_cache: OrderedDict[tuple[Any, ...], Teacher] = OrderedDict()
+
+
+def for_job(spec: DatasetSpec, settings: Settings) -> Teacher | None:
+    """The job's soft-label teacher (None without ``soft_labels``), from this worker's cache
+    when it has one. ``references.ReferenceUnavailable`` when its reference set is gone."""
+    soft = spec.soft_labels
+    if soft is None:
+        return None
+    classes = [(c.label, c.wnid) for c in spec.classes()]
+    key = (soft.teacher, spec.reference, tuple(classes), spec.size, spec.seed)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    with references.source(settings, **spec.reference_source()) as opened:
+        per_class = references.load_for_classes(opened, classes, size=spec.size)
+    fitted = fit([c.images for c in per_class], seed=spec.seed, epochs=TEACHER_EPOCHS)
+    teacher = Teacher(
+        fitted,
+        {
+            "teacher": "reference",
+            "network": f"ConvNet-3, width 128, {TEACHER_EPOCHS} epochs, no augmentation",
+            "trained_on": {
+                "reference": spec.reference,
+                "images": fitted.images,
+                "folders": [c.folder for c in per_class],
+                "image_size": spec.size,
+            },
+            "seed": spec.seed,
+            "train_accuracy": round(fitted.train_accuracy, 6),
+            "batch": "one image per forward pass",
+        },
+    )
+    _cache[key] = teacher
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return teacher
