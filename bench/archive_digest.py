@@ -80,7 +80,11 @@ def run(model: Path, shard_images: int) -> str:
             return f"{job['state']} {layout} {len(data)} {hashlib.sha256(data).hexdigest()}"
     finally:
         worker.terminate()
-        worker.wait(timeout=30)
+        try:
+            worker.wait(timeout=120)  # a loaded machine can take a while to stop it
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
         redis.stop()
 
 

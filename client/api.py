@@ -148,6 +148,7 @@ class SpecFields(TypedDict, total=False):
     method: str | None
     reference: str | None
     strength: float | None
+    soft_labels: Mapping[str, Any] | None
 
 
 def build_spec(
@@ -185,6 +186,9 @@ def build_spec(
     )
     plain["formats"] = None if formats is None else builtins.list(formats)
     body.update({k: v for k, v in plain.items() if v is not None})
+    soft_labels = fields.get("soft_labels")
+    if soft_labels is not None:
+        body["soft_labels"] = dict(soft_labels)
     if prompts is not None:
         if isinstance(prompts, Mapping):
             body["prompts"] = [{"label": k, "prompt": v} for k, v in prompts.items()]

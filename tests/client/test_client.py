@@ -444,3 +444,16 @@ def _stop(client: Client, job: Job) -> None:
     with contextlib.suppress(Conflict):  # it may have finished already
         client.cancel(job["id"])
     client.wait(job, timeout=60, poll_interval=0.05)
+
+
+def test_every_request_field_is_a_keyword_of_build_spec() -> None:
+    from typing import get_type_hints
+
+    from client.api import SpecFields, build_spec
+    from core.spec import DatasetSpec
+
+    assert set(DatasetSpec.model_fields) <= set(get_type_hints(SpecFields))
+    soft = {"teacher": "reference", "temperature": 2.0, "top_k": 2}
+    body = build_spec(labels=["cat", "dog"], ipc=1, reference="pets", soft_labels=soft)
+    assert body == {"labels": ["cat", "dog"], "ipc": 1, "reference": "pets", "soft_labels": soft}
+    assert DatasetSpec.model_validate(body).soft_labels is not None
