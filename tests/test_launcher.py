@@ -130,7 +130,8 @@ def test_a_killed_worker_is_restarted_and_its_job_succeeds_on_a_second_attempt(
         first = job["worker"]
         os.kill(int(first.split(".")[-2]), signal.SIGKILL)
         answered = 0
-        deadline = time.monotonic() + 120
+        # A guard against a hang, not a speed test: a loaded machine runs both attempts slowly.
+        deadline = time.monotonic() + 300
         while (job := httpx.get(f"{base}/v1/jobs/{job_id}", timeout=5).json())[
             "state"
         ] not in TERMINAL:
