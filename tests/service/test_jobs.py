@@ -70,10 +70,11 @@ def test_job_end_to_end_archive_matches_request(
     assert sum(row["kind"] == "generated" for row in lines) == 6
 
     manifest = json.loads(zf.read("manifest.json"))
-    # The manifest holds the filled-in request, less the callback and the default prompt
-    # strategy (left out so that archives keep the bytes they had before strategies existed).
+    # The manifest holds the filled-in request, less the callback, the default prompt strategy
+    # and absent soft labels (left out so that archives keep the bytes they had before).
     assert job["request"]["prompt_strategy"] == "template"
-    left_out = {"callback_url", "prompt_strategy"}
+    assert job["request"]["soft_labels"] is None
+    left_out = {"callback_url", "prompt_strategy", "soft_labels"}
     assert manifest["request"] == {k: v for k, v in job["request"].items() if k not in left_out}
     assert manifest["class_to_idx"] == {"000_cat": 0, "001_dog": 1, "002_ship": 2}
     assert [c["label"] for c in manifest["classes"]] == ["cat", "dog", "ship"]
