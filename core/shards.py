@@ -10,7 +10,8 @@ archive. The caller sees one job throughout.
 Same dataset whatever the parallelism: shard boundaries depend only on the request,
 ``DISTILL_SHARD_IMAGES`` and the batch size, never on how many workers there are, and they
 fall on multiples of the batch size, so every pipeline call holds the same images as when
-one worker makes the whole job in one piece. Image seeds depend only on (seed, class,
+one worker makes the whole job in one piece (a ``select`` job's fall between classes, whose
+pools are sampled in batches of their own). Image seeds depend only on (seed, class,
 number). So the parts concatenate to exactly the archive an unsharded run writes.
 
 Fairness: a job never has more shards waiting or running than there are ready workers on its
@@ -74,15 +75,21 @@ def images_in(spec: DatasetSpec, start: int, stop: int) -> int:
 def plan(spec: DatasetSpec, *, shard_images: int, batch_size: int) -> list[Shard]:
     """The job's shards; empty when it runs in one piece (small, or a time-budget job).
 
-    Shards are balanced and each starts on a multiple of ``batch_size``.
+    Shards are balanced and each starts on a multiple of ``batch_size`` (with ``select``,
+    on a class's first image).
     """
     if spec.budget_seconds is not None or spec.total_images <= shard_images:
         return []
     samples = spec.total_generated
     per_sample = spec.augment.n_copies + 1
-    target = max(shard_images // per_sample, 1)
+    oversample = spec.select.oversample if spec.select is not None else 1
+    # A select job samples oversample candidates per kept image: its shards hold fewer.
+    target = max(shard_images // (per_sample * oversample), 1)
     count = min(math.ceil(samples / target), MAX_SHARDS)
-    size = math.ceil(math.ceil(samples / count) / batch_size) * batch_size
+    # A select job's shards hold whole classes (a class's pool is chosen from at once, in
+    # batches of its own); any other's start on a multiple of the batch size.
+    unit = spec.generated_per_class if spec.select is not None else batch_size
+    size = math.ceil(math.ceil(samples / count) / unit) * unit
     count = math.ceil(samples / size)
     if count < 2:
         return []

@@ -26,6 +26,7 @@ from pydantic import (
 
 from core import presets
 from core.augmentation import AugmentSpec
+from core.oversample import SelectRequest
 from core.presets import ClassInfo, PresetName
 from core.prompts import DEFAULT_STRATEGY, DEFAULT_TEMPLATE, Strategy, choose, variants
 from core.soft_labels import SoftLabelsRequest
@@ -41,6 +42,8 @@ MAX_SEED = 2**32 - 1
 MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
 DEFAULT_IMAGE_SIZE = 32
+#: Memory a ``select`` job's pool of one class may take (``_check_select``).
+MAX_POOL_BYTES = 4 * 2**30
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
@@ -247,6 +250,14 @@ class DatasetSpec(BaseModel):
         "teacher is trained on the request's reference set (which method generate then "
         "takes). Not with the challenge format, whose file holds hard labels only.",
     )
+    select: SelectRequest | None = Field(
+        default=None,
+        description="Sample oversample times each class's images, score them with the scorer "
+        "(reference: a ConvNet trained on the request's reference set, which method generate "
+        "then takes), drop those it puts in another class and keep ipc / (copies + 1) per "
+        "class by keep; augmented copies are made from the kept images. Method generate with "
+        "ipc only. The manifest records each class's pool, scores and what was dropped.",
+    )
     callback_url: str | None = Field(
         default=None,
         max_length=2000,
@@ -333,12 +344,17 @@ class DatasetSpec(BaseModel):
             if override.label in seen:
                 raise ValueError(f"prompts[{index}].label {override.label!r} is overridden twice")
             seen.add(override.label)
-        if self.method == "generate" and self.reference is not None and not self.teacher_set:
+        if (
+            self.method == "generate"
+            and self.reference is not None
+            and not self.trains_on_reference
+        ):
             raise ValueError(
                 "reference: method generate uses no reference images (unless soft_labels' "
-                "teacher is reference)"
+                "teacher or select's scorer is reference)"
             )
         self._check_soft_labels()
+        self._check_select()
         if self.method != "generate" and self.reference is None:
             raise ValueError(f"reference: method {self.method} needs a reference set")
         if self.prompt_strategy != DEFAULT_STRATEGY and self.templates != (DEFAULT_TEMPLATE,):
@@ -380,12 +396,57 @@ class DatasetSpec(BaseModel):
                 f"soft_labels.top_k: {soft.top_k} is more than the job's {classes} classes"
             )
 
+    def _check_select(self) -> None:
+        select = self.select
+        if select is None:
+            return
+        if self.method != "generate":
+            raise ValueError(
+                f"select: method {self.method} samples no pool to select from; it takes "
+                "method generate"
+            )
+        if select.scorer == "reference" and self.reference is None:
+            raise ValueError(
+                "select.scorer: reference trains the scorer on the request's reference set; "
+                "give reference"
+            )
+        if self.ipc is None:
+            raise ValueError(
+                "select: takes ipc (each class's pool is oversample x its images, which a "
+                "time budget does not fix in advance)"
+            )
+        pool = self.total_generated * select.oversample
+        if pool > MAX_TOTAL_IMAGES:
+            raise ValueError(
+                f"select.oversample: {select.oversample} x {self.total_generated} sampled "
+                f"images = {pool} candidates exceeds the limit of {MAX_TOTAL_IMAGES}"
+            )
+        # A class's pool is held in memory, at the output size and the copies' source size.
+        held = self.pool_per_class * self.size * self.size * 3 * 2
+        if held > MAX_POOL_BYTES:
+            raise ValueError(
+                f"select.oversample: a class's pool of {self.pool_per_class} candidates at "
+                f"{self.size} px needs about {held / 2**30:.1f} GiB of memory, over the "
+                f"{MAX_POOL_BYTES / 2**30:.0f} GiB a worker holds; ask for fewer images per "
+                "class, a smaller oversample or a smaller image_size"
+            )
+
     # ---- derived views (the worker and the manifest use these) ----
 
     @property
-    def teacher_set(self) -> bool:
-        """Whether the reference set trains a soft-label teacher."""
-        return self.soft_labels is not None and self.soft_labels.teacher == "reference"
+    def trains_on_reference(self) -> bool:
+        """Whether the reference set trains a network for a generated job: the soft-label
+        teacher or the select scorer ``reference`` (one network serves both)."""
+        teacher = self.soft_labels is not None and self.soft_labels.teacher == "reference"
+        scorer = self.select is not None and self.select.scorer == "reference"
+        return teacher or scorer
+
+    @property
+    def pool_per_class(self) -> int:
+        """Images sampled per class: ``generated_per_class``, times ``oversample`` with
+        ``select``."""
+        factor = self.select.oversample if self.select is not None else 1
+        return self.generated_per_class * factor
 
     def classes(self) -> tuple[ClassInfo, ...]:
         """The job's classes in class-index order."""

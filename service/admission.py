@@ -115,7 +115,8 @@ def _check_reference(redis: Redis, settings: Settings, spec: DatasetSpec, owner:
         folders = references.match(classes, counts)
     except ValueError as exc:
         raise InvalidField(f"reference: {exc}") from None
-    # A set that only trains the soft-label teacher needs one image of each class.
+    # A set that only trains a network (the soft-label teacher, the select scorer) needs one
+    # image of each class.
     need = 1 if spec.method == "generate" else spec.generated_per_class
     short = [
         f"{label} ({folder}: {counts[folder]})"

@@ -10,12 +10,13 @@ images into the zip in their fixed order, so the archive does not depend on thre
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from worker import postprocess
 from worker.augment import source_size
 from worker.model.generator import Conditioning, Generator, SamplingParams
 from worker.outputs.sink import Finished, Outputs, RunResult
+from worker.selection.oversample import Selector
 from worker.selection.sources import Source
 
 #: Batches whose post-processing may be in flight while the next one is sampled.
@@ -105,6 +107,7 @@ def run(
     workers: int = 2,
     items: Sequence[Item] | None = None,
     source: Source | None = None,
+    selector: Selector | None = None,
 ) -> RunResult | None:
     """Make every image of ``spec`` (or only ``items``, one shard's) into ``outputs``.
 
@@ -114,7 +117,9 @@ def run(
     and each batch is split into that many tasks); without one, a pool of ``workers`` threads.
     Raises ``Interrupted`` when ``hooks.should_stop()`` turns true between batches.
     ``source`` (``worker.selection``) gives each batch's pixels instead of plain sampling: the
-    picked real images, or image-to-image from prototypes.
+    picked real images, or image-to-image from prototypes. ``selector`` (``select``)
+    samples each class's pool and keeps its chosen candidates (``items`` then hold whole
+    classes).
     """
     if pool is None:
         with postprocess.make_pool("threads", workers) as own:
@@ -128,9 +133,17 @@ def run(
                 workers=workers,
                 items=items,
                 source=source,
+                selector=selector,
             )
     batches = _Batches(
-        spec, generator, outputs, hooks=hooks, pool=pool, workers=workers, source=source
+        spec,
+        generator,
+        outputs,
+        hooks=hooks,
+        pool=pool,
+        workers=workers,
+        source=source,
+        selector=selector,
     )
     iterator = iter(items if items is not None else plan(spec))
     try:
@@ -144,6 +157,7 @@ def run(
         seconds_sampling=batches.sampling,
         seconds_generating=time.perf_counter() - batches.started,
         source_size=batches.src_size,
+        selected=tuple(batches.choices),
     )
 
 
@@ -161,6 +175,7 @@ class _Batches:
         pool: Executor,
         workers: int,
         source: Source | None,
+        selector: Selector | None = None,
     ) -> None:
         self.spec = spec
         self.generator = generator
@@ -169,6 +184,9 @@ class _Batches:
         self.pool = pool
         self.workers = workers
         self.source = source
+        self.selector = selector
+        #: ``select``: each class's ``Choice.record``, in the order the classes ran.
+        self.choices: list[dict[str, Any]] = []
         self.size = spec.size
         self.src_size = source_size(spec.augment, image_size=self.size)
         self.started = time.perf_counter()
@@ -187,15 +205,15 @@ class _Batches:
 
     def run_all(self, iterator: Iterator[Item], *, batch_size: int) -> bool:
         """Sample batch after batch until the plan or the budget ends; False when canceled."""
+        if self.selector is not None:
+            return self._run_pools(iterator, batch_size=batch_size, selector=self.selector)
         spec = self.spec
         while True:
             batch = [item for _, item in zip(range(batch_size), iterator, strict=False)]
             if not batch:
                 break
-            if self.hooks.should_cancel():
+            if not self._check():
                 return False
-            if self.hooks.should_stop():
-                raise Interrupted
             # Stop before a batch that would overrun the budget (the first round always runs).
             elapsed = time.perf_counter() - self.started
             if (
@@ -205,6 +223,56 @@ class _Batches:
             ):
                 break
             self.step(batch)
+        self.drain(keep=0)
+        return True
+
+    def _check(self) -> bool:
+        """False when canceled; ``Interrupted`` on shutdown (between batches)."""
+        if self.hooks.should_cancel():
+            return False
+        if self.hooks.should_stop():
+            raise Interrupted
+        return True
+
+    def _run_pools(self, iterator: Iterator[Item], *, batch_size: int, selector: Selector) -> bool:
+        """``select``: sample each class's pool in batches of its own (so a batch never holds
+        two classes, however the job is cut), choose, and post-process the kept images."""
+        per_class = self.spec.generated_per_class
+        for cls, group in itertools.groupby(iterator, key=lambda item: item.cls):
+            numbers = [item.sample for item in group]
+            if numbers != list(range(per_class)):
+                raise ValueError(f"select: a piece holds whole classes, not {cls.label} {numbers}")
+            pool = [Item(cls, j) for j in range(self.spec.pool_per_class)]
+            seeds: list[int] = []
+            prompts: list[str] = []
+            parts: list[dict[int, np.ndarray]] = []
+            for start in range(0, len(pool), batch_size):
+                if not self._check():
+                    return False
+                t0 = time.perf_counter()
+                batch = pool[start : start + batch_size]
+                batch_seeds = [derive_seed(self.spec.seed, it.cls.key, it.sample) for it in batch]
+                ids = [self.class_ids[cls]] * len(batch) if self.class_ids is not None else None
+                batch_prompts = self._prompts(batch, ids)
+                parts.append(self._sample(batch, batch_prompts, batch_seeds, ids))
+                seeds += batch_seeds
+                prompts += batch_prompts
+                self.sampling += time.perf_counter() - t0
+                self.generated += len(batch)
+                self.hooks.on_batch(
+                    generated=self.generated, written=self.outputs.count, added=(len(batch), 0)
+                )
+            small = np.concatenate([p[self.size] for p in parts])
+            src = np.concatenate([p[self.src_size] for p in parts])
+            del parts
+            choice = selector.choose(cls, small)
+            self.choices.append(choice.record(cls))
+            rows: list[postprocess.Row] = [
+                (cls, n, seeds[j], prompts[j], small[j], src[j], None)
+                for n, j in enumerate(choice.kept)
+            ]
+            self._queue(rows, sampled=0)
+            self.drain(keep=MAX_PENDING_BATCHES - 1)
         self.drain(keep=0)
         return True
 
@@ -260,13 +328,17 @@ class _Batches:
             )
             for i, (item, seed, prompt) in enumerate(zip(batch, seeds, prompts, strict=True))
         ]
+        self.generated += len(batch)
+        self._queue(rows, sampled=len(batch))
+
+    def _queue(self, rows: list[postprocess.Row], *, sampled: int) -> None:
+        """Hand ``rows`` to the pool in ``workers`` tasks; ``sampled``: images they count."""
         chunk = -(-len(rows) // self.workers)
         futures = [
             self.pool.submit(postprocess.finish_items, self.spec, rows[start : start + chunk])
             for start in range(0, len(rows), chunk)
         ]
-        self.generated += len(batch)
-        self.pending.append((len(batch), futures))
+        self.pending.append((sampled, futures))
 
     def drain(self, keep: int) -> None:
         """Write finished batches in their order until at most ``keep`` are in flight."""

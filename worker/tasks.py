@@ -41,7 +41,7 @@ from worker.augment import source_size
 from worker.model.generator import SamplingParams
 from worker.outputs import card, manifest, sink
 from worker.outputs.archive import ArchiveInfo, ArchiveWriter, decode_png
-from worker.selection import sources, teachers
+from worker.selection import oversample, sources, teachers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -274,6 +274,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
     hooks = RedisHooks(redis, piece)
     # A shard's part is labelled by its assembly, which sees every image in order.
     teacher = teachers.for_job(spec, settings) if shard is None else None
+    selector = oversample.for_job(spec, settings)
     with ArchiveWriter(final=final, partial=partial) as writer:
         outputs = sink.Outputs(
             spec=work.sample_spec,
@@ -290,6 +291,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
             hooks=hooks,
             items=work.items,
             source=source,
+            selector=selector,
         )
         if run is None or hooks.should_cancel():
             writer.abort()  # gone before anyone can see the job ended
@@ -307,6 +309,7 @@ def _run_piece(job: Any, piece: Piece, spec: DatasetSpec | None) -> dict[str, An
                 "shard": shard.index,
                 "samples": [shard.start, shard.stop],
                 "images": outputs.count,
+                **({"select": list(run.selected)} if selector is not None else {}),
             }
         )
     return _publish_part(redis, store, piece, info, outputs, run)
@@ -356,6 +359,7 @@ def _publish(
     writer.add_file("preview.png", sheet)
     finished = time.time()
     source = sources.prepare(spec, rt.settings, rt.generator, source_side=run.source_size)
+    selector = oversample.for_job(spec, rt.settings)
     described = manifest.build(
         spec,
         facts=_model_facts(rt, spec),
@@ -364,6 +368,7 @@ def _publish(
         run=run,
         selection=source.provenance() if source is not None else None,
         soft_labels=soft,
+        select=selector.provenance(list(run.selected)) if selector is not None else None,
     )
     writer.add_file("README.md", card.render(described), compress=True)
     info = writer.commit(described)
@@ -434,6 +439,7 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
     started = time.perf_counter()
     rows = patiently(lambda: records.read_shards(redis, job_id))
     teacher = teachers.for_job(spec, settings)
+    selected: list[dict[str, Any]] = []
     with ArchiveWriter(final=final, partial=partial) as writer:
         outputs = sink.Outputs(
             spec=spec, writer=writer, teacher=teacher.logits if teacher is not None else None
@@ -445,12 +451,13 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
                 _settle(redis, job_id)
                 return {"canceled": True}
             with store.local_copy(keys.part(job_id, shard.index)) as path:
-                _copy_part(path, outputs, spec.classes())
+                selected += _copy_part(path, outputs, spec.classes())
         run = sink.RunResult(
             generated=sum(r.generated for r in rows),
             seconds_sampling=sum(r.seconds_sampling for r in rows),
             seconds_generating=0.0,
             source_size=source_size(spec.augment, image_size=spec.size),
+            selected=tuple(selected),
         )
         first_start = min(r.started_at for r in rows if r.started_at is not None)
         result = _publish(
@@ -469,13 +476,17 @@ def _assemble(job: Any, job_id: str) -> dict[str, Any]:
     return result
 
 
-def _copy_part(path: Path, outputs: sink.Outputs, classes: Sequence[ClassInfo]) -> None:
-    """Append one part's images, in their order, to the archive being assembled.
+def _copy_part(
+    path: Path, outputs: sink.Outputs, classes: Sequence[ClassInfo]
+) -> list[dict[str, Any]]:
+    """Append one part's images, in their order, to the archive being assembled; returns its
+    classes' selection records (``select``).
 
     PNG bytes and metadata lines are copied as they are; pixels are decoded only where the
     tensor files or the contact sheet need them.
     """
     with zipfile.ZipFile(path) as part:
+        selected: list[dict[str, Any]] = json.loads(part.read("manifest.json")).get("select", [])
         lines = part.read("train/metadata.jsonl").decode("utf-8").splitlines()
         for line in lines:
             row = json.loads(line)
@@ -487,3 +498,4 @@ def _copy_part(path: Path, outputs: sink.Outputs, classes: Sequence[ClassInfo]) 
             image = decode_png(png) if outputs.wants_pixels(cls.index, number) else None
             keep_png = png if outputs.wants_png else None
             outputs.add(sink.Finished(cls, number, image, keep_png, row))
+    return selected

@@ -412,6 +412,9 @@ def _made_section(manifest: dict[str, Any], model_id: str, lic: License) -> list
                 f"{soft.get('temperature')}, top {soft.get('top_k')} in the metadata",
             )
         )
+    select = manifest.get("select")
+    if select:
+        made.append(("selection", _selection(select)))
     if manifest.get("preset"):
         made.append(("preset", _md(manifest["preset"]["name"])))
     budget = manifest.get("budget")
@@ -448,10 +451,27 @@ def _prompt_strategy(strategy: str) -> str:
     )
 
 
+def _selection(select: dict[str, Any]) -> str:
+    """The selection row: pool, scorer, rule and what was dropped."""
+    scorer = select.get("scorer", {})
+    dropped = sum(int(c.get("dropped", 0)) for c in select.get("classes", []))
+    pool = int(select.get("pool_per_class", 0))
+    return (
+        f"{select.get('kept_per_class')} of {pool} candidates per class kept by "
+        f"{_code(select.get('keep', '?'))}, scored by {_code(scorer.get('scorer', '?'))} "
+        f"({_md(scorer.get('network', ''))}, train accuracy {scorer.get('train_accuracy')}); "
+        f"{dropped} candidates the scorer put in another class dropped; each class's pool, "
+        "scores and kept candidates are in the manifest's select section"
+    )
+
+
 def _counts_section(counts: dict[str, Any]) -> list[str]:
-    keys = ("classes", "images_per_class", "images", "generated", "augmented")
+    keys: tuple[str, ...] = ("classes", "images_per_class", "images", "generated", "augmented")
+    if "kept" in counts:
+        keys = (*keys[:4], "kept", keys[4])
     head = tuple(key.replace("_", " ") for key in keys)
-    return ["## Counts", "", *_rows([head, ("---",) * 5, tuple(counts[key] for key in keys)])]
+    rows = [head, ("---",) * len(keys), tuple(counts[key] for key in keys)]
+    return ["## Counts", "", *_rows(rows)]
 
 
 def _classes_section(classes: Sequence[dict[str, Any]], names: list[str]) -> list[str]:

@@ -77,6 +77,7 @@ def build(
     run: RunResult,
     selection: dict[str, Any] | None = None,
     soft_labels: dict[str, Any] | None = None,
+    select: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the archive holds and everything needed to make it again.
 
@@ -87,13 +88,14 @@ def build(
     preset = presets.get(spec.preset) if spec.preset else None
     manifest: dict[str, Any] = {
         "format": "distill-service/archive-v1",
-        # The default prompt strategy and absent soft labels are left out, so that a request
-        # that names neither keeps the bytes its archive had before they existed.
+        # The default prompt strategy, absent soft labels and absent selection are left out,
+        # so that a request that names none keeps the bytes its archive had before them.
         "request": spec.model_dump(
             mode="json",
             exclude={"callback_url"}
             | ({"prompt_strategy"} if spec.prompt_strategy == DEFAULT_STRATEGY else set())
-            | ({"soft_labels"} if spec.soft_labels is None else set()),
+            | ({"soft_labels"} if spec.soft_labels is None else set())
+            | ({"select"} if spec.select is None else set()),
         ),
         "preset": (
             {"name": preset.name, "title": preset.title, "mean": preset.mean, "std": preset.std}
@@ -120,6 +122,9 @@ def build(
         manifest["budget"] = _budget(spec.budget_seconds, facts, outputs, run)
     if soft_labels is not None:
         manifest["soft_labels"] = soft_labels
+    if select is not None:
+        # Each class's pool, scores, what was dropped and kept, and the scorer.
+        manifest["select"] = select
     return manifest
 
 
@@ -164,13 +169,18 @@ def _sampling(spec: DatasetSpec, facts: ModelFacts, run: RunResult) -> dict[str,
 
 
 def _counts(spec: DatasetSpec, outputs: Outputs, run: RunResult) -> dict[str, Any]:
-    return {
+    counts: dict[str, Any] = {
         "classes": len(spec.classes()),
         "images_per_class": min(outputs.per_class.values(), default=0),
         "images": outputs.count,
         "generated": run.generated,
         "augmented": outputs.count - run.generated,
     }
+    if spec.select is not None:
+        # generated counts every candidate sampled; only the kept ones are in the archive.
+        kept = sum(len(c["kept"]) for c in run.selected)
+        counts.update(kept=kept, augmented=outputs.count - kept)
+    return counts
 
 
 def _formats(spec: DatasetSpec, outputs: Outputs, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -215,3 +215,5 @@ class RunResult:
     seconds_generating: float
     #: Side in px of the image augmented copies were cut from.
     source_size: int
+    #: ``select``: each class's selection record (``worker.selection.oversample``), in order.
+    selected: tuple[dict[str, Any], ...] = ()

@@ -1,14 +1,17 @@
-"""Teachers: classifiers that label a job's images with logits (``soft_labels``).
+"""Teachers and scorers: classifiers that label a job's images (``soft_labels``) or score
+its candidates (``select``).
 
 ``fit(per_class_images, seed=..., epochs=...)`` trains the benchmark ConvNet (the
 evaluator's network, initialisation, SGD and schedule, no augmentation) on real images, class
 by class, with inputs normalised by the images' own per-channel mean and std. Coreset
-selection embeds with such a network; the ``reference`` teacher is one trained on the job's
-classes of its reference set (``for_job``).
+selection embeds with such a network; the ``reference`` teacher and the ``reference`` select
+scorer are one trained on the job's classes of its reference set (``reference_network``).
 
 ``Teacher.logits(image)`` labels one image at a time, so an image's logits never depend on
 which images share its batch: a job sharded any way, or assembled from parts, gets the same
-numbers. The same images, seed, epochs and torch threads give the same network.
+numbers. ``Teacher.score(images)`` scores a class's pool in fixed chunks (a pool is always
+one whole class, so its chunks are the same however the job is cut). The same images, seed,
+epochs and torch threads give the same network.
 """
 
 from __future__ import annotations
@@ -99,6 +102,9 @@ class Teacher:
         self.fitted = fitted
         self.provenance = provenance
         self.classes = int(fitted.model.classifier.out_features)
+        #: Per class, p(class) of each image the network was trained on (its reference
+        #: images, in their digest order): what ``keep: difficulty`` matches.
+        self.confidences: tuple[np.ndarray, ...] = ()
 
     @torch.inference_mode()
     def logits(self, image: np.ndarray) -> np.ndarray:
@@ -106,6 +112,20 @@ class Teacher:
         batch = self.fitted.inputs(np.asarray(image, dtype=np.uint8)[None])
         out: np.ndarray = self.fitted.model(batch)[0].to("cpu", torch.float32).numpy()
         return out
+
+    @torch.inference_mode()
+    def score(self, images: np.ndarray, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities float64 (N, C), penultimate features float64 (N, D)) of uint8
+        (N, S, S, 3) images, in fixed chunks of ``batch_size``: the same images in the same
+        order give the same numbers."""
+        probs, feats = [], []
+        for start in range(0, len(images), batch_size):
+            batch = self.fitted.inputs(np.asarray(images[start : start + batch_size]))
+            embedded = self.fitted.model.embed(batch)
+            logits = self.fitted.model.classifier(embedded)
+            probs.append(torch.softmax(logits.to(torch.float64), dim=1).to("cpu"))
+            feats.append(embedded.to("cpu", torch.float64))
+        return torch.cat(probs).numpy(), torch.cat(feats).numpy()
 
 
 _cache: OrderedDict[tuple[Any, ...], Teacher] = OrderedDict()
@@ -117,8 +137,16 @@ def for_job(spec: DatasetSpec, settings: Settings) -> Teacher | None:
     soft = spec.soft_labels
     if soft is None:
         return None
+    return reference_network(spec, settings)
+
+
+def reference_network(spec: DatasetSpec, settings: Settings) -> Teacher:
+    """ConvNet-3 trained on the job's classes of its reference set at the job's size with
+    the job seed: the ``reference`` teacher and the ``reference`` select scorer, trained once
+    per job (and kept for the next ones). ``references.ReferenceUnavailable`` when the set
+    is gone."""
     classes = [(c.label, c.wnid) for c in spec.classes()]
-    key = (soft.teacher, spec.reference, tuple(classes), spec.size, spec.seed)
+    key = ("reference", spec.reference, tuple(classes), spec.size, spec.seed)
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
@@ -140,6 +168,9 @@ def for_job(spec: DatasetSpec, settings: Settings) -> Teacher | None:
             "train_accuracy": round(fitted.train_accuracy, 6),
             "batch": "one image per forward pass",
         },
+    )
+    teacher.confidences = tuple(
+        teacher.score(c.images)[0][:, index] for index, c in enumerate(per_class)
     )
     _cache[key] = teacher
     while len(_cache) > CACHE_SIZE:

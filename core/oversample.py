@@ -1,0 +1,62 @@
+"""The ``select`` request field: sample more images than a class needs, keep the best.
+
+A job with ``select`` samples a *pool* of ``oversample`` times each class's images. Candidate
+``j`` of a class has the seed and the prompt that image ``j`` of a plain job has, so
+candidates ``0..k-1`` are exactly the plain job's images and ``oversample: 1`` keeps them.
+The scorer gives every candidate its class probability and its features:
+
+1. A candidate the scorer puts in another class (top-1 is not its own) is dropped, unless
+   fewer than the ``k`` needed would be left: the best of the dropped, by the probability of
+   their own class, are taken back until ``k`` are.
+2. ``keep`` picks ``k`` of what is left:
+   - ``confident``: the highest probability of their own class.
+   - ``herding``, ``kcenter``: the coreset methods of the real-image baselines, on the
+     scorer's features.
+   - ``difficulty``: the candidates whose difficulty, ``1 - p(class)``, matches the quantiles
+     of the reference images' difficulties for that class.
+
+Augmented copies are made from the kept images only. Scorers: ``reference``, the benchmark
+ConvNet-3 trained on the job's classes of its reference set, with the job seed. It is the
+network the soft-label teacher ``reference`` uses, trained once per job.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+Keep = Literal["confident", "kcenter", "herding", "difficulty"]
+KEEPS: tuple[str, ...] = ("confident", "kcenter", "herding", "difficulty")
+Scorer = Literal["reference"]
+SCORERS: tuple[str, ...] = ("reference",)
+MAX_OVERSAMPLE = 8
+DEFAULT_OVERSAMPLE = 4
+#: Decimals of the scores in the manifest.
+SCORE_DECIMALS = 6
+
+
+class SelectRequest(BaseModel):
+    """``select``: how large each class's pool is, what scores it, and which images stay."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    oversample: StrictInt = Field(
+        default=DEFAULT_OVERSAMPLE,
+        ge=1,
+        le=MAX_OVERSAMPLE,
+        description="Candidates sampled per image kept: the model runs this many times the "
+        "plain job's images (candidate j has a plain job's image j's seed and prompt).",
+    )
+    scorer: Scorer = Field(
+        default="reference",
+        description="reference: ConvNet-3 (the evaluator's network) trained for 10 epochs on "
+        "the job's classes of the request's reference set, with the job seed.",
+    )
+    keep: Keep = Field(
+        default="confident",
+        description="confident: the highest probability of their own class; herding, "
+        "kcenter: the coreset methods on the scorer's features; difficulty: matching the "
+        "reference images' distribution of 1 - p(class). Candidates the scorer puts in "
+        "another class are dropped first (keeping at least the images needed, best first).",
+    )

@@ -1,0 +1,177 @@
+"""Oversample and select (``select``, ``core.oversample``): which of a class's candidates stay.
+
+The engine samples each class's pool (``pool_per_class`` candidates: candidate ``j`` has a
+plain job's image ``j``'s seed and prompt), hands it to ``Selector.choose`` at the output
+size, and post-processes the kept candidates as images ``0..k-1`` of the class, in the order
+they were kept. The choice depends on the class's pool, the scorer and ``keep`` alone, so a
+job cut into shards (each holding whole classes) keeps the same images as one in one piece.
+
+Every step is deterministic: ties go to the lowest candidate number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.oversample import SCORE_DECIMALS
+from core.presets import ClassInfo
+from core.settings import Settings
+from core.spec import DatasetSpec
+from worker.selection import coreset, teachers
+from worker.selection.teachers import Teacher
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One class's selection: the kept candidates (in keep order) and why."""
+
+    kept: list[int]
+    #: p(class) of every candidate, in candidate order.
+    scores: np.ndarray
+    #: Candidates the scorer put in another class.
+    misclassified: int
+    #: Of those, how many were taken back so that enough were left.
+    restored: int
+    #: ``keep: difficulty``: the reference images' difficulty quantiles matched, in order.
+    targets: list[float] | None = None
+
+    def record(self, cls: ClassInfo) -> dict[str, Any]:
+        """The class's entry in the manifest's ``select`` section."""
+        return {
+            "label": cls.label,
+            "pool": len(self.scores),
+            "misclassified": self.misclassified,
+            "dropped": self.misclassified - self.restored,
+            "kept": self.kept,
+            "kept_scores": [round(float(self.scores[j]), SCORE_DECIMALS) for j in self.kept],
+            "scores": [round(float(s), SCORE_DECIMALS) for s in self.scores],
+            **(
+                {"difficulty_targets": [round(t, SCORE_DECIMALS) for t in self.targets]}
+                if self.targets is not None
+                else {}
+            ),
+        }
+
+
+def eligible(probs: np.ndarray, own: int, k: int) -> tuple[list[int], int, int]:
+    """(candidates left after dropping those whose top-1 is not ``own``, in candidate order;
+    how many were misclassified; how many of those were taken back to leave ``k``)."""
+    scores = probs[:, own]
+    top1 = probs.argmax(axis=1)
+    right = [j for j in range(len(probs)) if top1[j] == own]
+    wrong = [j for j in range(len(probs)) if top1[j] != own]
+    back = sorted(wrong, key=lambda j: (-scores[j], j))[: max(k - len(right), 0)]
+    return sorted(right + back), len(wrong), len(back)
+
+
+def difficulty_targets(reference: np.ndarray, k: int) -> np.ndarray:
+    """The quantiles ``(i + 0.5) / k``, ``i = 0..k-1``, of ``reference`` (linear)."""
+    return np.quantile(np.asarray(reference, dtype=np.float64), (np.arange(k) + 0.5) / k)
+
+
+def match_difficulty(difficulty: np.ndarray, targets: np.ndarray) -> list[int]:
+    """One index of ``difficulty`` per target, in the targets' order: the nearest value not
+    yet taken."""
+    free = np.ones(len(difficulty), dtype=bool)
+    chosen = []
+    for target in targets:
+        gap = np.where(free, np.abs(difficulty - target), np.inf)
+        index = int(np.argmin(gap))
+        chosen.append(index)
+        free[index] = False
+    return chosen
+
+
+def choose(
+    keep: str,
+    probs: np.ndarray,
+    features: np.ndarray,
+    *,
+    own: int,
+    k: int,
+    reference_confidence: np.ndarray,
+) -> Choice:
+    """Keep ``k`` of a pool scored ``probs`` (N, C) with ``features`` (N, D); ``own`` is the
+    class's column, ``reference_confidence`` its reference images' p(class)."""
+    if not 1 <= k <= len(probs):
+        raise ValueError(f"cannot keep {k} of a pool of {len(probs)}")
+    scores = probs[:, own]
+    left, wrong, back = eligible(probs, own, k)
+    if keep == "confident":
+        picked = sorted(left, key=lambda j: (-scores[j], j))[:k]
+    elif keep in ("herding", "kcenter"):
+        pick = coreset.herding if keep == "herding" else coreset.kcenter
+        picked = [left[i] for i in pick(features[left], k)]
+    elif keep == "difficulty":
+        targets = difficulty_targets(1.0 - reference_confidence, k)
+        picked = [left[i] for i in match_difficulty(1.0 - scores[left], targets)]
+        return Choice(picked, scores, wrong, back, [float(t) for t in targets])
+    else:
+        raise ValueError(f"unknown keep {keep!r}")
+    return Choice(kept=picked, scores=scores, misclassified=wrong, restored=back)
+
+
+class Selector:
+    """A job's scorer and rule: ``choose(cls, pool)`` for each class's pool."""
+
+    def __init__(self, spec: DatasetSpec, scorer: Teacher) -> None:
+        assert spec.select is not None
+        self.spec = spec
+        self.request = spec.select
+        self.scorer = scorer
+
+    def choose(self, cls: ClassInfo, pool: np.ndarray) -> Choice:
+        """The kept candidates of ``pool``, uint8 (P, S, S, 3) at the output size."""
+        probs, features = self.scorer.score(pool)
+        return choose(
+            self.request.keep,
+            probs,
+            features,
+            own=cls.index,
+            k=self.spec.generated_per_class,
+            reference_confidence=self.scorer.confidences[cls.index],
+        )
+
+    def provenance(self, classes: list[dict[str, Any]]) -> dict[str, Any]:
+        """The manifest's ``select`` section, given every class's ``Choice.record``."""
+        scorer = {k: v for k, v in self.scorer.provenance.items() if k not in ("teacher", "batch")}
+        return {
+            "oversample": self.request.oversample,
+            "keep": self.request.keep,
+            "pool_per_class": self.spec.pool_per_class,
+            "kept_per_class": self.spec.generated_per_class,
+            "candidates": "candidate j of a class has the seed and prompt of image j of the "
+            "same request without select; kept[n] is the candidate that became sampled image "
+            "n of the class (its augmented copies follow it)",
+            "scorer": {
+                "scorer": self.request.scorer,
+                **scorer,
+                "scores": "p(class): softmax of the scorer's logits at temperature 1, on the "
+                "candidate at the output size; scored in chunks of 256 of the class's pool",
+            },
+            "rule": "drop candidates whose top-1 class is not their own, taking back the best "
+            "of them (by p(class)) while fewer than kept_per_class are left; then keep "
+            + _RULES[self.request.keep],
+            "classes": classes,
+        }
+
+
+_RULES = {
+    "confident": "the highest p(class), ties to the lower candidate",
+    "herding": "by herding on the scorer's penultimate features (worker.selection.coreset)",
+    "kcenter": "by greedy k-center on the scorer's penultimate features",
+    "difficulty": "for each quantile (i + 0.5) / kept_per_class of the reference images' "
+    "1 - p(class), ascending, the candidate nearest to it not yet kept",
+}
+
+
+def for_job(spec: DatasetSpec, settings: Settings) -> Selector | None:
+    """The job's selector (None without ``select``); its scorer comes from this worker's
+    cache when it has one. ``references.ReferenceUnavailable`` when its reference set is
+    gone."""
+    if spec.select is None:
+        return None
+    return Selector(spec, teachers.reference_network(spec, settings))
