@@ -33,20 +33,21 @@ POOL = _probs(
 
 
 def test_misclassified_candidates_are_dropped_unless_too_few_would_be_left() -> None:
-    assert eligible(POOL, 1, 2) == ([1, 2, 4], 3, 0)
-    assert eligible(POOL, 1, 3) == ([1, 2, 4], 3, 0)
+    assert eligible(POOL, 1, 2) == ([1, 2, 4], [0, 3, 5], [])
+    assert eligible(POOL, 1, 3) == ([1, 2, 4], [0, 3, 5], [])
     # Four needed, three right: the wrong one with the highest p(own) comes back (3: 0.35).
-    assert eligible(POOL, 1, 4) == ([1, 2, 3, 4], 3, 1)
-    assert eligible(POOL, 1, 6) == ([0, 1, 2, 3, 4, 5], 3, 3)
+    assert eligible(POOL, 1, 4) == ([1, 2, 3, 4], [0, 3, 5], [3])
+    assert eligible(POOL, 1, 5) == ([0, 1, 2, 3, 4], [0, 3, 5], [0, 3])
+    assert eligible(POOL, 1, 6) == ([0, 1, 2, 3, 4, 5], [0, 3, 5], [0, 3, 5])
 
 
 def test_confident_keeps_the_highest_probabilities_of_the_class_in_order() -> None:
     features = np.zeros((6, 2))
     choice = choose("confident", POOL, features, own=1, k=2, reference_confidence=np.ones(3))
     assert choice.kept == [1, 2]
-    assert choice.misclassified == 3 and choice.restored == 0
+    assert choice.misclassified == [0, 3, 5] and choice.restored == []
     record = choice.record(_cls())
-    assert record["dropped"] == 3 and record["pool"] == 6
+    assert record["dropped"] == [0, 3, 5] and record["pool"] == 6
     assert record["kept_scores"] == [0.8, 0.7]
     assert record["scores"] == [0.3, 0.8, 0.7, 0.35, 0.6, 0.1]
     # A misclassified candidate never outranks a right one, though 0.35 < 0.6 anyway.

@@ -454,7 +454,7 @@ def _prompt_strategy(strategy: str) -> str:
 def _selection(select: dict[str, Any]) -> str:
     """The selection row: pool, scorer, rule and what was dropped."""
     scorer = select.get("scorer", {})
-    dropped = sum(int(c.get("dropped", 0)) for c in select.get("classes", []))
+    dropped = sum(len(c.get("dropped", [])) for c in select.get("classes", []))
     pool = int(select.get("pool_per_class", 0))
     return (
         f"{select.get('kept_per_class')} of {pool} candidates per class kept by "

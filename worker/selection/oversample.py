@@ -31,10 +31,10 @@ class Choice:
     kept: list[int]
     #: p(class) of every candidate, in candidate order.
     scores: np.ndarray
-    #: Candidates the scorer put in another class.
-    misclassified: int
-    #: Of those, how many were taken back so that enough were left.
-    restored: int
+    #: Candidates the scorer put in another class, in candidate order.
+    misclassified: list[int]
+    #: Of those, the ones taken back so that enough were left.
+    restored: list[int]
     #: ``keep: difficulty``: the reference images' difficulty quantiles matched, in order.
     targets: list[float] | None = None
 
@@ -44,7 +44,7 @@ class Choice:
             "label": cls.label,
             "pool": len(self.scores),
             "misclassified": self.misclassified,
-            "dropped": self.misclassified - self.restored,
+            "dropped": [j for j in self.misclassified if j not in self.restored],
             "kept": self.kept,
             "kept_scores": [round(float(self.scores[j]), SCORE_DECIMALS) for j in self.kept],
             "scores": [round(float(s), SCORE_DECIMALS) for s in self.scores],
@@ -56,15 +56,15 @@ class Choice:
         }
 
 
-def eligible(probs: np.ndarray, own: int, k: int) -> tuple[list[int], int, int]:
-    """(candidates left after dropping those whose top-1 is not ``own``, in candidate order;
-    how many were misclassified; how many of those were taken back to leave ``k``)."""
+def eligible(probs: np.ndarray, own: int, k: int) -> tuple[list[int], list[int], list[int]]:
+    """(candidates left after dropping those whose top-1 is not ``own``; those misclassified;
+    those of them taken back to leave ``k``), each in candidate order."""
     scores = probs[:, own]
     top1 = probs.argmax(axis=1)
     right = [j for j in range(len(probs)) if top1[j] == own]
     wrong = [j for j in range(len(probs)) if top1[j] != own]
-    back = sorted(wrong, key=lambda j: (-scores[j], j))[: max(k - len(right), 0)]
-    return sorted(right + back), len(wrong), len(back)
+    back = sorted(sorted(wrong, key=lambda j: (-scores[j], j))[: max(k - len(right), 0)])
+    return sorted(right + back), wrong, back
 
 
 def difficulty_targets(reference: np.ndarray, k: int) -> np.ndarray:
