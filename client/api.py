@@ -149,6 +149,7 @@ class SpecFields(TypedDict, total=False):
     reference: str | None
     strength: float | None
     soft_labels: Mapping[str, Any] | None
+    select: Mapping[str, Any] | None
 
 
 def build_spec(
@@ -186,9 +187,10 @@ def build_spec(
     )
     plain["formats"] = None if formats is None else builtins.list(formats)
     body.update({k: v for k, v in plain.items() if v is not None})
-    soft_labels = fields.get("soft_labels")
-    if soft_labels is not None:
-        body["soft_labels"] = dict(soft_labels)
+    for name in ("soft_labels", "select"):
+        nested = fields.get(name)
+        if nested is not None:
+            body[name] = dict(nested)
     if prompts is not None:
         if isinstance(prompts, Mapping):
             body["prompts"] = [{"label": k, "prompt": v} for k, v in prompts.items()]

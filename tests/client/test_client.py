@@ -457,3 +457,7 @@ def test_every_request_field_is_a_keyword_of_build_spec() -> None:
     body = build_spec(labels=["cat", "dog"], ipc=1, reference="pets", soft_labels=soft)
     assert body == {"labels": ["cat", "dog"], "ipc": 1, "reference": "pets", "soft_labels": soft}
     assert DatasetSpec.model_validate(body).soft_labels is not None
+    select = {"oversample": 2, "keep": "herding"}
+    body = build_spec(labels=["cat", "dog"], ipc=1, reference="pets", select=select)
+    assert body == {"labels": ["cat", "dog"], "ipc": 1, "reference": "pets", "select": select}
+    assert DatasetSpec.model_validate(body).select is not None

@@ -74,7 +74,7 @@ def test_job_end_to_end_archive_matches_request(
     # and absent soft labels (left out so that archives keep the bytes they had before).
     assert job["request"]["prompt_strategy"] == "template"
     assert job["request"]["soft_labels"] is None
-    left_out = {"callback_url", "prompt_strategy", "soft_labels"}
+    left_out = {"callback_url", "prompt_strategy", "soft_labels", "select"}
     assert manifest["request"] == {k: v for k, v in job["request"].items() if k not in left_out}
     assert manifest["class_to_idx"] == {"000_cat": 0, "001_dog": 1, "002_ship": 2}
     assert [c["label"] for c in manifest["classes"]] == ["cat", "dog", "ship"]

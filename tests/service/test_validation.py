@@ -178,6 +178,7 @@ def test_defaults_are_filled_in(idle_client: TestClient) -> None:
         "augment": {"policy": "paper", "copies": 4, "crop_scale": 1.25},
         "formats": ["imagefolder"],
         "soft_labels": None,
+        "select": None,
         "callback_url": None,
     }
 
