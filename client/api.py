@@ -187,10 +187,8 @@ def build_spec(
     )
     plain["formats"] = None if formats is None else builtins.list(formats)
     body.update({k: v for k, v in plain.items() if v is not None})
-    for name in ("soft_labels", "select"):
-        nested = fields.get(name)
-        if nested is not None:
-            body[name] = dict(nested)
+    nested = {"soft_labels": fields.get("soft_labels"), "select": fields.get("select")}
+    body.update({name: dict(value) for name, value in nested.items() if value is not None})
     if prompts is not None:
         if isinstance(prompts, Mapping):
             body["prompts"] = [{"label": k, "prompt": v} for k, v in prompts.items()]
