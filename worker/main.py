@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.registry import StartedJobRegistry
+from rq.worker import WorkerStatus
 
 from core import logs, maintenance, models, workers
 from core.settings import ConfigError, Settings, settings_or_exit
@@ -46,6 +48,9 @@ LOAD_HINT = (
     "test)"
 )
 
+#: The longest an idle worker blocks on Redis before it looks at its stop flag again.
+STOP_POLL_SECONDS = 5
+
 
 class DistillWorker(SimpleWorker):
     """A SimpleWorker whose running jobs expire from RQ's registry unless it keeps beating."""
@@ -62,10 +67,28 @@ class DistillWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_ttl
 
+    @property
+    def dequeue_timeout(self) -> int:
+        return min(super().dequeue_timeout, STOP_POLL_SECONDS)
+
     def request_stop(self, signum: int, frame: Any) -> None:
-        """SIGTERM/SIGINT: the running job stops after its batch and goes back to the queue."""
+        """SIGTERM/SIGINT: the running job stops after its batch and goes back to the queue.
+
+        An idle RQ worker stops by raising ``StopRequested`` from the signal handler, into
+        whatever code runs at that moment; code that catches every exception there (a log
+        handler's ``emit`` does) swallows it and the worker would go on listening. The flag
+        set first outlives that: ``heartbeat``, which RQ calls before every wait on the
+        queue (at most ``STOP_POLL_SECONDS`` apart), raises it again.
+        """
         runtime.request_stop()
+        self._stop_requested = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        idle = self.get_state() != WorkerStatus.BUSY
+        if self._stop_requested and pipeline is None and idle:
+            raise StopRequested()
+        super().heartbeat(timeout, pipeline)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         super().execute_job(job, queue)
@@ -332,6 +355,11 @@ def _serve(
     )
     try:
         worker.work(with_scheduler=False, logging_level=settings.log_level)
+    except StopRequested:
+        # Stopped while RQ was still setting up, outside the loop that catches it (and
+        # tears down): take the worker out of RQ's registry as that loop would.
+        worker.teardown()  # type: ignore[no-untyped-call]
+        log.info("worker stopped before taking jobs")
     except RedisConnectionError as exc:
         # Redis went away for good while shutting down (or never came back).
         log.error("worker stopped: Redis is unreachable (%s)", exc)

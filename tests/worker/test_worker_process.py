@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Queue
 
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
@@ -132,6 +136,50 @@ def test_sigterm_lets_an_idle_worker_exit_cleanly(
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz").json()
     assert all(str(proc.pid) not in w["name"] for w in ready["workers"])
+
+
+class _SignalInsideEmit(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log handler that receives SIGTERM while it formats RQ's "dequeueing" line: the
+    ``StopRequested`` raised by the signal handler lands in ``emit``'s own ``except``."""
+
+    fired = False
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.fired and "dequeueing" in record.getMessage():
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs here, inside this call
+        return super().format(record)
+
+
+def test_a_stop_swallowed_by_a_log_handler_still_stops_an_idle_worker(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """A SIGTERM whose ``StopRequested`` is caught by code the signal interrupted (a log
+    handler here) must still end the worker's wait on the queue within seconds."""
+    from worker.main import STOP_POLL_SECONDS, DistillWorker
+
+    redis = Redis.from_url(redis_server.url)
+    worker = DistillWorker(
+        [Queue(f"swallowed-{uuid.uuid4().hex[:6]}", connection=redis)],
+        connection=redis,
+        name=f"swallowed-{uuid.uuid4().hex[:6]}",
+    )
+    handler = _SignalInsideEmit()
+    rq_log = logging.getLogger("rq.worker")
+    rq_log.addHandler(handler)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    started = time.monotonic()
+    try:
+        worker.work(with_scheduler=False, logging_level="DEBUG")
+    finally:
+        rq_log.removeHandler(handler)
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+        redis.close()
+    assert handler.fired
+    assert time.monotonic() - started < STOP_POLL_SECONDS + 10
+    assert worker.get_state() != "busy"
 
 
 def test_a_beat_before_rq_registers_the_worker_writes_nothing(redis_server: EmbeddedRedis) -> None:
