@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, get_args, get_type_hints
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
@@ -239,6 +240,10 @@ def snapshots(
         for job_id in ids:
             width = _queue_snapshot_reads(pipe, job_id, queues)
         results = pipe.execute()
+    return _parse_snapshots(ids, results, width)
+
+
+def _parse_snapshots(ids: list[str], results: list[Any], width: int) -> list[Snapshot | None]:
     found: list[Snapshot | None] = []
     for n, job_id in enumerate(ids):
         raw, shard_raw, status, attempts, *positions = results[width * n : width * (n + 1)]
@@ -262,6 +267,18 @@ def snapshots(
 def snapshot(redis: Redis, job_id: str, *, queue: str | Sequence[str]) -> Snapshot | None:
     """One job's snapshot (None when unknown or forgotten): one round trip."""
     return snapshots(redis, [job_id], queue=queue)[0]
+
+
+async def snapshot_async(
+    redis: AsyncRedis, job_id: str, *, queue: str | Sequence[str]
+) -> Snapshot | None:
+    """``snapshot`` on an asyncio client: the same reads in one round trip, awaited, so a
+    polled status read runs on the API's event loop instead of a threadpool thread."""
+    queues = [queue] if isinstance(queue, str) else list(queue)
+    async with redis.pipeline(transaction=False) as pipe:
+        width = _queue_snapshot_reads(pipe, job_id, queues)
+        results = await pipe.execute()
+    return _parse_snapshots([job_id], results, width)[0]
 
 
 def read(redis: Redis, job_id: str) -> JobRecord | None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from core import maintenance, models
 from core.settings import Settings, get_settings
@@ -42,9 +44,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.redis = Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
-        )
+        timeouts: dict[str, Any] = {
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+            "health_check_interval": 30,
+        }
+        app.state.redis = Redis.from_url(settings.redis_url, **timeouts)
+        app.state.async_redis = AsyncRedis.from_url(settings.redis_url, **timeouts)
         app.state.metrics = registry_for(app.state.redis, settings)
         # Reaping and tending happen here too, so they go on while every worker is busy or
         # gone; a lock in Redis keeps it to one process at a time (core/maintenance.py). One
@@ -59,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for loop in loops:
                 loop.stop()
             app.state.redis.close()
+            await app.state.async_redis.aclose()
 
     app = FastAPI(
         title="distill-service",

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -56,6 +57,18 @@ def visible_record(redis: Redis, settings: Settings, job_id: str, owner: str) ->
         else None
     )
     return _visible(found, job_id, owner)
+
+
+async def fetch_async(
+    redis: AsyncRedis, settings: Settings, job_id: str, *, owner: str, archive_url: str
+) -> JobPublic:
+    """``fetch`` on the asyncio client: the polled status read, on the event loop."""
+    found = (
+        await records.snapshot_async(redis, job_id, queue=models.queues(settings))
+        if JOB_ID.match(job_id)
+        else None
+    )
+    return view(_visible(found, job_id, owner), archive_url=archive_url)
 
 
 def _visible(found: Snapshot | None, job_id: str, owner: str) -> Snapshot:

@@ -12,7 +12,15 @@ from core.spec import DatasetSpec
 from core.states import JobState
 from service import admission, downloads, jobs
 from service.auth import owner_for
-from service.deps import OwnerDep, RedisDep, SettingsDep, as_json, binary, problems
+from service.deps import (
+    AsyncRedisDep,
+    OwnerDep,
+    RedisDep,
+    SettingsDep,
+    as_json,
+    binary,
+    problems,
+)
 from service.schemas import JobList, JobPublic
 
 # Every /v1 route needs an API key when DISTILL_API_KEYS is set.
@@ -135,12 +143,11 @@ def list_jobs(
     response_model=JobPublic,
     responses=problems(401, 404, 410, 503),
 )
-def get_job(
-    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
+async def get_job(
+    job_id: str, request: Request, redis: AsyncRedisDep, settings: SettingsDep, owner: OwnerDep
 ) -> Response:
-    return as_json(
-        jobs.fetch(redis, settings, job_id, owner=owner, archive_url=archive_url(request, job_id))
-    )
+    url = archive_url(request, job_id)
+    return as_json(await jobs.fetch_async(redis, settings, job_id, owner=owner, archive_url=url))
 
 
 @router.post(
