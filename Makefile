@@ -35,6 +35,8 @@ tiny-model: install
 # The whole stack on the tiny random-weight model: no network, no GPU, no weights needed.
 demo: install
 	@test -f tiny-model/tiny_decoder/config.json || $(PY) -m worker.model.tiny_model tiny-model
+	@test -f tiny-model/clip_scorer/config.json || \
+	  $(PY) -m worker.model.tiny_model tiny-model/clip_scorer --family clip
 	@DISTILL_MODEL=./tiny-model \
 	  DISTILL_DEVICE=cpu HF_HUB_OFFLINE=1 $(PY) -m service.launcher
 

@@ -32,6 +32,8 @@ CLASS_CONDITIONAL: frozenset[str] = frozenset({"dit"})
 #: before ``DISTILL_TINY_DECODER``'s default id; the pipeline's loader ignores a folder its
 #: model_index.json does not name.
 TINY_DECODER_DIR = "tiny_decoder"
+#: Where a local model directory may hold its own CLIP scorer (``select.scorer: clip``).
+CLIP_SCORER_DIR = "clip_scorer"
 
 PIPELINES: dict[str, str] = {
     "sdxl": "StableDiffusionXLPipeline",

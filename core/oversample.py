@@ -15,9 +15,19 @@ The scorer gives every candidate its class probability and its features:
    - ``difficulty``: the candidates whose difficulty, ``1 - p(class)``, matches the quantiles
      of the reference images' difficulties for that class.
 
-Augmented copies are made from the kept images only. Scorers: ``reference``, the benchmark
-ConvNet-3 trained on the job's classes of its reference set, with the job seed. It is the
-network the soft-label teacher ``reference`` uses, trained once per job.
+Augmented copies are made from the kept images only. Scorers:
+
+- ``reference``: the benchmark ConvNet-3 trained on the job's classes of its reference set,
+  with the job seed. It is the network the soft-label teacher ``reference`` uses, trained
+  once per job.
+- ``clip``: the deployment's CLIP model (``DISTILL_CLIP_SCORER``: a hub id or a local
+  directory, looked for first beside the model as ``<model>/clip_scorer``), zero-shot: a
+  candidate's probabilities are the softmax over the job's classes of CLIP's scaled cosine
+  similarity between the image and the mean text embedding of each class's prompts; its
+  features are the normalised image embedding. It needs no reference set, except for
+  ``keep: difficulty``, whose target distribution is the reference images'. A worker that
+  cannot load it runs without it, says why in ``/readyz`` and ``GET /v1/models``, and
+  requests for it are a 422.
 """
 
 from __future__ import annotations
@@ -28,8 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 Keep = Literal["confident", "kcenter", "herding", "difficulty"]
 KEEPS: tuple[str, ...] = ("confident", "kcenter", "herding", "difficulty")
-Scorer = Literal["reference"]
-SCORERS: tuple[str, ...] = ("reference",)
+Scorer = Literal["reference", "clip"]
+SCORERS: tuple[str, ...] = ("reference", "clip")
+#: The ``unavailable`` entry of a worker that runs without its CLIP scorer.
+CLIP_PART = "clip_scorer"
 MAX_OVERSAMPLE = 8
 DEFAULT_OVERSAMPLE = 4
 #: Decimals of the scores in the manifest.
@@ -51,7 +63,9 @@ class SelectRequest(BaseModel):
     scorer: Scorer = Field(
         default="reference",
         description="reference: ConvNet-3 (the evaluator's network) trained for 10 epochs on "
-        "the job's classes of the request's reference set, with the job seed.",
+        "the job's classes of the request's reference set, with the job seed; clip: the "
+        "deployment's CLIP model (GET /v1/models lists it under scorers when loaded), "
+        "zero-shot against each class's prompts.",
     )
     keep: Keep = Field(
         default="confident",

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         "madebyollin/taesdxl",
         description="AutoencoderTiny (hub id or local dir) for decoder=tiny; 'none': no tiny.",
     )
+    clip_scorer: str | None = Field(
+        "openai/clip-vit-base-patch32",
+        description="CLIPModel (hub id or local dir) for select scorer 'clip', looked for "
+        "first as <model>/clip_scorer; 'none': no CLIP scorer.",
+    )
     auto_batch: bool = Field(
         True, description="On a GPU, find the batch size (from BATCH_SIZE up) that is fastest."
     )
@@ -159,10 +164,10 @@ class Settings(BaseSettings):
         60, ge=2, description="A worker silent this long is dead; its job fails."
     )
 
-    @field_validator("tiny_decoder")
+    @field_validator("tiny_decoder", "clip_scorer")
     @classmethod
-    def _no_tiny(cls, value: str | None) -> str | None:
-        # An empty variable means "the default"; "none" (or "off") turns the tiny decoder off.
+    def _optional_part(cls, value: str | None) -> str | None:
+        # An empty variable means "the default"; "none" (or "off") turns the optional part off.
         return None if value is None or value.strip().lower() in ("none", "off") else value
 
     @property

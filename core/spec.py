@@ -410,6 +410,11 @@ class DatasetSpec(BaseModel):
                 "select.scorer: reference trains the scorer on the request's reference set; "
                 "give reference"
             )
+        if select.keep == "difficulty" and self.reference is None:
+            raise ValueError(
+                "select.keep: difficulty matches the reference images' distribution of "
+                "1 - p(class); give reference"
+            )
         if self.ipc is None:
             raise ValueError(
                 "select: takes ipc (each class's pool is oversample x its images, which a "

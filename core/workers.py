@@ -41,9 +41,11 @@ class WorkerInfo:
     gpu_memory_bytes: int | None = None
     batch_size: int | None = None
     decoders: tuple[str, ...] = ()
+    #: ``select`` scorers it can run (``reference`` always; ``clip`` once loaded).
+    scorers: tuple[str, ...] = ()
     compile: str | None = None
     compile_seconds: float | None = None
-    #: Optional parts (the tiny decoder) it could not load, with why.
+    #: Optional parts (the tiny decoder, the CLIP scorer) it could not load, with why.
     unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -75,6 +77,7 @@ class WorkerInfo:
             gpu_memory_bytes=int(memory) if memory is not None else None,
             batch_size=int(batch) if batch is not None else None,
             decoders=tuple(d for d in fields.get("decoders", "").split(",") if d),
+            scorers=tuple(d for d in fields.get("scorers", "").split(",") if d),
             compile=fields.get("compile"),
             compile_seconds=number("compile_seconds"),
             unavailable=_reasons(fields.get("unavailable")),

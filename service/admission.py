@@ -22,6 +22,7 @@ from core import (
     webhooks,
 )
 from core import workers as core_workers
+from core.oversample import CLIP_PART
 from core.settings import Settings
 from core.spec import DatasetSpec
 from service.errors import (
@@ -154,6 +155,26 @@ def _check_decoder(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
         )
 
 
+def _check_scorer(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
+    """``select.scorer: clip`` where the model's ready workers all run without a CLIP model
+    is a 422 saying why (as ``decoder: tiny``; with no ready worker yet the job waits)."""
+    if spec.select is None or spec.select.scorer != "clip":
+        return
+    entry = models.lookup(settings, spec.model)
+    ready = [
+        w
+        for w in core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
+        if w.ready
+    ]
+    if ready and not any("clip" in w.scorers for w in ready):
+        why = next((w.unavailable[CLIP_PART] for w in ready if CLIP_PART in w.unavailable), "")
+        raise InvalidField(
+            f"select.scorer: no worker of {entry.alias} has a CLIP model loaded"
+            + (f" ({why})" if why else "")
+            + "; use 'reference' (with a reference set) or set DISTILL_CLIP_SCORER"
+        )
+
+
 def _check_limits(settings: Settings, spec: DatasetSpec) -> None:
     """What this deployment refuses (422 naming the field): webhooks it cannot sign or send
     there, a decoder it does not have, more images than it allows."""
@@ -246,6 +267,7 @@ def submit(
     entry, spec = resolve_model(settings, spec)
     _check_limits(settings, spec)
     _check_decoder(redis, settings, spec)
+    _check_scorer(redis, settings, spec)
     _check_reference(redis, settings, spec, owner)
     payload = spec.model_dump(mode="json")
     job_id = uuid.uuid4().hex

@@ -9,6 +9,7 @@ from redis import Redis
 
 from core import models
 from core import workers as core_workers
+from core.oversample import CLIP_PART, SCORERS
 from core.settings import Settings
 from core.storage import StorageError, open_storage
 from service.schemas import ModelInfo, ModelList, Readiness, WorkerStatus
@@ -31,6 +32,7 @@ def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
             seconds_since_heartbeat=round(w.age(now), 2),
             batch_size=w.batch_size,
             decoders=list(w.decoders),
+            scorers=list(w.scorers),
             compile=w.compile,
             compile_seconds=w.compile_seconds,
             unavailable=dict(w.unavailable),
@@ -126,17 +128,20 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
 
 
 def optional_parts(seen: list[WorkerStatus], alias: str) -> dict[str, Any]:
-    """The decoders some ready worker of ``alias`` has, and the optional parts none has (with
-    the first reason a worker gave)."""
+    """The decoders and select scorers some ready worker of ``alias`` has, and the optional
+    parts none has (with the first reason a worker gave)."""
     ready = [w for w in seen if w.state == "ready" and w.alias == alias]
     decoders = sorted({d for w in ready for d in w.decoders}, key=("vae", "tiny").index)
+    scorers = sorted({s for w in ready for s in w.scorers}, key=SCORERS.index)
     unavailable: dict[str, str] = {}
     for w in ready:
         for part, why in w.unavailable.items():
             unavailable.setdefault(part, why)
     if "tiny" in decoders:
         unavailable.pop("tiny_decoder", None)
-    return {"decoders": decoders, "unavailable": unavailable}
+    if "clip" in scorers:
+        unavailable.pop(CLIP_PART, None)
+    return {"decoders": decoders, "scorers": scorers, "unavailable": unavailable}
 
 
 def model_list(redis: Redis, settings: Settings) -> ModelList:

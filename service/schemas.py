@@ -205,6 +205,10 @@ class WorkerStatus(BaseModel):
     decoders: list[str] = Field(
         default_factory=list, description="Decoders it has loaded: vae, and tiny when configured."
     )
+    scorers: list[str] = Field(
+        default_factory=list,
+        description="select scorers it can run: reference, and clip when it loaded one.",
+    )
     compile: str | None = Field(None, description="off, regional or full (DISTILL_COMPILE).")
     compile_seconds: float | None = Field(
         None, description="Seconds its start-up spent compiling and warming up the graphs."
@@ -212,7 +216,7 @@ class WorkerStatus(BaseModel):
     unavailable: dict[str, str] = Field(
         default_factory=dict,
         description="Optional parts it runs without, with why (tiny_decoder: requests for "
-        "decoder 'tiny' get a 422).",
+        "decoder 'tiny' get a 422; clip_scorer: for select scorer 'clip').",
     )
 
 
@@ -248,9 +252,15 @@ class ModelInfo(BaseModel):
         default_factory=list,
         description="Decoders its ready workers have loaded (vae; tiny where one loaded it).",
     )
+    scorers: list[str] = Field(
+        default_factory=list,
+        description="select scorers its ready workers can run (reference; clip where one "
+        "loaded it): a request for another is a 422.",
+    )
     unavailable: dict[str, str] = Field(
         default_factory=dict,
-        description="Optional parts no ready worker of it has, with why (e.g. tiny_decoder).",
+        description="Optional parts no ready worker of it has, with why (e.g. tiny_decoder, "
+        "clip_scorer).",
     )
 
 

@@ -52,6 +52,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight CLIPModel with its tokenizer: the ``select`` scorer ``clip``."""
+    from worker.model.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-clip", family="clip")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight StableDiffusionPipeline (the SD-Turbo family)."""
     from worker.model.tiny_model import build

@@ -32,12 +32,14 @@ from rq.registry import StartedJobRegistry
 from rq.worker import WorkerStatus
 
 from core import logs, maintenance, models, workers
+from core.oversample import CLIP_PART, SCORERS
 from core.settings import ConfigError, Settings, settings_or_exit
 from worker import runtime
 from worker.model.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     from worker.gpus import GpuClaim
+    from worker.model.clip import ClipModel
     from worker.model.generator import Generator
 
 log = logging.getLogger("worker")
@@ -226,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         generator = _load(settings, device)
         if generator is None:
             return 2
+        clip = _load_clip(settings, generator)
         batch = _warm(generator, settings, beacon)
-        _install_runtime(settings, name, generator, batch)
+        _install_runtime(settings, name, generator, batch, clip)
         worker = _make_worker(settings, redis, name, beacon, generator)
         return _serve(worker, settings, beacon, generator, batch)
     finally:
@@ -284,6 +287,20 @@ def _load(settings: Settings, device: str | None) -> Generator | None:
     return generator
 
 
+def _load_clip(settings: Settings, generator: Generator) -> ClipModel | None:
+    """The optional CLIP scorer, on the model's device; without it, its reason joins the
+    generator's ``unavailable`` parts (published in the worker's status)."""
+    from worker.model import clip, loading
+
+    device = generator.device
+    loaded, why = clip.load(settings, device=device, dtype=loading.pick_dtype(None, device))
+    if loaded is None:
+        generator.unavailable[CLIP_PART] = why or "not loaded"
+    else:
+        log.info("loaded the CLIP scorer %s", loaded.source)
+    return loaded
+
+
 def _warm(generator: Generator, settings: Settings, beacon: StatusBeacon) -> int:
     """Pick the batch size and compile for it (``DISTILL_COMPILE``); returns the batch size."""
     from worker.model import compiling
@@ -295,7 +312,9 @@ def _warm(generator: Generator, settings: Settings, beacon: StatusBeacon) -> int
     return batch
 
 
-def _install_runtime(settings: Settings, name: str, generator: Generator, batch: int) -> None:
+def _install_runtime(
+    settings: Settings, name: str, generator: Generator, batch: int, clip: ClipModel | None
+) -> None:
     """Make the worker's warm state (``worker.runtime``) that every job uses."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Import the job's code and start the post-processing pool now, not in the first job.
@@ -310,6 +329,7 @@ def _install_runtime(settings: Settings, name: str, generator: Generator, batch:
             worker_name=name,
             pool=pool,
             batch_size=batch,
+            clip=clip,
         )
     )
 
@@ -351,6 +371,7 @@ def _serve(
         batch_size=batch,
         postprocess_workers=settings.postprocess_pool_size,
         unavailable=generator.unavailable,
+        scorers=",".join(SCORERS if CLIP_PART not in generator.unavailable else ("reference",)),
         **generator.describe(),
     )
     try:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from core.settings import Settings
+    from worker.model.clip import ClipModel
     from worker.model.generator import Generator
 
 
@@ -21,6 +22,8 @@ class Runtime:
     pool: Executor | None = None
     #: Images per pipeline call (``DISTILL_BATCH_SIZE``, or what the worker found fastest).
     batch_size: int = 8
+    #: The CLIP model of ``select.scorer: clip`` (None: this worker runs without it).
+    clip: ClipModel | None = None
 
 
 _current: Runtime | None = None

@@ -6,10 +6,11 @@ with trailing timestep spacing, as SDXL-Turbo ships), and beside it, in ``DIR/ti
 a tiny random ``AutoencoderTiny`` for ``decoder="tiny"``
 (``DISTILL_TINY_DECODER=DIR/tiny_decoder``).
 ``--family sd``: a ``StableDiffusionPipeline`` (one CLIP text encoder, an Euler scheduler
-with trailing spacing, as SD-Turbo ships). ``--family dit``: a ``DiTPipeline`` (a
-class-conditional ``DiTTransformer2DModel`` over the 1000 ImageNet-1K classes with learned
-sigma, an 8x VAE, DDIM, and the ImageNet-1K ``id2label`` in its model index, as
-facebook/DiT-XL-2-256 ships).
+with trailing spacing, as SD-Turbo ships). ``--family clip``: a ``CLIPModel`` with its
+tokenizer and image processor, the ``select`` scorer ``clip``. ``--family dit``: a
+``DiTPipeline`` (a class-conditional ``DiTTransformer2DModel`` over the 1000 ImageNet-1K
+classes with learned sigma, an 8x VAE, DDIM, and the ImageNet-1K ``id2label`` in its model
+index, as facebook/DiT-XL-2-256 ships).
 
 Each is a directory that ``from_pretrained(DIR)`` loads with ``HF_HUB_OFFLINE=1``; the worker
 loads it exactly like the real model.
@@ -77,7 +78,7 @@ def write_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
-FAMILIES = ("sdxl", "sd", "dit")
+FAMILIES = ("sdxl", "sd", "dit", "clip")
 #: The UNet both text families share: 8 latents x 8 (VAE) = 64 px images by default.
 _TINY_UNET: dict[str, Any] = {
     "sample_size": 8,
@@ -109,6 +110,8 @@ def build(directory: Path, *, seed: int = 0, family: str = "sdxl") -> Path:
         return build_sd(directory, seed=seed)
     if family == "dit":
         return build_dit(directory, seed=seed)
+    if family == "clip":
+        return build_clip(directory, seed=seed)
     if family != "sdxl":
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return build_sdxl(directory, seed=seed)
@@ -304,6 +307,41 @@ def build_tiny_decoder(directory: Path, *, seed: int = 0) -> Path:
     return directory
 
 
+#: Where a worker serving a local model DIR looks first for its CLIP scorer.
+CLIP_SCORER_DIR = models.CLIP_SCORER_DIR
+
+
+def build_clip(directory: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random ``CLIPModel`` (32 px images, 8 px patches) with a CLIP tokenizer
+    and a ``preprocessor_config.json``: what ``select.scorer: clip`` loads
+    (``DISTILL_CLIP_SCORER=DIR``, or ``<model>/clip_scorer``)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory))
+    text = _text_config(vocab_size, tokenizer, 32).to_dict()
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 16,
+        "hidden_act": "gelu",
+    }
+    torch.manual_seed(seed + 2)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(str(directory), safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(str(directory))
+    return directory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m worker.model.tiny_model",
@@ -315,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=FAMILIES,
         default="sdxl",
         help="sdxl (StableDiffusionXLPipeline + a tiny AutoencoderTiny), sd "
-        "(StableDiffusionPipeline) or dit (DiTPipeline, class-conditional)",
+        "(StableDiffusionPipeline), dit (DiTPipeline, class-conditional) or clip (a "
+        "CLIPModel for select scorer clip)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args(argv)
@@ -334,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.directory / TINY_DECODER_DIR}",
         "sd": f"SD pipeline to {args.directory}",
         "dit": f"DiT pipeline (class-conditional, ImageNet-1K) to {args.directory}",
+        "clip": f"CLIPModel (select scorer clip) to {args.directory}",
     }[args.family]
     print(
         f"wrote a tiny {what}: built in {built - imported:.2f} s "

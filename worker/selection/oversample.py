@@ -12,7 +12,7 @@ Every step is deterministic: ties go to the lowest candidate number.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,8 +20,25 @@ from core.oversample import SCORE_DECIMALS
 from core.presets import ClassInfo
 from core.settings import Settings
 from core.spec import DatasetSpec
-from worker.selection import coreset, teachers
-from worker.selection.teachers import Teacher
+from worker import runtime
+from worker.model.clip import ClipModel
+from worker.selection import coreset, references, teachers
+
+
+class Scorer(Protocol):
+    """What a selector needs of its scorer."""
+
+    provenance: dict[str, Any]
+    #: Per class, p(class) of its reference images (``keep: difficulty``); else empty.
+    confidences: tuple[np.ndarray, ...]
+
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities float64 (N, C), features float64 (N, D)) of uint8 images."""
+        ...
+
+
+class ScorerUnavailable(ValueError):
+    """The job's scorer is not loaded in this worker (the job fails as invalid_request)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +134,7 @@ def choose(
 class Selector:
     """A job's scorer and rule: ``choose(cls, pool)`` for each class's pool."""
 
-    def __init__(self, spec: DatasetSpec, scorer: Teacher) -> None:
+    def __init__(self, spec: DatasetSpec, scorer: Scorer) -> None:
         assert spec.select is not None
         self.spec = spec
         self.request = spec.select
@@ -132,7 +149,11 @@ class Selector:
             features,
             own=cls.index,
             k=self.spec.generated_per_class,
-            reference_confidence=self.scorer.confidences[cls.index],
+            reference_confidence=(
+                self.scorer.confidences[cls.index]
+                if self.request.keep == "difficulty"
+                else np.empty(0)
+            ),
         )
 
     def provenance(self, classes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,7 +171,7 @@ class Selector:
                 "scorer": self.request.scorer,
                 **scorer,
                 "scores": "p(class): softmax of the scorer's logits at temperature 1, on the "
-                "candidate at the output size; scored in chunks of 256 of the class's pool",
+                "candidate at the output size; scored in fixed chunks of the class's pool",
             },
             "rule": "drop candidates whose top-1 class is not their own, taking back the best "
             "of them (by p(class)) while fewer than kept_per_class are left; then keep "
@@ -161,8 +182,8 @@ class Selector:
 
 _RULES = {
     "confident": "the highest p(class), ties to the lower candidate",
-    "herding": "by herding on the scorer's penultimate features (worker.selection.coreset)",
-    "kcenter": "by greedy k-center on the scorer's penultimate features",
+    "herding": "by herding on the scorer's features (worker.selection.coreset)",
+    "kcenter": "by greedy k-center on the scorer's features",
     "difficulty": "for each quantile (i + 0.5) / kept_per_class of the reference images' "
     "1 - p(class), ascending, the candidate nearest to it not yet kept",
 }
@@ -174,4 +195,49 @@ def for_job(spec: DatasetSpec, settings: Settings) -> Selector | None:
     gone."""
     if spec.select is None:
         return None
+    if spec.select.scorer == "clip":
+        clip = runtime.current().clip
+        if clip is None:
+            why = runtime.current().generator.unavailable.get("clip_scorer", "not loaded")
+            raise ScorerUnavailable(f"select.scorer: this worker has no CLIP scorer ({why})")
+        return Selector(spec, ClipScorer(clip, spec, settings))
     return Selector(spec, teachers.reference_network(spec, settings))
+
+
+class ClipScorer:
+    """``select.scorer: clip`` for one job: CLIP zero-shot over the job's classes.
+
+    A class's text embedding is the normalised mean of the unit embeddings of its prompts
+    (every prompt its images may get, ``DatasetSpec.prompt_variants``); a candidate's
+    logits are CLIP's logit scale times its cosine similarity to each class's; its features
+    are its unit image embedding."""
+
+    def __init__(self, clip: ClipModel, spec: DatasetSpec, settings: Settings) -> None:
+        classes = spec.classes()
+        self.clip = clip
+        prompts = [spec.prompt_variants(c) for c in classes]
+        means = np.stack([clip.texts(p).mean(axis=0) for p in prompts])
+        self.text = means / np.linalg.norm(means, axis=1, keepdims=True).clip(1e-12)
+        self.scale = clip.logit_scale
+        self.provenance: dict[str, Any] = {
+            **clip.describe(),
+            "zero_shot": "softmax over the job's classes of logit_scale x cosine(image, "
+            "class), a class's text embedding being the mean of its prompts' unit embeddings",
+            "logit_scale": round(self.scale, SCORE_DECIMALS),
+            "prompts_per_class": [len(p) for p in prompts],
+        }
+        self.confidences: tuple[np.ndarray, ...] = ()
+        if spec.select is not None and spec.select.keep == "difficulty":
+            wanted = [(c.label, c.wnid) for c in classes]
+            with references.source(settings, **spec.reference_source()) as opened:
+                per_class = references.load_for_classes(opened, wanted, size=spec.size)
+            self.confidences = tuple(
+                self.score(c.images)[0][:, index] for index, c in enumerate(per_class)
+            )
+
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features = self.clip.images(images)
+        logits = self.scale * features @ self.text.T
+        logits -= logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        return weights / weights.sum(axis=1, keepdims=True), features
