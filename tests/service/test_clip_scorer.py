@@ -90,6 +90,8 @@ def test_a_clip_select_job_scores_zero_shot_without_a_reference_set(
     assert scorer["fingerprint"] and scorer["image_size"] == 32
     assert scorer["prompts_per_class"] == [1, 1, 1]
     assert "trained_on" not in scorer
+    card = zipfile.ZipFile(io.BytesIO(data)).read("README.md").decode()
+    assert "scored by `clip` (CLIP " in card and "zero-shot over the class prompts" in card
 
     # The recorded scores are CLIP's zero-shot p(class) of the kept images, recomputed here
     # from the archive's (lossless) images with the same model.

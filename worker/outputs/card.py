@@ -456,10 +456,15 @@ def _selection(select: dict[str, Any]) -> str:
     scorer = select.get("scorer", {})
     dropped = sum(len(c.get("dropped", [])) for c in select.get("classes", []))
     pool = int(select.get("pool_per_class", 0))
+    what = (
+        f"CLIP {_md(str(scorer.get('model', '')))}, zero-shot over the class prompts"
+        if scorer.get("scorer") == "clip"
+        else f"{_md(scorer.get('network', ''))}, train accuracy {scorer.get('train_accuracy')}"
+    )
     return (
         f"{select.get('kept_per_class')} of {pool} candidates per class kept by "
         f"{_code(select.get('keep', '?'))}, scored by {_code(scorer.get('scorer', '?'))} "
-        f"({_md(scorer.get('network', ''))}, train accuracy {scorer.get('train_accuracy')}); "
+        f"({what}); "
         f"{dropped} candidates the scorer put in another class dropped; each class's pool, "
         "scores and kept candidates are in the manifest's select section"
     )
