@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -80,6 +81,23 @@ def _check_template(template: str) -> str:
 
 
 Template = Annotated[str, Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)]
+Guidance = Annotated[StrictFloat, Field(ge=0.0, le=MAX_GUIDANCE)]
+#: Decimals of a per-image guidance scale drawn from a range (as recorded and as sampled).
+GUIDANCE_DECIMALS = 4
+
+
+def _check_range(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not low < high:
+        raise ValueError(f"a range needs low < high, got [{low}, {high}]")
+    if high <= 1.0:
+        raise ValueError(
+            f"a range's high end must be above 1 (guidance is off at 1 and below), got {high}"
+        )
+    return value
+
+
+GuidanceRange = Annotated[tuple[Guidance, Guidance], AfterValidator(_check_range)]
 
 
 class PromptOverride(BaseModel):
@@ -183,12 +201,12 @@ class DatasetSpec(BaseModel):
         le=MAX_STEPS,
         description="Denoising steps; default the model's (turbo models 1, DiT 25).",
     )
-    guidance_scale: StrictFloat | None = Field(
+    guidance_scale: Guidance | GuidanceRange | None = Field(
         default=None,
-        ge=0.0,
-        le=MAX_GUIDANCE,
-        description="Classifier-free guidance scale (above 1 doubles the model's work per step); "
-        "default the model's (turbo models 0, DiT 4).",
+        description="Classifier-free guidance scale, 0 to 20 (above 1 doubles the model's work "
+        "per step); default the model's (turbo models 0, DiT 4). Or [low, high] (0 <= low < "
+        "high <= 20, high above 1), text-to-image models only: each image draws its own scale "
+        "uniformly in the range from a generator seeded by (job seed, class, image).",
     )
     method: Method = Field(
         default="generate",
@@ -476,6 +494,22 @@ class DatasetSpec(BaseModel):
         if len(ref) == 32 and all(ch in "0123456789abcdef" for ch in ref):
             return {"reference_id": ref}
         return {"name": ref}
+
+    @property
+    def guidance_range(self) -> tuple[float, float] | None:
+        """``guidance_scale``'s ``[low, high]``, or None when it is one number (or unset)."""
+        scale = self.guidance_scale
+        return (float(scale[0]), float(scale[1])) if isinstance(scale, tuple) else None
+
+    def guidance_for(self, image_seed: int) -> float | None:
+        """The guidance scale of the generated image (or ``select`` candidate) whose seed is
+        ``image_seed`` when ``guidance_scale`` is a range: uniform in it, from a draw seeded
+        by that seed alone, rounded to ``GUIDANCE_DECIMALS``. None otherwise."""
+        span = self.guidance_range
+        if span is None:
+            return None
+        draw = derive_seed(image_seed, "guidance") / 2**63
+        return round(span[0] + (span[1] - span[0]) * draw, GUIDANCE_DECIMALS)
 
     @property
     def denoise_strength(self) -> float:

@@ -77,6 +77,11 @@ def resolve_model(settings: Settings, spec: DatasetSpec) -> tuple[models.ModelEn
             f"method: prototypes runs image-to-image from VAE latents, which {what} "
             f"(family {entry.family}) does not do; use an SDXL or SD model"
         )
+    if spec.guidance_range is not None and entry.family not in ("sdxl", "sd"):
+        raise InvalidField(
+            f"guidance_scale: a [low, high] range draws a scale per image, which {what} "
+            f"(family {entry.family}) does not take; give one number"
+        )
     if spec.decoder == "tiny" and entry.family != "sdxl":
         raise InvalidField(
             f"decoder: the tiny decoder decodes SDXL latents; {what} is of family "

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 import albumentations as A
 import numpy as np
@@ -57,7 +57,10 @@ def finish_item(
     first = sample * (copies + 1)
     encode = wants_png(spec.formats)
     base_name = image_name(cls.index, cls.label, first)
-    common = {"prompt": prompt, "seed": seed}
+    common: dict[str, Any] = {"prompt": prompt, "seed": seed}
+    scale = None if origin else spec.guidance_for(seed)
+    if scale is not None:
+        common["guidance_scale"] = scale
     done = [
         Finished(
             cls,

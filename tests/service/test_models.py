@@ -150,6 +150,11 @@ def test_models_lists_every_alias_with_its_defaults_and_ready_workers(
         ({"labels": ["cat"], "model": "sd-turbo", "decoder": "tiny"}, "decoder", "SDXL"),
         ({"labels": ["cat"], "steps": 51}, "steps", ""),
         ({"labels": ["cat"], "guidance_scale": 20.5}, "guidance_scale", ""),
+        (
+            {"labels": ["n01440764"], "model": "dit", "guidance_scale": [1.5, 4.0]},
+            "guidance_scale",
+            "family dit",
+        ),
     ],
 )
 def test_a_request_a_model_cannot_take_is_a_422_naming_the_field(

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
 from worker.model import latents as latent_space
+from worker.model.guidance import per_image as per_image_guidance
 from worker.model.prompts import PromptCache
 
 if TYPE_CHECKING:
@@ -49,6 +51,9 @@ class SamplingParams:
     steps: int | None = None
     guidance_scale: float | None = None
     strength: float = 1.0
+    #: ``guidance_scale: [low, high]``: each image's own scale is drawn in it (the pipeline
+    #: runs at high; ``Conditioning.guidance`` holds the images' scales).
+    guidance_range: tuple[float, float] | None = None
 
     @classmethod
     def from_spec(cls, spec: DatasetSpec) -> SamplingParams:
@@ -57,30 +62,40 @@ class SamplingParams:
             resolution=spec.resolution,
             decoder=spec.decoder,
             steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
+            # A [low, high] range: the pipeline runs at high, each image at its own scale
+            # (Conditioning.guidance, worker.model.guidance).
+            guidance_scale=(
+                spec.guidance_range[1]
+                if spec.guidance_range is not None
+                else cast(float | None, spec.guidance_scale)
+            ),
             strength=spec.denoise_strength if spec.method == "prototypes" else 1.0,
+            guidance_range=spec.guidance_range,
         )
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What a batch is conditioned on besides its prompts: ImageNet-1K class ids
-    (class-conditional models) or image-to-image starting latents, one per image."""
+    """What a batch is conditioned on besides its prompts, one per image: ImageNet-1K class
+    ids (class-conditional models), image-to-image starting latents, or guidance scales
+    (a request's ``guidance_scale: [low, high]``; the pipeline runs at ``params``')."""
 
     class_ids: Sequence[int] | None = None
     init_latents: torch.Tensor | None = None
+    guidance: Sequence[float] | None = None
 
     def part(self, start: int, stop: int, pad: int) -> Conditioning:
         """Rows ``start:stop``, padded with ``pad`` copies of the last row."""
-        ids = latents = None
+        ids = latents = scales = None
         if self.class_ids is not None:
-            ids = list(self.class_ids[start:stop])
-            ids += ids[-1:] * pad
+            ids = _padded(self.class_ids, start, stop, pad)
         if self.init_latents is not None:
             latents = self.init_latents[start:stop]
             if pad:
                 latents = torch.cat([latents, latents[-1:].repeat(pad, 1, 1, 1)])
-        return Conditioning(ids, latents)
+        if self.guidance is not None:
+            scales = _padded(self.guidance, start, stop, pad)
+        return Conditioning(ids, latents, scales)
 
 
 NONE = Conditioning()
@@ -166,6 +181,13 @@ class Generator:
         ids = extra.class_ids
         if self.class_conditional and (ids is None or len(ids) != len(seeds)):
             raise ValueError(f"{self.model} is class-conditional: give one class id per seed")
+        if extra.guidance is not None and (
+            self.family not in EMBEDDED_FAMILIES or len(extra.guidance) != len(seeds)
+        ):
+            raise ValueError(
+                f"per-image guidance takes one scale per seed, on SDXL or SD models "
+                f"({self.model} is {self.family})"
+            )
         if params.decoder == "tiny" and self.tiny is None:
             why = self.unavailable.get("tiny_decoder", "DISTILL_TINY_DECODER is none")
             raise PartUnavailable(f"decoder: this worker has no tiny decoder ({why}); use 'vae'")
@@ -218,19 +240,25 @@ class Generator:
             text: dict[str, Any] = self.prompts.encode(prompts, guided=guidance > 1)
         else:
             text = {"prompt": list(prompts)}
-        if extra.init_latents is not None:
-            common["num_inference_steps"] = image_to_image_steps(
-                common["num_inference_steps"], params.strength
-            )
-            out = self.image_to_image(
-                **text,
-                image=extra.init_latents.to(self.device, self.dtype),
-                strength=params.strength,
-                output_type="latent",
-                **common,
-            )
-            return self.decode(out.images, decoder=params.decoder)
-        out = self.pipeline(**text, height=side, width=side, output_type="latent", **common)
+        scales = (
+            per_image_guidance(self.pipeline.unet, extra.guidance, guidance)
+            if extra.guidance is not None
+            else nullcontext()
+        )
+        with scales:
+            if extra.init_latents is not None:
+                common["num_inference_steps"] = image_to_image_steps(
+                    common["num_inference_steps"], params.strength
+                )
+                out = self.image_to_image(
+                    **text,
+                    image=extra.init_latents.to(self.device, self.dtype),
+                    strength=params.strength,
+                    output_type="latent",
+                    **common,
+                )
+            else:
+                out = self.pipeline(**text, height=side, width=side, output_type="latent", **common)
         return self.decode(out.images, decoder=params.decoder)
 
     @property
@@ -386,7 +414,17 @@ class Generator:
                 k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
             },
             "num_inference_steps": params.steps or self.steps,
-            "guidance_scale": guidance,
+            "guidance_scale": list(params.guidance_range) if params.guidance_range else guidance,
+            **(
+                {
+                    "guidance_per_image": "low + (high - low) * derive_seed(image seed, "
+                    "'guidance') / 2**63, rounded to 4 decimals (each image's metadata line "
+                    "has it); the pipeline runs at high and the denoiser's conditional "
+                    "prediction is rescaled per image (worker.model.guidance)"
+                }
+                if params.guidance_range
+                else {}
+            ),
             "conditioning": "ImageNet-1K class id" if self.class_conditional else "text prompt",
             "noise": "per image: torch.Generator('cpu').manual_seed(seed)",
             "speed_options": self.options or {},

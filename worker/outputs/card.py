@@ -57,6 +57,9 @@ METADATA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("source", "string"),
 )
 COPY_COLUMN = ("copy", "int64")
+#: Each image's own guidance scale (a copy has its source's), on every line of a job whose
+#: ``guidance_scale`` is a ``[low, high]`` range.
+GUIDANCE_COLUMN = ("guidance_scale", "float64")
 #: A dtype ``list:<value type>`` is a ``datasets`` ``List`` of that type.
 LIST_PREFIX = "list:"
 #: The soft-label columns (``core.soft_labels``), on every line of a job with ``soft_labels``.
@@ -129,6 +132,8 @@ def _columns(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     columns = list(METADATA_COLUMNS)
     if manifest["counts"].get("augmented", 0) > 0:
         columns.append(COPY_COLUMN)
+    if isinstance(manifest.get("model", {}).get("guidance_scale"), list):
+        columns.append(GUIDANCE_COLUMN)
     if manifest.get("soft_labels"):
         columns += SOFT_COLUMNS
     return columns
@@ -147,7 +152,7 @@ def features(
     """The imagefolder dataset's features in the card's YAML form (``Features._to_yaml_list``);
     with ``columns`` (the Parquet shards' column names), those columns'."""
     names = class_names(manifest["classes"])
-    dtypes = dict((*METADATA_COLUMNS, COPY_COLUMN, *SOFT_COLUMNS))
+    dtypes = dict((*METADATA_COLUMNS, COPY_COLUMN, GUIDANCE_COLUMN, *SOFT_COLUMNS))
     metadata = _columns(manifest) if columns is None else [(c, dtypes[c]) for c in columns[2:]]
     return [
         {"name": "image", "dtype": "image"},

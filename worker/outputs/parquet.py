@@ -37,7 +37,13 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from core.spec import DatasetSpec
 from worker.outputs.archive import class_dir
-from worker.outputs.card import COPY_COLUMN, LIST_PREFIX, METADATA_COLUMNS, SOFT_COLUMNS
+from worker.outputs.card import (
+    COPY_COLUMN,
+    GUIDANCE_COLUMN,
+    LIST_PREFIX,
+    METADATA_COLUMNS,
+    SOFT_COLUMNS,
+)
 from worker.outputs.card import class_names as card_class_names
 
 #: A shard is closed before a row group would take it past this many bytes: ``datasets``'
@@ -91,11 +97,14 @@ def has_copies(spec: DatasetSpec) -> bool:
     return spec.augment.n_copies > 0 and (spec.ipc is None or spec.ipc > 1)
 
 
-def columns(*, with_copy: bool, with_soft: bool = False) -> list[tuple[str, str]]:
+def columns(
+    *, with_copy: bool, with_soft: bool = False, with_guidance: bool = False
+) -> list[tuple[str, str]]:
     """(name, ``datasets`` dtype) of the metadata columns after ``image`` and ``label``; a
     ``list:`` dtype is a ``List`` of that value type (the soft-label columns)."""
     soft = SOFT_COLUMNS if with_soft else ()
-    return [*METADATA_COLUMNS, *((COPY_COLUMN,) if with_copy else ()), *soft]
+    guided = (GUIDANCE_COLUMN,) if with_guidance else ()
+    return [*METADATA_COLUMNS, *((COPY_COLUMN,) if with_copy else ()), *guided, *soft]
 
 
 def _feature(dtype: str) -> dict[str, Any]:
@@ -110,23 +119,29 @@ def _arrow_type(dtype: str) -> pa.DataType:
     return _ARROW_TYPES[dtype]
 
 
-def features_json(names: Sequence[str], *, with_copy: bool, with_soft: bool = False) -> str:
+def features_json(
+    names: Sequence[str], *, with_copy: bool, with_soft: bool = False, with_guidance: bool = False
+) -> str:
     """The schema's ``huggingface`` metadata, as ``datasets``' ``Features.arrow_schema`` has it."""
     features: dict[str, Any] = {
         "image": {"_type": "Image"},
         "label": {"names": list(names), "_type": "ClassLabel"},
     }
-    for name, dtype in columns(with_copy=with_copy, with_soft=with_soft):
+    for name, dtype in columns(
+        with_copy=with_copy, with_soft=with_soft, with_guidance=with_guidance
+    ):
         features[name] = _feature(dtype)
     return json.dumps({"info": {"features": features}})
 
 
-def schema(names: Sequence[str], *, with_copy: bool, with_soft: bool = False) -> pa.Schema:
+def schema(
+    names: Sequence[str], *, with_copy: bool, with_soft: bool = False, with_guidance: bool = False
+) -> pa.Schema:
     """The shards' Arrow schema, features included."""
+    flags = {"with_copy": with_copy, "with_soft": with_soft, "with_guidance": with_guidance}
     fields = [pa.field("image", _IMAGE_TYPE), pa.field("label", pa.int64())]
-    listed = columns(with_copy=with_copy, with_soft=with_soft)
-    fields += [pa.field(n, _arrow_type(t)) for n, t in listed]
-    metadata = {"huggingface": features_json(names, with_copy=with_copy, with_soft=with_soft)}
+    fields += [pa.field(n, _arrow_type(t)) for n, t in columns(**flags)]
+    metadata = {"huggingface": features_json(names, **flags)}
     return pa.schema(fields, metadata=metadata)
 
 
@@ -145,6 +160,7 @@ class ShardWriter:
         names: Sequence[str],
         with_copy: bool,
         with_soft: bool = False,
+        with_guidance: bool = False,
         directory: Path | None = None,
         max_bytes: int = MAX_BYTES,
         row_group_rows: int = ROW_GROUP_ROWS,
@@ -153,13 +169,17 @@ class ShardWriter:
         if max_bytes < 1 or row_group_rows < 1 or row_group_bytes < 1:
             raise ValueError("shards and row groups must be allowed at least one row and byte")
         self.names = list(names)
-        self.with_copy, self.with_soft = with_copy, with_soft
-        self.schema = schema(self.names, with_copy=with_copy, with_soft=with_soft)
+        self.flags = {
+            "with_copy": with_copy,
+            "with_soft": with_soft,
+            "with_guidance": with_guidance,
+        }
+        self.schema = schema(self.names, **self.flags)
         self.directory = directory
         self.max_bytes = max_bytes
         self.row_group_rows = row_group_rows
         self.row_group_bytes = row_group_bytes
-        self._columns = [n for n, _ in columns(with_copy=with_copy, with_soft=with_soft)]
+        self._columns = [n for n, _ in columns(**self.flags)]
         self._files: list[IO[bytes]] = []
         self._writer: pq.ParquetWriter | None = None
         self._shard_bytes = 0
@@ -177,6 +197,7 @@ class ShardWriter:
             names=class_names(spec),
             with_copy=has_copies(spec),
             with_soft=with_soft,
+            with_guidance=spec.guidance_range is not None,
             directory=directory,
         )
 
@@ -220,7 +241,7 @@ class ShardWriter:
         self._finish_shard()
         handle = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115 - closed in shards/close
         self._files.append(handle)
-        listed = columns(with_copy=self.with_copy, with_soft=self.with_soft)
+        listed = columns(**self.flags)
         # A list column's values are its leaf ``<name>.list.element``.
         leaves = [*_IMAGE_LEAVES, "label"]
         leaves += [f"{n}.list.element" if t.startswith(LIST_PREFIX) else n for n, t in listed]

@@ -134,7 +134,14 @@ class Prototypes:
             seeds,
             sizes=sizes,
             params=SamplingParams.from_spec(self.spec),
-            extra=Conditioning(init_latents=latents),
+            extra=Conditioning(
+                init_latents=latents,
+                guidance=(
+                    [self.spec.guidance_for(s) or 0.0 for s in seeds]
+                    if self.spec.guidance_range
+                    else None
+                ),
+            ),
         )
 
     def origin(self, cls: ClassInfo, sample: int) -> str | None:
