@@ -52,6 +52,9 @@ LOAD_HINT = (
 
 #: The longest an idle worker blocks on Redis before it looks at its stop flag again.
 STOP_POLL_SECONDS = 5
+#: How long the thread that listens for RQ's worker commands waits between two looks at its
+#: own stop flag (RQ's own: 60 s, which a shutdown then waits out).
+PUBSUB_POLL_SECONDS = 1.0
 
 
 class DistillWorker(SimpleWorker):
@@ -85,6 +88,19 @@ class DistillWorker(SimpleWorker):
         runtime.request_stop()
         self._stop_requested = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def subscribe(self) -> None:
+        """RQ's ``subscribe`` with a short poll: at shutdown, RQ stops this thread and redis-py
+        (8.2 and later) joins it with no time limit, while it waits out its poll, so a worker
+        would take up to a minute to exit after "stopping on request"."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=PUBSUB_POLL_SECONDS,
+            daemon=True,
+            exception_handler=self._pubsub_exception_handler,
+        )
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         idle = self.get_state() != WorkerStatus.BUSY

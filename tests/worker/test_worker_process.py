@@ -182,6 +182,34 @@ def test_a_stop_swallowed_by_a_log_handler_still_stops_an_idle_worker(
     assert worker.get_state() != "busy"
 
 
+def test_a_worker_stops_listening_for_commands_within_seconds(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """RQ's command listener waits a minute between looks at its stop flag, and redis-py
+    joins it without a limit: unsubscribing (every shutdown does) must not wait that out."""
+    from worker.main import PUBSUB_POLL_SECONDS, DistillWorker
+
+    redis = Redis.from_url(redis_server.url)
+    worker = DistillWorker(
+        [Queue("listener", connection=redis)],
+        connection=redis,
+        name=f"listener-{uuid.uuid4().hex[:6]}",
+    )
+    try:
+        worker.subscribe()
+        time.sleep(0.5)
+        # As on a loaded machine, the listener reads the unsubscribe reply before it is told
+        # to stop: it then waits for a subscription again, a poll's length.
+        worker.pubsub.unsubscribe()
+        time.sleep(0.5)
+        started = time.monotonic()
+        worker.unsubscribe()
+        assert time.monotonic() - started < PUBSUB_POLL_SECONDS + 5
+        assert worker.pubsub_thread is not None and not worker.pubsub_thread.is_alive()
+    finally:
+        redis.close()
+
+
 def test_a_beat_before_rq_registers_the_worker_writes_nothing(redis_server: EmbeddedRedis) -> None:
     """The status thread may beat between "model loaded" and RQ's birth registration; a beat
     then would create the worker's key, and RQ would refuse to start it as a duplicate."""
