@@ -197,7 +197,7 @@ def test_select_and_soft_labels_share_one_network(stack: tuple[Settings, TestCli
         ({"ipc": None, "budget_seconds": 30.0}, "select: takes ipc"),
         ({"select": {"oversample": 9}}, "select.oversample"),
         ({"select": {"oversample": 0}}, "select.oversample"),
-        ({"select": {"scorer": "clip"}}, "select.scorer"),
+        ({"select": {"scorer": "openclip"}}, "select.scorer"),
         ({"select": {"keep": "best"}}, "select.keep"),
         ({"select": {"pool": 3}}, "select.pool"),
         (
