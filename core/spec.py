@@ -10,6 +10,7 @@ import hashlib
 import math
 import string
 import unicodedata
+from collections.abc import Sequence
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -505,11 +506,17 @@ class DatasetSpec(BaseModel):
         """The guidance scale of the generated image (or ``select`` candidate) whose seed is
         ``image_seed`` when ``guidance_scale`` is a range: uniform in it, from a draw seeded
         by that seed alone, rounded to ``GUIDANCE_DECIMALS``. None otherwise."""
+        scales = self.guidance_scales([image_seed])
+        return None if scales is None else scales[0]
+
+    def guidance_scales(self, image_seeds: Sequence[int]) -> list[float] | None:
+        """``guidance_for`` of each seed of a batch; None when ``guidance_scale`` is not a
+        range (the batch then runs at one scale)."""
         span = self.guidance_range
         if span is None:
             return None
-        draw = derive_seed(image_seed, "guidance") / 2**63
-        return round(span[0] + (span[1] - span[0]) * draw, GUIDANCE_DECIMALS)
+        draws = (derive_seed(seed, "guidance") / 2**63 for seed in image_seeds)
+        return [round(span[0] + (span[1] - span[0]) * d, GUIDANCE_DECIMALS) for d in draws]
 
     @property
     def denoise_strength(self) -> float:

@@ -25,6 +25,7 @@ from core import workers as core_workers
 from core.oversample import CLIP_PART
 from core.settings import Settings
 from core.spec import DatasetSpec
+from core.workers import WorkerInfo
 from service.errors import (
     BadIdempotencyKey,
     InvalidField,
@@ -138,46 +139,49 @@ def _check_reference(redis: Redis, settings: Settings, spec: DatasetSpec, owner:
         )
 
 
-def _check_decoder(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
-    """``decoder: tiny`` where the model's ready workers all run without one is a 422 saying
-    why (with no ready worker yet the job waits; a worker without one fails it clearly)."""
-    if spec.decoder != "tiny":
-        return
+def _missing_part(
+    redis: Redis,
+    settings: Settings,
+    spec: DatasetSpec,
+    loaded: Callable[[WorkerInfo], bool],
+    part: str,
+) -> tuple[str, str] | None:
+    """(the model's alias, why) when the model's ready workers all run without an optional
+    part (``loaded`` says whether a worker has it; ``part`` names its ``unavailable`` entry,
+    whose first reason is the why, or ''); None when one has it or none is ready yet (the
+    job then waits, and a worker without the part fails it clearly)."""
     entry = models.lookup(settings, spec.model)
     ready = [
         w
         for w in core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
         if w.ready
     ]
-    if ready and not any("tiny" in w.decoders for w in ready):
-        why = next(
-            (w.unavailable["tiny_decoder"] for w in ready if "tiny_decoder" in w.unavailable), ""
-        )
-        raise InvalidField(
-            f"decoder: no worker of {entry.alias} has a tiny decoder loaded"
-            + (f" ({why})" if why else "")
-            + "; use 'vae'"
-        )
+    if not ready or any(loaded(w) for w in ready):
+        return None
+    why = next((w.unavailable[part] for w in ready if part in w.unavailable), "")
+    return entry.alias, f" ({why})" if why else ""
 
 
-def _check_scorer(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
-    """``select.scorer: clip`` where the model's ready workers all run without a CLIP model
-    is a 422 saying why (as ``decoder: tiny``; with no ready worker yet the job waits)."""
-    if spec.select is None or spec.select.scorer != "clip":
-        return
-    entry = models.lookup(settings, spec.model)
-    ready = [
-        w
-        for w in core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
-        if w.ready
-    ]
-    if ready and not any("clip" in w.scorers for w in ready):
-        why = next((w.unavailable[CLIP_PART] for w in ready if CLIP_PART in w.unavailable), "")
-        raise InvalidField(
-            f"select.scorer: no worker of {entry.alias} has a CLIP model loaded"
-            + (f" ({why})" if why else "")
-            + "; use 'reference' (with a reference set) or set DISTILL_CLIP_SCORER"
+def _check_optional_parts(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
+    """``decoder: tiny`` or ``select.scorer: clip`` where no ready worker of the model has
+    that part is a 422 saying why."""
+    if spec.decoder == "tiny":
+        missing = _missing_part(
+            redis, settings, spec, lambda w: "tiny" in w.decoders, "tiny_decoder"
         )
+        if missing:
+            alias, why = missing
+            raise InvalidField(
+                f"decoder: no worker of {alias} has a tiny decoder loaded{why}; use 'vae'"
+            )
+    if spec.select is not None and spec.select.scorer == "clip":
+        missing = _missing_part(redis, settings, spec, lambda w: "clip" in w.scorers, CLIP_PART)
+        if missing:
+            alias, why = missing
+            raise InvalidField(
+                f"select.scorer: no worker of {alias} has a CLIP model loaded{why}; use "
+                "'reference' (with a reference set) or set DISTILL_CLIP_SCORER"
+            )
 
 
 def _check_limits(settings: Settings, spec: DatasetSpec) -> None:
@@ -271,8 +275,7 @@ def submit(
     """
     entry, spec = resolve_model(settings, spec)
     _check_limits(settings, spec)
-    _check_decoder(redis, settings, spec)
-    _check_scorer(redis, settings, spec)
+    _check_optional_parts(redis, settings, spec)
     _check_reference(redis, settings, spec, owner)
     payload = spec.model_dump(mode="json")
     job_id = uuid.uuid4().hex

@@ -303,8 +303,7 @@ class _Batches:
         if self.source is not None:
             pairs = [(it.cls, it.sample) for it in batch]
             return self.source.render(pairs, prompts, seeds, sizes=sizes)
-        scales = [self.spec.guidance_for(s) or 0.0 for s in seeds]
-        extra = Conditioning(class_ids=ids, guidance=scales if self.spec.guidance_range else None)
+        extra = Conditioning(class_ids=ids, guidance=self.spec.guidance_scales(seeds))
         return self.generator.render(prompts, seeds, sizes=sizes, params=self.params, extra=extra)
 
     def _submit(

@@ -26,6 +26,7 @@ import torch
 
 from core import models
 from core.settings import Settings
+from worker.model.loading import fingerprint, optional_sources
 
 log = logging.getLogger("worker")
 
@@ -46,13 +47,7 @@ def sources(settings: Settings) -> list[str]:
     """Where the CLIP scorer is looked for, in order: a local model's own
     ``<model>/clip_scorer``, then ``DISTILL_CLIP_SCORER``; only the latter when it is set to
     anything but its default. Empty when it is ``none``."""
-    chosen = settings.clip_scorer
-    if chosen is None:
-        return []
-    if chosen != Settings.model_fields["clip_scorer"].default:
-        return [chosen]
-    beside = Path(settings.model) / models.CLIP_SCORER_DIR
-    return [str(beside)] * beside.is_dir() + [chosen]
+    return optional_sources(settings, "clip_scorer", models.CLIP_SCORER_DIR)
 
 
 @dataclass
@@ -126,8 +121,6 @@ def load(
 ) -> tuple[ClipModel | None, str | None]:
     """The first CLIP model of ``sources(settings)`` that loads (and None), or (None, why).
     Never raises: the CLIP scorer is optional."""
-    from worker.model.loading import fingerprint
-
     chosen = sources(settings)
     if not chosen:
         return None, "DISTILL_CLIP_SCORER is none"

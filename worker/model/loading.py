@@ -90,13 +90,20 @@ def tiny_decoder_sources(settings: Settings) -> list[str]:
     """Where the optional tiny decoder is looked for, in order: a local model's own
     ``<model>/tiny_decoder``, then ``DISTILL_TINY_DECODER`` (default ``madebyollin/taesdxl``);
     only the latter when it is set to anything but its default. Empty when it is ``none``."""
-    chosen = settings.tiny_decoder
+    return optional_sources(settings, "tiny_decoder", models.TINY_DECODER_DIR)
+
+
+def optional_sources(settings: Settings, field: str, beside: str) -> list[str]:
+    """Where the optional part of the setting ``field`` is looked for: ``<model>/<beside>``
+    when the model is a local directory holding one, then the setting's value; only the
+    value when it is set to anything but its default; none when it is ``none``."""
+    chosen: str | None = getattr(settings, field)
     if chosen is None:
         return []
-    if chosen != Settings.model_fields["tiny_decoder"].default:
+    if chosen != Settings.model_fields[field].default:
         return [chosen]
-    beside = Path(settings.model) / models.TINY_DECODER_DIR
-    return [str(beside)] * beside.is_dir() + [chosen]
+    local = Path(settings.model) / beside
+    return [str(local)] * local.is_dir() + [chosen]
 
 
 def pick_device(requested: str | None) -> torch.device:

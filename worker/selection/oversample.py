@@ -11,6 +11,7 @@ Every step is deterministic: ties go to the lowest candidate number.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -200,8 +201,23 @@ def for_job(spec: DatasetSpec, settings: Settings) -> Selector | None:
         if clip is None:
             why = runtime.current().generator.unavailable.get("clip_scorer", "not loaded")
             raise ScorerUnavailable(f"select.scorer: this worker has no CLIP scorer ({why})")
-        return Selector(spec, ClipScorer(clip, spec, settings))
+        return Selector(spec, _clip_scorer(clip, spec, settings))
     return Selector(spec, teachers.reference_network(spec, settings))
+
+
+#: The clip scorers of the last jobs: a job's piece and its publishing share one (its
+#: reference images, for ``keep: difficulty``, are read and scored once).
+_clip_cache: OrderedDict[tuple[str, str], ClipScorer] = OrderedDict()
+
+
+def _clip_scorer(clip: ClipModel, spec: DatasetSpec, settings: Settings) -> ClipScorer:
+    key = (clip.source, spec.model_dump_json())
+    if key not in _clip_cache:
+        _clip_cache[key] = ClipScorer(clip, spec, settings)
+        while len(_clip_cache) > teachers.CACHE_SIZE:
+            _clip_cache.popitem(last=False)
+    _clip_cache.move_to_end(key)
+    return _clip_cache[key]
 
 
 class ClipScorer:

@@ -134,14 +134,7 @@ class Prototypes:
             seeds,
             sizes=sizes,
             params=SamplingParams.from_spec(self.spec),
-            extra=Conditioning(
-                init_latents=latents,
-                guidance=(
-                    [self.spec.guidance_for(s) or 0.0 for s in seeds]
-                    if self.spec.guidance_range
-                    else None
-                ),
-            ),
+            extra=Conditioning(init_latents=latents, guidance=self.spec.guidance_scales(seeds)),
         )
 
     def origin(self, cls: ClassInfo, sample: int) -> str | None:
