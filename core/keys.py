@@ -15,6 +15,7 @@ Redis::
     distill:references:<owner>    zset   one owner's reference set ids by creation time
     distill:worker:<name>         hash   one worker's status; expires unless it beats
     distill:workers:<queue>       set    names of the workers serving a queue (the registry)
+    distill:teacher-labels:<sha>  str    a loaded teacher's class names (JSON), by their digest
     distill:gpu:<uuid>            str    the worker that holds a GPU (expires unless refreshed)
     distill:maintenance:<queue>   str    lock: the one process tending a queue right now
     distill:sweep:<queue>         str    set while a retention sweep of the store is not due
@@ -102,6 +103,10 @@ def worker(name: str) -> str:
 
 def workers(queue: str) -> str:
     return f"{PREFIX}:workers:{queue}"
+
+
+def teacher_labels(digest: str) -> str:
+    return f"{PREFIX}:teacher-labels:{digest}"
 
 
 def gpu(uuid: str) -> str:

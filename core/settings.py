@@ -115,6 +115,13 @@ class Settings(BaseSettings):
         description="CLIPModel (hub id or local dir) for select scorer 'clip', looked for "
         "first as <model>/clip_scorer; 'none': no CLIP scorer.",
     )
+    teachers: str | None = Field(
+        None,
+        description="Pretrained classifiers for soft_labels.teacher, comma-separated: hub "
+        "ids or local dirs of transformers image classifiers (AutoModelForImageClassification "
+        "with a preprocessor_config.json), loaded once per worker; a request names one as "
+        "written here. Unset or 'none': only the reference teacher.",
+    )
     auto_batch: bool = Field(
         True, description="On a GPU, find the batch size (from BATCH_SIZE up) that is fastest."
     )
@@ -164,11 +171,17 @@ class Settings(BaseSettings):
         60, ge=2, description="A worker silent this long is dead; its job fails."
     )
 
-    @field_validator("tiny_decoder", "clip_scorer")
+    @field_validator("tiny_decoder", "clip_scorer", "teachers")
     @classmethod
     def _optional_part(cls, value: str | None) -> str | None:
         # An empty variable means "the default"; "none" (or "off") turns the optional part off.
         return None if value is None or value.strip().lower() in ("none", "off") else value
+
+    @property
+    def teacher_sources(self) -> list[str]:
+        """``DISTILL_TEACHERS`` as a list, in order, without repeats."""
+        parts = (part.strip() for part in (self.teachers or "").split(","))
+        return list(dict.fromkeys(part for part in parts if part))
 
     @property
     def postprocess_pool_size(self) -> int:

@@ -8,23 +8,40 @@ classes (``soft_top_k``) with their probabilities at the temperature (``soft_top
 Evaluations with ``labels: "soft"`` train on those logits (KL divergence at the temperature,
 as the soft-label literature trains) and report the hard-label score beside the soft one.
 
-Teachers: ``reference``, the benchmark ConvNet-3 trained on the job's classes of its
-reference set (the request's ``reference``) at the job's image size, with the job seed.
+Teachers:
+
+- ``reference``: the benchmark ConvNet-3 trained on the job's classes of its reference set
+  (the request's ``reference``) at the job's image size, with the job seed.
+- A pretrained classifier, named as the worker's ``DISTILL_TEACHERS`` names it (a hub id or a
+  local directory holding a ``transformers`` image classifier with its
+  ``preprocessor_config.json``). Workers load their teachers once, publish each one's class
+  names (``keys.teacher_labels``), and the job's classes are matched to the teacher's by
+  ``teacher_columns``: a job's soft labels are the teacher's logits of the job's classes, in
+  the job's class order.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+
+from core import presets
+from core.presets import ClassInfo
 
 #: The archive member holding the logits.
 SOFT_LABELS_FILE = "soft_labels.pt"
 #: The metadata columns of each image's top classes and their probabilities.
 TOP_K_COLUMN = "soft_top_k"
 TOP_P_COLUMN = "soft_top_p"
-Teacher = Literal["reference"]
-TEACHERS: tuple[str, ...] = ("reference",)
+#: The teacher trained on the request's reference set; any other name is a pretrained one.
+REFERENCE = "reference"
+#: A pretrained teacher that did not load is reported under ``unavailable`` as
+#: ``teacher <name>`` (``/readyz``, ``GET /v1/models``).
+TEACHER_PART_PREFIX = "teacher "
+#: A teacher with this many classes is taken as an ImageNet-1K classifier in the standard
+#: class order (as published ImageNet classifiers are): a class with a wnid is its column.
+IMAGENET_CLASSES = 1000
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_TOP_K = 5
 #: Decimals the probabilities in metadata rows keep.
@@ -36,10 +53,16 @@ class SoftLabelsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-    teacher: Teacher = Field(
-        default="reference",
+    teacher: str = Field(
+        default=REFERENCE,
+        min_length=1,
+        max_length=300,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
         description="reference: ConvNet-3 (the evaluator's network) trained for 10 epochs on "
-        "the job's classes of the request's reference set, with the job seed.",
+        "the job's classes of the request's reference set, with the job seed. Otherwise a "
+        "pretrained classifier the model's workers load (DISTILL_TEACHERS: a hub id or a "
+        "local path, as GET /v1/models lists it); the job's classes are matched to its "
+        "class names (a 1000-class teacher is read as ImageNet-1K, by wnid).",
     )
     temperature: StrictFloat | StrictInt = Field(
         default=DEFAULT_TEMPERATURE,
@@ -61,3 +84,72 @@ class SoftLabelsRequest(BaseModel):
     def _as_float(cls, value: float) -> float:
         # 2 and 2.0 are one request: the manifest, and so the archive's bytes, say 2.0.
         return float(value)
+
+
+class UnmatchedTeacher(ValueError):
+    """Job classes a teacher has no single class for, by job position."""
+
+    def __init__(self, teacher: str, problems: list[tuple[int, str, str]]) -> None:
+        self.problems = problems
+        super().__init__(
+            f"soft_labels.teacher: {teacher!r} cannot label every class: "
+            + "; ".join(f"labels[{index}] {label!r} {why}" for index, label, why in problems)
+        )
+
+
+def _names(text: str) -> set[str]:
+    """A class name's comparable forms: the whole and each comma-separated part, case and
+    underscores aside ("tench, Tinca tinca" -> {"tench, tinca tinca", "tench", "tinca tinca"})."""
+    whole = " ".join(text.replace("_", " ").casefold().split())
+    return {whole} | {part.strip() for part in whole.split(",") if part.strip()}
+
+
+def teacher_columns(teacher: str, labels: Sequence[str], classes: Sequence[ClassInfo]) -> list[int]:
+    """Each job class's column in the teacher's logits (``labels``: its class names by
+    index), in job order.
+
+    With a 1000-class teacher, an ImageNet-1K class (by wnid or name, as
+    ``presets.imagenet_ids`` finds it) is its ImageNet-1K id, where the teacher's name there
+    shares a name with it (so a teacher in another order is matched by name instead).
+    Otherwise a class is the one teacher class that has its label as a name, else the one
+    that shares a name with its synonyms. ``UnmatchedTeacher`` lists each class that has no
+    such column, or whose column an earlier class took.
+    """
+    names = [_names(label) for label in labels]
+    columns: list[int] = []
+    problems: list[tuple[int, str, str]] = []
+    for position, cls in enumerate(classes):
+        found = _column(cls, names)
+        if isinstance(found, str):
+            problems.append((position, cls.label, found))
+            continue
+        if found in columns:
+            taken = columns.index(found)
+            problems.append((position, cls.label, f"has the column of labels[{taken}] ({found})"))
+        columns.append(found)
+    if problems:
+        raise UnmatchedTeacher(teacher, problems)
+    return columns
+
+
+def _column(cls: ClassInfo, names: list[set[str]]) -> int | str:
+    """The teacher column of one class, or why it has none."""
+    own = _names(cls.label)
+    synonyms = set().union(own, *(_names(s) for s in cls.synonyms))
+    if len(names) == IMAGENET_CLASSES:
+        try:
+            (found,) = presets.imagenet_ids((cls,))
+        except presets.NotImageNet:
+            found = None
+        if found is not None:
+            imagenet = presets.get("imagenet1k").classes[found]
+            if names[found] & set().union(*(_names(s) for s in imagenet.synonyms), synonyms):
+                return found
+    for wanted in (own, synonyms):
+        hits = [i for i, have in enumerate(names) if have & wanted]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            shown = ", ".join(str(i) for i in hits[:5]) + (", ..." if len(hits) > 5 else "")
+            return f"names several of the teacher's classes ({shown})"
+    return f"is none of the teacher's {len(names)} class names"

@@ -10,6 +10,7 @@ done by a read. Every reader (``/readyz``, ``/metrics``, sharding, the operator 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -43,6 +44,9 @@ class WorkerInfo:
     decoders: tuple[str, ...] = ()
     #: ``select`` scorers it can run (``reference`` always; ``clip`` once loaded).
     scorers: tuple[str, ...] = ()
+    #: The pretrained soft-label teachers it loaded: name (as DISTILL_TEACHERS writes it) ->
+    #: the digest of its class names (``teacher_labels``).
+    teachers: dict[str, str] = field(default_factory=dict)
     compile: str | None = None
     compile_seconds: float | None = None
     #: Optional parts (the tiny decoder, the CLIP scorer) it could not load, with why.
@@ -78,6 +82,7 @@ class WorkerInfo:
             batch_size=int(batch) if batch is not None else None,
             decoders=tuple(d for d in fields.get("decoders", "").split(",") if d),
             scorers=tuple(d for d in fields.get("scorers", "").split(",") if d),
+            teachers=_reasons(fields.get("teachers")),
             compile=fields.get("compile"),
             compile_seconds=number("compile_seconds"),
             unavailable=_reasons(fields.get("unavailable")),
@@ -85,11 +90,31 @@ class WorkerInfo:
 
 
 def _reasons(text: str | None) -> dict[str, str]:
+    """A JSON object of strings (the ``unavailable`` reasons, the ``teachers``); {} when it is
+    anything else."""
     try:
         found = json.loads(text or "{}")
     except ValueError:
         return {}
     return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def publish_teacher_labels(redis: Redis, labels: list[str]) -> str:
+    """Store a teacher's class names under their digest (admission matches a job's classes
+    to them); returns the digest. Content-addressed, so it never goes stale."""
+    text = json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    redis.set(keys.teacher_labels(digest), text)
+    return digest
+
+
+def teacher_labels(redis: Redis, digest: str) -> list[str] | None:
+    """The class names stored under ``digest``; None when there are none."""
+    text = redis.get(keys.teacher_labels(digest))
+    if text is None:
+        return None
+    found = json.loads(text)
+    return [str(label) for label in found] if isinstance(found, list) else None
 
 
 def publish(redis: Redis, name: str, *, queue: str, fields: Mapping[str, Any], ttl: float) -> None:

@@ -24,6 +24,7 @@ from core import (
 from core import workers as core_workers
 from core.oversample import CLIP_PART
 from core.settings import Settings
+from core.soft_labels import REFERENCE, TEACHER_PART_PREFIX, UnmatchedTeacher, teacher_columns
 from core.spec import DatasetSpec
 from core.workers import WorkerInfo
 from service.errors import (
@@ -139,6 +140,12 @@ def _check_reference(redis: Redis, settings: Settings, spec: DatasetSpec, owner:
         )
 
 
+def _ready_workers(redis: Redis, settings: Settings, spec: DatasetSpec) -> list[WorkerInfo]:
+    entry = models.lookup(settings, spec.model)
+    live = core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
+    return [w for w in live if w.ready]
+
+
 def _missing_part(
     redis: Redis,
     settings: Settings,
@@ -151,11 +158,7 @@ def _missing_part(
     whose first reason is the why, or ''); None when one has it or none is ready yet (the
     job then waits, and a worker without the part fails it clearly)."""
     entry = models.lookup(settings, spec.model)
-    ready = [
-        w
-        for w in core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
-        if w.ready
-    ]
+    ready = _ready_workers(redis, settings, spec)
     if not ready or any(loaded(w) for w in ready):
         return None
     why = next((w.unavailable[part] for w in ready if part in w.unavailable), "")
@@ -182,6 +185,33 @@ def _check_optional_parts(redis: Redis, settings: Settings, spec: DatasetSpec) -
                 f"select.scorer: no worker of {alias} has a CLIP model loaded{why}; use "
                 "'reference' (with a reference set) or set DISTILL_CLIP_SCORER"
             )
+    _check_teacher(redis, settings, spec)
+
+
+def _check_teacher(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
+    """A pretrained ``soft_labels.teacher`` that no ready worker of the model loaded, or that
+    cannot label every class of the job, is a 422 saying why (none ready: the job waits)."""
+    if spec.soft_labels is None or spec.soft_labels.teacher == REFERENCE:
+        return
+    name = spec.soft_labels.teacher
+    ready = _ready_workers(redis, settings, spec)
+    holders = [w for w in ready if name in w.teachers]
+    if ready and not holders:
+        part = f"{TEACHER_PART_PREFIX}{name}"
+        why = next((f" ({w.unavailable[part]})" for w in ready if part in w.unavailable), "")
+        loaded = sorted({t for w in ready for t in w.teachers})
+        raise InvalidField(
+            f"soft_labels.teacher: no worker of {spec.model or 'the model'} has the teacher "
+            f"{name!r} loaded{why}; loaded teachers: {', '.join(loaded) or 'none'} (and "
+            "'reference', with a reference set); workers load them from DISTILL_TEACHERS"
+        )
+    labels = core_workers.teacher_labels(redis, holders[0].teachers[name]) if holders else None
+    if labels is None:
+        return  # no worker is ready yet: the worker checks the classes itself
+    try:
+        teacher_columns(name, labels, spec.classes())
+    except UnmatchedTeacher as exc:
+        raise InvalidField(str(exc)) from None
 
 
 def _check_limits(settings: Settings, spec: DatasetSpec) -> None:

@@ -11,6 +11,7 @@ from core import models
 from core import workers as core_workers
 from core.oversample import CLIP_PART, SCORERS
 from core.settings import Settings
+from core.soft_labels import TEACHER_PART_PREFIX
 from core.storage import StorageError, open_storage
 from service.schemas import ModelInfo, ModelList, Readiness, WorkerStatus
 
@@ -33,6 +34,7 @@ def workers(redis: Redis, settings: Settings) -> list[WorkerStatus]:
             batch_size=w.batch_size,
             decoders=list(w.decoders),
             scorers=list(w.scorers),
+            teachers=sorted(w.teachers),
             compile=w.compile,
             compile_seconds=w.compile_seconds,
             unavailable=dict(w.unavailable),
@@ -128,7 +130,7 @@ def readiness(redis: Redis, settings: Settings) -> Readiness:
 
 
 def optional_parts(seen: list[WorkerStatus], alias: str) -> dict[str, Any]:
-    """The decoders and select scorers some ready worker of ``alias`` has, and the optional
+    """The decoders, select scorers and teachers some ready worker of ``alias`` has, and the
     parts none has (with the first reason a worker gave)."""
     ready = [w for w in seen if w.state == "ready" and w.alias == alias]
     decoders = sorted({d for w in ready for d in w.decoders}, key=("vae", "tiny").index)
@@ -141,7 +143,15 @@ def optional_parts(seen: list[WorkerStatus], alias: str) -> dict[str, Any]:
         unavailable.pop("tiny_decoder", None)
     if "clip" in scorers:
         unavailable.pop(CLIP_PART, None)
-    return {"decoders": decoders, "scorers": scorers, "unavailable": unavailable}
+    teachers = sorted({t for w in ready for t in w.teachers})
+    for name in teachers:
+        unavailable.pop(f"{TEACHER_PART_PREFIX}{name}", None)
+    return {
+        "decoders": decoders,
+        "scorers": scorers,
+        "teachers": teachers,
+        "unavailable": unavailable,
+    }
 
 
 def model_list(redis: Redis, settings: Settings) -> ModelList:

@@ -209,6 +209,10 @@ class WorkerStatus(BaseModel):
         default_factory=list,
         description="select scorers it can run: reference, and clip when it loaded one.",
     )
+    teachers: list[str] = Field(
+        default_factory=list,
+        description="Pretrained soft_labels teachers it loaded (DISTILL_TEACHERS), by name.",
+    )
     compile: str | None = Field(None, description="off, regional or full (DISTILL_COMPILE).")
     compile_seconds: float | None = Field(
         None, description="Seconds its start-up spent compiling and warming up the graphs."
@@ -216,7 +220,8 @@ class WorkerStatus(BaseModel):
     unavailable: dict[str, str] = Field(
         default_factory=dict,
         description="Optional parts it runs without, with why (tiny_decoder: requests for "
-        "decoder 'tiny' get a 422; clip_scorer: for select scorer 'clip').",
+        "decoder 'tiny' get a 422; clip_scorer: for select scorer 'clip'; 'teacher <name>': "
+        "for that soft_labels teacher).",
     )
 
 
@@ -257,10 +262,15 @@ class ModelInfo(BaseModel):
         description="select scorers its ready workers can run (reference; clip where one "
         "loaded it): a request for another is a 422.",
     )
+    teachers: list[str] = Field(
+        default_factory=list,
+        description="Pretrained soft_labels teachers its ready workers loaded, by the name a "
+        "request gives (besides reference, which needs a reference set): another is a 422.",
+    )
     unavailable: dict[str, str] = Field(
         default_factory=dict,
         description="Optional parts no ready worker of it has, with why (e.g. tiny_decoder, "
-        "clip_scorer).",
+        "clip_scorer, 'teacher <name>').",
     )
 
 

@@ -34,11 +34,13 @@ from rq.worker import WorkerStatus
 from core import logs, maintenance, models, workers
 from core.oversample import CLIP_PART, SCORERS
 from core.settings import ConfigError, Settings, settings_or_exit
+from core.soft_labels import TEACHER_PART_PREFIX
 from worker import runtime
 from worker.model.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     from worker.gpus import GpuClaim
+    from worker.model.classifier import Classifier
     from worker.model.clip import ClipModel
     from worker.model.generator import Generator
 
@@ -245,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         if generator is None:
             return 2
         clip = _load_clip(settings, generator)
+        teachers = _load_teachers(settings, generator)
         batch = _warm(generator, settings, beacon)
-        _install_runtime(settings, name, generator, batch, clip)
+        _install_runtime(settings, name, generator, batch, (clip, teachers))
         worker = _make_worker(settings, redis, name, beacon, generator)
         return _serve(worker, settings, beacon, generator, batch)
     finally:
@@ -317,6 +320,19 @@ def _load_clip(settings: Settings, generator: Generator) -> ClipModel | None:
     return loaded
 
 
+def _load_teachers(settings: Settings, generator: Generator) -> dict[str, Classifier]:
+    """The optional pretrained soft-label teachers, on the model's device; each that does not
+    load joins the generator's ``unavailable`` parts as ``teacher <name>``."""
+    from worker.model import classifier
+
+    loaded, failed = classifier.load_all(settings, device=generator.device)
+    for source, why in failed.items():
+        generator.unavailable[f"{TEACHER_PART_PREFIX}{source}"] = why
+    for source, teacher in loaded.items():
+        log.info("loaded the teacher %s (%d classes)", source, len(teacher.labels))
+    return loaded
+
+
 def _warm(generator: Generator, settings: Settings, beacon: StatusBeacon) -> int:
     """Pick the batch size and compile for it (``DISTILL_COMPILE``); returns the batch size."""
     from worker.model import compiling
@@ -329,7 +345,11 @@ def _warm(generator: Generator, settings: Settings, beacon: StatusBeacon) -> int
 
 
 def _install_runtime(
-    settings: Settings, name: str, generator: Generator, batch: int, clip: ClipModel | None
+    settings: Settings,
+    name: str,
+    generator: Generator,
+    batch: int,
+    parts: tuple[ClipModel | None, dict[str, Classifier]],
 ) -> None:
     """Make the worker's warm state (``worker.runtime``) that every job uses."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +365,8 @@ def _install_runtime(
             worker_name=name,
             pool=pool,
             batch_size=batch,
-            clip=clip,
+            clip=parts[0],
+            teachers=parts[1],
         )
     )
 
@@ -388,6 +409,10 @@ def _serve(
         postprocess_workers=settings.postprocess_pool_size,
         unavailable=generator.unavailable,
         scorers=",".join(SCORERS if CLIP_PART not in generator.unavailable else ("reference",)),
+        teachers={
+            source: workers.publish_teacher_labels(worker.connection, teacher.labels)
+            for source, teacher in runtime.current().teachers.items()
+        },
         **generator.describe(),
     )
     try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from core.settings import Settings
+    from worker.model.classifier import Classifier
     from worker.model.clip import ClipModel
     from worker.model.generator import Generator
 
@@ -24,6 +25,8 @@ class Runtime:
     batch_size: int = 8
     #: The CLIP model of ``select.scorer: clip`` (None: this worker runs without it).
     clip: ClipModel | None = None
+    #: The pretrained soft-label teachers it loaded, by their DISTILL_TEACHERS name.
+    teachers: dict[str, Classifier] = field(default_factory=dict)
 
 
 _current: Runtime | None = None

@@ -346,7 +346,7 @@ def _publish(
     run: sink.RunResult,
     *,
     started: float,
-    teacher: teachers.Teacher | None = None,
+    teacher: teachers.SoftTeacher | None = None,
     **extra: str | int | float,
 ) -> dict[str, Any]:
     """Finish the dataset's archive (tensors, contact sheet, manifest), put it in the store

@@ -149,7 +149,7 @@ def _load_one(source: str, device: torch.device, dtype: torch.dtype) -> ClipMode
     from transformers import AutoTokenizer, CLIPModel
     from transformers.image_processing_base import ImageProcessingMixin
 
-    model = CLIPModel.from_pretrained(source, torch_dtype=dtype).to(device).eval()
+    model = CLIPModel.from_pretrained(source, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     # The preprocessing's numbers, read from preprocessor_config.json as they are written.
     processor, _ = ImageProcessingMixin.get_image_processor_dict(source)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import models
+from core import models, presets
 
 # Byte-level BPE vocabulary: every byte as a token, alone and as a word end. No merges, so
 # every character is one token: small, fully offline, and accepted by CLIPTokenizer.
@@ -78,7 +78,7 @@ def write_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
-FAMILIES = ("sdxl", "sd", "dit", "clip")
+FAMILIES = ("sdxl", "sd", "dit", "clip", "classifier")
 #: The UNet both text families share: 8 latents x 8 (VAE) = 64 px images by default.
 _TINY_UNET: dict[str, Any] = {
     "sample_size": 8,
@@ -112,6 +112,8 @@ def build(directory: Path, *, seed: int = 0, family: str = "sdxl") -> Path:
         return build_dit(directory, seed=seed)
     if family == "clip":
         return build_clip(directory, seed=seed)
+    if family == "classifier":
+        return build_classifier(directory, seed=seed)
     if family != "sdxl":
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return build_sdxl(directory, seed=seed)
@@ -188,8 +190,6 @@ def build_dit(directory: Path, *, seed: int = 0) -> Path:
     class for guidance), learned sigma (8 output channels for 4 latent ones)."""
     import torch
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    from core import presets
 
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -342,6 +342,49 @@ def build_clip(directory: Path, *, seed: int = 0) -> Path:
     return directory
 
 
+def build_classifier(directory: Path, *, seed: int = 0, preset: str = "cifar10") -> Path:
+    """Write a tiny random image classifier (a transformers ``ResNetForImageClassification``
+    on 32 px, its ``id2label`` the class names of ``preset``, e.g. ``imagenet1k`` for an
+    ImageNet-1K one) with a ``preprocessor_config.json``: a soft-label teacher
+    (``DISTILL_TEACHERS=DIR``)."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    classes = presets.get(preset).classes
+    id2label = {c.index: ", ".join(c.synonyms) if c.synonyms else c.label for c in classes}
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=len(classes),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        architectures=["ResNetForImageClassification"],
+    )
+    torch.manual_seed(seed + 3)
+    ResNetForImageClassification(config).save_pretrained(str(directory), safe_serialization=True)
+    preset_info = presets.get(preset)
+    processor = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": 32, "width": 32},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preset_info.mean),
+        "image_std": list(preset_info.std),
+    }
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(processor, indent=2) + "\n", encoding="utf-8"
+    )
+    return directory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m worker.model.tiny_model",
@@ -354,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         default="sdxl",
         help="sdxl (StableDiffusionXLPipeline + a tiny AutoencoderTiny), sd "
         "(StableDiffusionPipeline), dit (DiTPipeline, class-conditional) or clip (a "
-        "CLIPModel for select scorer clip)",
+        "CLIPModel for select scorer clip) or classifier (a ResNet image classifier on "
+        "CIFAR-10's classes, a soft_labels teacher)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args(argv)
@@ -374,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "sd": f"SD pipeline to {args.directory}",
         "dit": f"DiT pipeline (class-conditional, ImageNet-1K) to {args.directory}",
         "clip": f"CLIPModel (select scorer clip) to {args.directory}",
+        "classifier": f"image classifier (a soft_labels teacher) to {args.directory}",
     }[args.family]
     print(
         f"wrote a tiny {what}: built in {built - imported:.2f} s "

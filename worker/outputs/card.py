@@ -408,15 +408,7 @@ def _made_section(manifest: dict[str, Any], model_id: str, lic: License) -> list
         made.append(("prompts", _prompt_strategy(str(strategy))))
     soft = manifest.get("soft_labels")
     if soft:
-        teacher = soft.get("teacher", {})
-        made.append(
-            (
-                "soft labels",
-                f"teacher {_code(teacher.get('teacher', '?'))} ({_md(teacher.get('network', ''))}"
-                f", train accuracy {teacher.get('train_accuracy')}), temperature "
-                f"{soft.get('temperature')}, top {soft.get('top_k')} in the metadata",
-            )
-        )
+        made.append(("soft labels", _soft_labels(soft)))
     select = manifest.get("select")
     if select:
         made.append(("selection", _selection(select)))
@@ -444,6 +436,19 @@ PROMPT_STRATEGIES = {
     "domains": "an image domain (photo, painting, sketch, cartoon, ...) of the class",
     "backgrounds": "a photo of the class in a background (a forest, a beach, indoors, ...)",
 }
+
+
+def _soft_labels(soft: dict[str, Any]) -> str:
+    """The card's line on the soft-label teacher: what it is and how it was made."""
+    teacher = soft.get("teacher", {})
+    if "train_accuracy" in teacher:  # the reference teacher, trained for the job
+        how = f"train accuracy {teacher.get('train_accuracy')}"
+    else:  # a pretrained classifier: its columns for the job's classes
+        how = f"pretrained, {teacher.get('classes')} classes, the job's classes' columns"
+    return (
+        f"teacher {_code(teacher.get('teacher', '?'))} ({_md(teacher.get('network', ''))}, "
+        f"{how}), temperature {soft.get('temperature')}, top {soft.get('top_k')} in the metadata"
+    )
 
 
 def _prompt_strategy(strategy: str) -> str:

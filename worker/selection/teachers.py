@@ -6,6 +6,8 @@ evaluator's network, initialisation, SGD and schedule, no augmentation) on real 
 by class, with inputs normalised by the images' own per-channel mean and std. Coreset
 selection embeds with such a network; the ``reference`` teacher and the ``reference`` select
 scorer are one trained on the job's classes of its reference set (``reference_network``).
+A pretrained teacher (``worker.model.classifier``, loaded by the worker) gives the logits of
+its columns for the job's classes (``Pretrained``, ``core.soft_labels.teacher_columns``).
 
 ``Teacher.logits(image)`` labels one image at a time, so an image's logits never depend on
 which images share its batch: a job sharded any way, or assembled from parts, gets the same
@@ -19,16 +21,21 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from core.settings import Settings
+from core.soft_labels import REFERENCE, TEACHER_PART_PREFIX, UnmatchedTeacher, teacher_columns
 from core.spec import DatasetSpec
+from worker import runtime
 from worker.evaluate.network import ConvNet
 from worker.evaluate.train import Hyper, build_model, resolve_device, train_once
 from worker.selection import references
+
+if TYPE_CHECKING:
+    from worker.model.classifier import Classifier
 
 #: Epochs of the reference teacher: as the coreset features', a minute or two on a CPU for a
 #: CIFAR-sized set.
@@ -131,13 +138,63 @@ class Teacher:
 _cache: OrderedDict[tuple[Any, ...], Teacher] = OrderedDict()
 
 
-def for_job(spec: DatasetSpec, settings: Settings) -> Teacher | None:
+class SoftTeacher(Protocol):
+    """What labels a job's images: logits of one image over the job's classes, and what the
+    manifest says of it."""
+
+    provenance: dict[str, Any]
+
+    def logits(self, image: np.ndarray) -> np.ndarray: ...
+
+
+class TeacherUnavailable(ValueError):
+    """The job's pretrained teacher is not loaded in this worker, or cannot label its classes
+    (the job fails as invalid_request)."""
+
+    error_type = "invalid_request"
+
+
+class Pretrained:
+    """A pretrained classifier's logits of the job's classes, in the job's class order."""
+
+    def __init__(self, classifier: Classifier, columns: list[int]) -> None:
+        self.classifier = classifier
+        self.columns = np.asarray(columns, dtype=np.int64)
+        self.provenance: dict[str, Any] = {
+            **classifier.describe(),
+            "columns": [
+                {"column": int(c), "name": classifier.labels[c]} for c in self.columns.tolist()
+            ],
+        }
+
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.classifier.logits(image)[self.columns]
+        return out
+
+
+def for_job(spec: DatasetSpec, settings: Settings) -> SoftTeacher | None:
     """The job's soft-label teacher (None without ``soft_labels``), from this worker's cache
-    when it has one. ``references.ReferenceUnavailable`` when its reference set is gone."""
+    when it has one. ``references.ReferenceUnavailable`` when its reference set is gone,
+    ``TeacherUnavailable`` when its pretrained teacher is not here or lacks a class."""
     soft = spec.soft_labels
     if soft is None:
         return None
-    return reference_network(spec, settings)
+    if soft.teacher == REFERENCE:
+        return reference_network(spec, settings)
+    here = runtime.current()
+    classifier = here.teachers.get(soft.teacher)
+    if classifier is None:
+        why = here.generator.unavailable.get(f"{TEACHER_PART_PREFIX}{soft.teacher}")
+        loaded = ", ".join(sorted(here.teachers)) or "none"
+        raise TeacherUnavailable(
+            f"soft_labels.teacher: this worker has no teacher {soft.teacher!r} "
+            + (f"({why})" if why else f"(it loaded: {loaded})")
+        )
+    try:
+        columns = teacher_columns(soft.teacher, classifier.labels, spec.classes())
+    except UnmatchedTeacher as exc:
+        raise TeacherUnavailable(str(exc)) from None
+    return Pretrained(classifier, columns)
 
 
 def reference_network(spec: DatasetSpec, settings: Settings) -> Teacher:
