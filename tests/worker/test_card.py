@@ -16,7 +16,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from tests.conftest import run_job
-from worker.outputs import card
+from worker.outputs import card, card_facts
 
 # Request order differs from sorted order (apple < crème brûlée < zebra): the names must follow
 # the class indexes, not the alphabet. The paper policy's copies give the metadata a `copy`
@@ -108,7 +108,7 @@ def test_card_header_parses_and_body_names_model_and_licence(
     model = described["model"]["model"]
     assert model and f"`{model}`" in body
     assert "whose licence is unknown" in body
-    assert card.METHOD in body
+    assert card_facts.METHOD in body
     assert "| 3 | 4 | 12 | 3 | 9 |" in body  # classes, per class, images, generated, augmented
     assert "crème brûlée" in body and "a photo of a crème brûlée" in body
     assert 'torch.load("dataset/tensors.pt", weights_only=True)' in body
@@ -187,10 +187,10 @@ def test_known_models_carry_their_stated_licence(archives: tuple[bytes, bytes]) 
     assert "Stability AI Non-Commercial Research Community License" in text
     assert "`stabilityai/sdxl-turbo`" in text
 
-    assert card.model_license("stabilityai/sd-turbo").name == "sai-nc-community"
-    assert card.model_license("madebyollin/taesdxl").id == "mit"
-    assert card.model_license("facebook/DiT-XL-2-256").id == "cc-by-nc-4.0"
-    assert card.model_license("someone/unheard-of").id == "unknown"
+    assert card_facts.model_license("stabilityai/sd-turbo").name == "sai-nc-community"
+    assert card_facts.model_license("madebyollin/taesdxl").id == "mit"
+    assert card_facts.model_license("facebook/DiT-XL-2-256").id == "cc-by-nc-4.0"
+    assert card_facts.model_license("someone/unheard-of").id == "unknown"
 
 
 def test_local_model_directory_licence(tmp_path: Path) -> None:
@@ -199,14 +199,14 @@ def test_local_model_directory_licence(tmp_path: Path) -> None:
     (stated / "README.md").write_text(
         "---\nlicense: openrail++\nlicense_name: x\n---\n# a model\n", encoding="utf-8"
     )
-    assert card.model_license(str(stated)).id == "openrail++"
+    assert card_facts.model_license(str(stated)).id == "openrail++"
     silent = tmp_path / "silent"
     silent.mkdir()
     (silent / "README.md").write_text("# no header\n", encoding="utf-8")
-    assert card.model_license(str(silent)) == card.UNKNOWN
+    assert card_facts.model_license(str(silent)) == card_facts.UNKNOWN
     snapshot = tmp_path / "models--stabilityai--sdxl-turbo" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
-    assert card.model_license(str(snapshot)).name == "sai-nc-community"
+    assert card_facts.model_license(str(snapshot)).name == "sai-nc-community"
 
 
 def test_repeated_preset_labels_get_unique_class_names() -> None:
@@ -215,7 +215,7 @@ def test_repeated_preset_labels_get_unique_class_names() -> None:
         {"index": 1, "label": "cat", "wnid": "n1", "folder": "train/001_cat"},
         {"index": 2, "label": "crane", "wnid": "n03126707", "folder": "train/002_crane"},
     ]
-    assert card.class_names(classes) == ["crane (n02012849)", "cat", "crane (n03126707)"]
+    assert card_facts.class_names(classes) == ["crane (n02012849)", "cat", "crane (n03126707)"]
 
 
 def test_hostile_labels_stay_data(archives: tuple[bytes, bytes]) -> None:

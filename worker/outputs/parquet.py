@@ -36,6 +36,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from core.spec import DatasetSpec
+from worker.outputs import card_facts
 from worker.outputs.archive import class_dir
 from worker.outputs.card import (
     COPY_COLUMN,
@@ -44,7 +45,6 @@ from worker.outputs.card import (
     METADATA_COLUMNS,
     SOFT_COLUMNS,
 )
-from worker.outputs.card import class_names as card_class_names
 
 #: A shard is closed before a row group would take it past this many bytes: ``datasets``'
 #: ``MAX_SHARD_SIZE`` ("500MB"), what ``push_to_hub`` shards by.
@@ -78,7 +78,7 @@ def shard_name(shard: int, count: int) -> str:
 
 def class_names(spec: DatasetSpec) -> list[str]:
     """The ``ClassLabel`` names of ``spec``'s classes: the card's, so both say the same."""
-    return card_class_names(
+    return card_facts.class_names(
         [
             {
                 "index": c.index,
