@@ -36,6 +36,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from core.limits import MAX_POOL_BYTES, MAX_TOTAL_IMAGES
+
 Keep = Literal["confident", "kcenter", "herding", "difficulty"]
 KEEPS: tuple[str, ...] = ("confident", "kcenter", "herding", "difficulty")
 Scorer = Literal["reference", "clip"]
@@ -74,3 +76,51 @@ class SelectRequest(BaseModel):
         "reference images' distribution of 1 - p(class). Candidates the scorer puts in "
         "another class are dropped first (keeping at least the images needed, best first).",
     )
+
+    def check(
+        self,
+        *,
+        method: str,
+        reference: str | None,
+        ipc: int | None,
+        generated: tuple[int, int],
+        size: int,
+    ) -> None:
+        """What a request with this ``select`` must also have (``generated``: the images it
+        samples in all and per class without ``select``); ValueError naming the field."""
+        if method != "generate":
+            raise ValueError(
+                f"select: method {method} samples no pool to select from; it takes method generate"
+            )
+        if self.scorer == "reference" and reference is None:
+            raise ValueError(
+                "select.scorer: reference trains the scorer on the request's reference set; "
+                "give reference"
+            )
+        if self.keep == "difficulty" and reference is None:
+            raise ValueError(
+                "select.keep: difficulty matches the reference images' distribution of "
+                "1 - p(class); give reference"
+            )
+        if ipc is None:
+            raise ValueError(
+                "select: takes ipc (each class's pool is oversample x its images, which a "
+                "time budget does not fix in advance)"
+            )
+        total, per_class = generated
+        pool = total * self.oversample
+        if pool > MAX_TOTAL_IMAGES:
+            raise ValueError(
+                f"select.oversample: {self.oversample} x {total} sampled "
+                f"images = {pool} candidates exceeds the limit of {MAX_TOTAL_IMAGES}"
+            )
+        # A class's pool is held in memory, at the output size and the copies' source size.
+        candidates = per_class * self.oversample
+        held = candidates * size * size * 3 * 2
+        if held > MAX_POOL_BYTES:
+            raise ValueError(
+                f"select.oversample: a class's pool of {candidates} candidates at "
+                f"{size} px needs about {held / 2**30:.1f} GiB of memory, over the "
+                f"{MAX_POOL_BYTES / 2**30:.0f} GiB a worker holds; ask for fewer images per "
+                "class, a smaller oversample or a smaller image_size"
+            )

@@ -85,6 +85,23 @@ class SoftLabelsRequest(BaseModel):
         # 2 and 2.0 are one request: the manifest, and so the archive's bytes, say 2.0.
         return float(value)
 
+    def check(self, *, reference: str | None, formats: Sequence[str], classes: int) -> None:
+        """What a request with these soft labels must also have; ValueError naming the field."""
+        if self.teacher == REFERENCE and reference is None:
+            raise ValueError(
+                "soft_labels.teacher: reference trains the teacher on the request's reference "
+                "set; give reference"
+            )
+        if "challenge" in formats:
+            raise ValueError(
+                "soft_labels: the challenge's file holds hard labels only; ask for "
+                "imagefolder, tensors, webdataset or parquet"
+            )
+        if self.top_k > classes:
+            raise ValueError(
+                f"soft_labels.top_k: {self.top_k} is more than the job's {classes} classes"
+            )
+
 
 class UnmatchedTeacher(ValueError):
     """Job classes a teacher has no single class for, by job position."""

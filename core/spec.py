@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import string
 import unicodedata
 from collections.abc import Sequence
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,97 +26,34 @@ from pydantic import (
 
 from core import presets
 from core.augmentation import AugmentSpec
+from core.limits import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_STRENGTH,
+    GUIDANCE_DECIMALS,
+    MAX_BUDGET_SECONDS,
+    MAX_IMAGE_SIZE,
+    MAX_IPC,
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TEMPLATES,
+    MAX_TOTAL_IMAGES,
+    MIN_IMAGE_SIZE,
+    REAL_METHODS,
+    Format,
+    Guidance,
+    GuidanceRange,
+    Method,
+    PromptOverride,
+    Template,
+    check_template,
+    has_control_chars,
+)
 from core.oversample import SelectRequest
 from core.presets import ClassInfo, PresetName
 from core.prompts import DEFAULT_STRATEGY, DEFAULT_TEMPLATE, Strategy, choose, variants
 from core.soft_labels import SoftLabelsRequest
-
-MAX_LABELS = 1000
-MAX_LABEL_CHARS = 100
-MAX_IPC = 1000
-MIN_IMAGE_SIZE = 8
-MAX_IMAGE_SIZE = 512
-MAX_TOTAL_IMAGES = 100_000
-MAX_TEMPLATE_CHARS = 300
-MAX_SEED = 2**32 - 1
-MAX_STEPS = 50
-MAX_GUIDANCE = 20.0
-DEFAULT_IMAGE_SIZE = 32
-#: Memory a ``select`` job's pool of one class may take (``_check_select``).
-MAX_POOL_BYTES = 4 * 2**30
-
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
-
-
-def _has_control_chars(text: str) -> bool:
-    return any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text)
-
-
-MAX_TEMPLATES = 16
-MAX_BUDGET_SECONDS = 24 * 3600
-Format = Literal["imagefolder", "tensors", "challenge", "webdataset", "parquet"]
-Method = Literal["generate", "random_real", "herding", "kcenter", "prototypes"]
-#: Methods that keep real images of the reference set instead of generating any.
-REAL_METHODS = frozenset({"random_real", "herding", "kcenter"})
-DEFAULT_STRENGTH = 0.7
-
-
-def _check_template(template: str) -> str:
-    if _has_control_chars(template):
-        raise ValueError("contains control characters")
-    try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)]
-    except ValueError as exc:
-        raise ValueError(f"is not a valid template: {exc}") from None
-    names = [name for name, _, _ in fields if name is not None]
-    if "label" not in names:
-        raise ValueError("must contain {label}")
-    for name, spec, conv in fields:
-        if name is None:
-            continue
-        if name != "label" or spec or conv:
-            raise ValueError(f"may only use the field {{label}}, found {{{name}}}")
-    return template
-
-
-Template = Annotated[str, Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)]
-Guidance = Annotated[StrictFloat, Field(ge=0.0, le=MAX_GUIDANCE)]
-#: Decimals of a per-image guidance scale drawn from a range (as recorded and as sampled).
-GUIDANCE_DECIMALS = 4
-
-
-def _check_range(value: tuple[float, float]) -> tuple[float, float]:
-    low, high = value
-    if not low < high:
-        raise ValueError(f"a range needs low < high, got [{low}, {high}]")
-    if high <= 1.0:
-        raise ValueError(
-            f"a range's high end must be above 1 (guidance is off at 1 and below), got {high}"
-        )
-    return value
-
-
-GuidanceRange = Annotated[tuple[Guidance, Guidance], AfterValidator(_check_range)]
-
-
-class PromptOverride(BaseModel):
-    """A fixed prompt for one class, for names that are ambiguous on their own."""
-
-    model_config = _STRICT
-
-    label: str = Field(
-        min_length=1, max_length=MAX_LABEL_CHARS, description="Class name (or wnid)."
-    )
-    prompt: str = Field(
-        min_length=1, max_length=MAX_TEMPLATE_CHARS, description="Prompt used as is."
-    )
-
-    @field_validator("prompt")
-    @classmethod
-    def _clean(cls, prompt: str) -> str:
-        if _has_control_chars(prompt):
-            raise ValueError("contains control characters")
-        return prompt
 
 
 class DatasetSpec(BaseModel):
@@ -293,7 +228,7 @@ class DatasetSpec(BaseModel):
             raise ValueError("must be an absolute http(s) URL")
         if parts.username or parts.password:
             raise ValueError("must not carry credentials")
-        if _has_control_chars(url) or " " in url:
+        if has_control_chars(url) or " " in url:
             raise ValueError("contains spaces or control characters")
         return url
 
@@ -309,7 +244,7 @@ class DatasetSpec(BaseModel):
                 raise ValueError(f"{where} is empty")
             if len(label) > MAX_LABEL_CHARS:
                 raise ValueError(f"{where} is longer than {MAX_LABEL_CHARS} characters")
-            if _has_control_chars(label):
+            if has_control_chars(label):
                 raise ValueError(f"{where} contains control characters")
             if label != label.strip():
                 raise ValueError(f"{where} has leading or trailing whitespace")
@@ -321,12 +256,12 @@ class DatasetSpec(BaseModel):
 
     @field_validator("prompt_template")
     @classmethod
-    def _check_templates(cls, value: str | list[str]) -> str | list[str]:
+    def check_templates(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, str):
-            return _check_template(value)
+            return check_template(value)
         for index, template in enumerate(value):
             try:
-                _check_template(template)
+                check_template(template)
             except ValueError as exc:
                 raise ValueError(f"[{index}] {exc}") from None
         return value
@@ -372,8 +307,18 @@ class DatasetSpec(BaseModel):
                 "reference: method generate uses no reference images (unless soft_labels' "
                 "teacher or select's scorer is reference)"
             )
-        self._check_soft_labels()
-        self._check_select()
+        if self.soft_labels is not None:
+            self.soft_labels.check(
+                reference=self.reference, formats=self.formats, classes=len(self.classes())
+            )
+        if self.select is not None:
+            self.select.check(
+                method=self.method,
+                reference=self.reference,
+                ipc=self.ipc,
+                generated=(self.total_generated, self.generated_per_class),
+                size=self.size,
+            )
         if self.method != "generate" and self.reference is None:
             raise ValueError(f"reference: method {self.method} needs a reference set")
         if self.prompt_strategy != DEFAULT_STRATEGY and self.templates != (DEFAULT_TEMPLATE,):
@@ -394,66 +339,6 @@ class DatasetSpec(BaseModel):
             total, limit = self.total_images, MAX_TOTAL_IMAGES
             raise ValueError(f"classes x ipc = {total} images exceeds the limit of {limit}")
         return self
-
-    def _check_soft_labels(self) -> None:
-        soft = self.soft_labels
-        if soft is None:
-            return
-        if soft.teacher == "reference" and self.reference is None:
-            raise ValueError(
-                "soft_labels.teacher: reference trains the teacher on the request's reference "
-                "set; give reference"
-            )
-        if "challenge" in self.formats:
-            raise ValueError(
-                "soft_labels: the challenge's file holds hard labels only; ask for "
-                "imagefolder, tensors, webdataset or parquet"
-            )
-        classes = len(self.classes())
-        if soft.top_k > classes:
-            raise ValueError(
-                f"soft_labels.top_k: {soft.top_k} is more than the job's {classes} classes"
-            )
-
-    def _check_select(self) -> None:
-        select = self.select
-        if select is None:
-            return
-        if self.method != "generate":
-            raise ValueError(
-                f"select: method {self.method} samples no pool to select from; it takes "
-                "method generate"
-            )
-        if select.scorer == "reference" and self.reference is None:
-            raise ValueError(
-                "select.scorer: reference trains the scorer on the request's reference set; "
-                "give reference"
-            )
-        if select.keep == "difficulty" and self.reference is None:
-            raise ValueError(
-                "select.keep: difficulty matches the reference images' distribution of "
-                "1 - p(class); give reference"
-            )
-        if self.ipc is None:
-            raise ValueError(
-                "select: takes ipc (each class's pool is oversample x its images, which a "
-                "time budget does not fix in advance)"
-            )
-        pool = self.total_generated * select.oversample
-        if pool > MAX_TOTAL_IMAGES:
-            raise ValueError(
-                f"select.oversample: {select.oversample} x {self.total_generated} sampled "
-                f"images = {pool} candidates exceeds the limit of {MAX_TOTAL_IMAGES}"
-            )
-        # A class's pool is held in memory, at the output size and the copies' source size.
-        held = self.pool_per_class * self.size * self.size * 3 * 2
-        if held > MAX_POOL_BYTES:
-            raise ValueError(
-                f"select.oversample: a class's pool of {self.pool_per_class} candidates at "
-                f"{self.size} px needs about {held / 2**30:.1f} GiB of memory, over the "
-                f"{MAX_POOL_BYTES / 2**30:.0f} GiB a worker holds; ask for fewer images per "
-                "class, a smaller oversample or a smaller image_size"
-            )
 
     # ---- derived views (the worker and the manifest use these) ----
 

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from core import presets
+from core.limits import MAX_IPC, MAX_TOTAL_IMAGES
 from core.presets import ClassInfo, class_prompt
-from core.spec import MAX_IPC, MAX_TOTAL_IMAGES, DatasetSpec, derive_seed
+from core.spec import DatasetSpec, derive_seed
 from worker import postprocess
 from worker.augment import source_size
 from worker.model.generator import Conditioning, Generator, SamplingParams

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -30,7 +29,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
 from core import keys, records, shards
-from core.errors import InsufficientSpace
 from core.presets import ClassInfo
 from core.records import JobRecord, Piece, ShardRecord
 from core.spec import DatasetSpec
@@ -41,6 +39,7 @@ from worker.augment import source_size
 from worker.model.generator import SamplingParams
 from worker.outputs import card, manifest, sink
 from worker.outputs.archive import ArchiveInfo, ArchiveWriter, decode_png
+from worker.outputs.space import check_space
 from worker.selection import oversample, sources, teachers
 
 log = logging.getLogger(__name__)
@@ -63,52 +62,6 @@ def patiently(call: Callable[[], T]) -> T:
             log.warning("redis unavailable (%s); retrying in %.1f s", exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-
-#: Free space kept on the data volume beyond a job's estimate.
-SPACE_MARGIN_BYTES = 16 * 2**20
-
-
-def estimate_bytes(spec: DatasetSpec, images: int | None = None) -> int:
-    """An upper estimate of a fixed-ipc job's archive size (0 for a time-budget job), or of
-    ``images`` of its images (one shard's).
-
-    PNG of noisy pixels is about the raw size; zip headers add about 100 bytes a member, tar
-    headers and a sample's .cls and .json about 1.5 KiB, a Parquet row's metadata a few
-    hundred bytes. WebDataset and Parquet shards are written to temporary files first, so one
-    shard's worth more of each is needed while it is copied in.
-    """
-    # Here, not at the top: this function is all that needs them.
-    from worker.outputs import parquet, webdataset
-
-    images = spec.total_images if images is None else images
-    raw = spec.size * spec.size * 3
-    total = 0
-    if "imagefolder" in spec.formats:
-        total += images * (raw + 300)
-    if "tensors" in spec.formats:
-        total += images * raw * (5 if spec.preset else 1)
-    if "challenge" in spec.formats:
-        total += images * raw * 4
-    if "webdataset" in spec.formats:
-        shards = images * (raw + webdataset.OVERHEAD_BYTES)
-        total += shards + min(shards, webdataset.MAX_BYTES)
-    if "parquet" in spec.formats:
-        rows = images * (raw + parquet.OVERHEAD_BYTES)
-        total += rows + min(rows, parquet.MAX_BYTES)
-    return total
-
-
-def check_space(spec: DatasetSpec, directory: Path, *, images: int | None = None) -> None:
-    """Fail before sampling when the archive cannot fit (ENOSPC is still caught on write)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    needed = estimate_bytes(spec, images) + SPACE_MARGIN_BYTES
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise InsufficientSpace(
-            f"the archive needs about {needed / 2**20:.1f} MiB but the data volume has "
-            f"{free / 2**20:.1f} MiB free"
-        )
 
 
 class RedisHooks:

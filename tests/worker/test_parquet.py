@@ -22,7 +22,7 @@ from core.presets import ClassInfo
 from core.spec import DatasetSpec
 from tests.conftest import run_job
 from worker import tasks
-from worker.outputs import parquet, sink
+from worker.outputs import parquet, sink, space
 from worker.outputs.archive import ArchiveWriter, decode_png, encode_png, image_name
 from worker.outputs.card import features as card_features
 
@@ -187,8 +187,8 @@ def test_copy_column_follows_the_request() -> None:
 
 def test_estimate_counts_the_shards_and_one_temporary_copy() -> None:
     base = {"labels": ["a", "b"], "ipc": 10, "image_size": 32}
-    folder = tasks.estimate_bytes(DatasetSpec.model_validate({**base, "formats": ["imagefolder"]}))
-    both = tasks.estimate_bytes(
+    folder = space.estimate_bytes(DatasetSpec.model_validate({**base, "formats": ["imagefolder"]}))
+    both = space.estimate_bytes(
         DatasetSpec.model_validate({**base, "formats": ["imagefolder", "parquet"]})
     )
     assert both - folder == 2 * 20 * (32 * 32 * 3 + parquet.OVERHEAD_BYTES)

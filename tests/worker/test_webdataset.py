@@ -22,7 +22,7 @@ from core.presets import ClassInfo
 from core.spec import DatasetSpec
 from tests.conftest import run_job
 from worker import postprocess, tasks
-from worker.outputs import sink
+from worker.outputs import sink, space
 from worker.outputs.archive import ArchiveWriter, encode_png, image_name
 from worker.outputs.webdataset import ShardWriter, encode_sample, sample_key
 
@@ -182,8 +182,8 @@ def test_png_is_encoded_for_webdataset_alone() -> None:
 
 def test_estimate_counts_the_shards_and_one_temporary_copy() -> None:
     base = {"labels": ["a", "b"], "ipc": 10, "image_size": 32}
-    folder = tasks.estimate_bytes(DatasetSpec.model_validate({**base, "formats": ["imagefolder"]}))
-    both = tasks.estimate_bytes(
+    folder = space.estimate_bytes(DatasetSpec.model_validate({**base, "formats": ["imagefolder"]}))
+    both = space.estimate_bytes(
         DatasetSpec.model_validate({**base, "formats": ["imagefolder", "webdataset"]})
     )
     assert both - folder == 2 * 20 * (32 * 32 * 3 + 1536)

@@ -301,6 +301,28 @@ def run_protocol(
     return accuracies, seeds, training / (hyper.epochs * hyper.runs)
 
 
+#: What an evaluation on soft labels says of its protocol, after its file and temperature.
+SOFT_PROTOCOL = {
+    "loss": "KL(teacher || network) of the softmaxes at the temperature, x T^2",
+    "hard": "the same runs and seeds on the class indices, reported in hard",
+}
+
+
+def _shifted(
+    progress: ProgressCallback | None, *, first: int, passes: int
+) -> ProgressCallback | None:
+    """``progress`` told of run ``first + r`` of ``runs x passes`` for each run ``r`` of one
+    pass (an evaluation on soft labels makes two passes: hard, then soft)."""
+    if progress is None:
+        return None
+    report = progress
+
+    def shifted(p: Progress) -> None:
+        report(replace(p, run=p.run + first, runs=p.runs * passes))
+
+    return shifted
+
+
 def evaluate(
     archive: Path,
     testset: Path,
@@ -343,14 +365,7 @@ def evaluate(
     passes = 1 if soft is None else 2
 
     def reporter(offset: int) -> ProgressCallback | None:
-        if progress is None:
-            return None
-        report = progress
-
-        def shifted(p: Progress) -> None:
-            report(replace(p, run=p.run + offset * hyper.runs, runs=p.runs * passes))
-
-        return shifted
+        return _shifted(progress, first=offset * hyper.runs, passes=passes)
 
     run = partial(
         run_protocol, train, test, hyper=hyper, norm=norm, device=target, seed=seed, use_dsa=use_dsa
@@ -371,8 +386,7 @@ def evaluate(
         protocol["soft_labels"] = {
             "file": "soft_labels.pt",
             "temperature": soft.temperature,
-            "loss": "KL(teacher || network) of the softmaxes at the temperature, x T^2",
-            "hard": "the same runs and seeds on the class indices, reported in hard",
+            **SOFT_PROTOCOL,
         }
     return EvaluationResult(
         accuracies=accuracies,
