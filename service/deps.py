@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel
 from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 
 from core.settings import Settings
 from service.auth import owner_for
@@ -29,16 +28,8 @@ async def get_redis(request: Request) -> Redis:
     return redis
 
 
-async def get_async_redis(request: Request) -> AsyncRedis:
-    redis: AsyncRedis = request.app.state.async_redis
-    return redis
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
-#: The asyncio client, for routes polled often enough that a threadpool hop per request and
-#: the GIL hand-offs between its threads show in their latency (``GET /v1/jobs/{id}``).
-AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 #: The caller's owner id (``public`` without API keys); 401 without a known key when on.
 OwnerDep = Annotated[str, Depends(owner_for)]
 
