@@ -23,7 +23,7 @@ from PIL import Image
 from core.settings import Settings
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, run_job, start_worker, stop_worker
+from tests.conftest import make_settings, run_job, start_worker, stop_worker, wait_for
 from worker.model import classifier as classifier_model
 
 #: In the job's order, which is not the teacher's (CIFAR-10: cat 3, dog 5, ship 8, bird 2).
@@ -151,12 +151,30 @@ def test_teachers_that_cannot_label_the_job_are_a_422_naming_the_field(
 
 
 def test_without_ready_workers_a_teacher_request_waits_and_the_worker_judges_it(
-    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+    redis_server: EmbeddedRedis,
+    tiny_model: Path,
+    tiny_teacher: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """No ready worker: admission cannot know the teacher, so the job is accepted and waits."""
+    """No ready worker: admission cannot know the teachers, so the jobs are accepted and
+    wait; the worker then applies the same rules, and the jobs fail as invalid requests
+    that say why (never as internal errors)."""
     root = tmp_path_factory.mktemp("teacher-waits")
-    settings = make_settings(redis_server.url, root / "data", queue_name="teacher-waits")
+    settings = make_settings(
+        redis_server.url, root / "data", queue_name="teacher-waits", teachers=str(tiny_teacher)
+    )
     with TestClient(create_app(settings)) as client:
-        response = client.post("/v1/jobs", json=_body("some/classifier"))
-        assert response.status_code == 202, response.text
-        assert client.get(f"/v1/jobs/{response.json()['id']}").json()["state"] == "queued"
+        unknown = client.post("/v1/jobs", json=_body("some/classifier"))
+        unmatched = client.post("/v1/jobs", json=_body(tiny_teacher, labels=["cat", "zebra"]))
+        assert unknown.status_code == unmatched.status_code == 202, unknown.text
+        assert client.get(f"/v1/jobs/{unknown.json()['id']}").json()["state"] == "queued"
+        proc = start_worker(settings, tiny_model, root / "worker.log")
+        try:
+            failed = [wait_for(client.get, r.json()["id"]) for r in (unknown, unmatched)]
+        finally:
+            stop_worker(proc)
+    for job in failed:
+        assert job["state"] == "failed" and job["error"]["type"] == "invalid_request", job
+    assert "this worker has no teacher 'some/classifier'" in failed[0]["error"]["detail"]
+    assert str(tiny_teacher) in failed[0]["error"]["detail"]  # what it loaded instead
+    assert "labels[1] 'zebra' is none of the teacher's 10" in failed[1]["error"]["detail"]
