@@ -19,6 +19,7 @@ from service.guards import BodyGuard
 from service.metrics import registry_for
 from service.routes import evaluations, health, jobs, presets, references, ui
 from service.routes import models as model_routes
+from service.timing import ServerTiming
 
 DESCRIPTION = """\
 Generates distilled image datasets on demand: class names in, a zipped ImageFolder out.
@@ -81,4 +82,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyGuard, max_bytes=settings.max_body_bytes, uploads=references.UPLOAD_PATHS
     )
+    # Outermost: the time of everything the application does for a request.
+    app.add_middleware(ServerTiming)
     return app

@@ -139,3 +139,16 @@ def test_bad_setting_exits_at_once_naming_the_variable(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert variable in lines[0] and "invalid configuration" in lines[0]
+
+
+def test_every_response_says_how_long_the_service_spent_on_it(client: TestClient) -> None:
+    """Server-Timing ``app;dur=<ms>``: on answers, problems and refusals before routing."""
+    for response in (
+        client.get("/healthz"),
+        client.get("/v1/jobs/0123456789abcdef0123456789abcdef"),  # a 404 problem
+        client.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}),  # 415
+    ):
+        timing = response.headers["server-timing"]
+        match = re.fullmatch(r"app;dur=(\d+\.\d{3})", timing)
+        assert match is not None, timing
+        assert 0 < float(match[1]) < 60_000
