@@ -113,8 +113,11 @@ def client_loop(base: str, rec: Recorder, stop_at: float, seed: int, poll: float
                 rec.call(client, "GET /v1/jobs", "GET", "/v1/jobs", params={"limit": 20})
 
 
-def start_stack(model: Path, work: Path) -> tuple[EmbeddedRedis, Stack, str]:
-    """Redis, one worker and the API (``service.stack``), on the tiny model."""
+def start_stack(
+    model: Path, work: Path, *, worker_nice: int | None = None
+) -> tuple[EmbeddedRedis, Stack, str]:
+    """Redis, one worker (at ``DISTILL_WORKER_NICE`` ``worker_nice``, else the default) and
+    the API (``service.stack``), on the tiny model."""
     redis = EmbeddedRedis(work / "redis", persist=False).start()
     settings = Settings(
         redis_url=redis.url,
@@ -124,6 +127,7 @@ def start_stack(model: Path, work: Path) -> tuple[EmbeddedRedis, Stack, str]:
         port=free_port(),
         log_level="WARNING",
         max_queued_jobs=100_000,
+        **({"worker_nice": worker_nice} if worker_nice is not None else {}),
     )
     stack = Stack(settings, logs=work / "logs", env={"HF_HUB_OFFLINE": "1"})
     stack.start_worker()
@@ -167,6 +171,12 @@ def main() -> int:
         default=0.1,
         help="seconds a client waits between two polls of its job (0: as fast as answered)",
     )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        help="the worker's DISTILL_WORKER_NICE (default: the setting's default; 0: the "
+        "API's and the clients' CPU priority)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -176,7 +186,7 @@ def main() -> int:
             from worker.model.tiny_model import build
 
             model = build(work / "tiny-model")
-        redis, stack, base = start_stack(model, work)
+        redis, stack, base = start_stack(model, work, worker_nice=args.worker_nice)
         rec = Recorder()
         try:
             started = time.monotonic()

@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch CPU threads per worker (default: torch's own)."
     )
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness a worker runs at (its threads and processes too): on a host "
+        "it shares with the API and Redis, they are answered first. 0: the same priority.",
+    )
     postprocess_workers: int | None = Field(
         None,
         ge=1,

@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     logs.configure(settings.log_level)
+    _lower_priority(settings.worker_nice)
     quiet_libraries()
     name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     redis = Redis.from_url(settings.redis_url)
@@ -256,6 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         beacon.stop()
         if beacon.claim is not None:
             beacon.claim.release()
+
+
+def _lower_priority(nice: int) -> None:
+    """Run at niceness ``nice`` at least (``DISTILL_WORKER_NICE``), before any thread or
+    process starts, so that every one of them inherits it: where a worker shares its CPUs
+    with the API and Redis (``make run``, one host), a status read waits for no batch."""
+    if not nice or not hasattr(os, "setpriority"):
+        return
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 def _scoped_settings() -> Settings | None:

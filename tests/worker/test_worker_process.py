@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
@@ -230,3 +231,36 @@ def test_a_beat_before_rq_registers_the_worker_writes_nothing(redis_server: Embe
         worker.register_death()
         connection.delete(worker.key)
         connection.close()
+
+
+def _nice(pid: int, tid: int | None = None) -> int:
+    """A thread's niceness from /proc (field 19 of its stat line)."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    with open(path) as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_a_worker_runs_nicer_than_the_api_with_all_its_threads_and_processes(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
+) -> None:
+    """DISTILL_WORKER_NICE: on a shared host the API and Redis answer first."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc")
+    settings = make_settings(
+        redis_server.url,
+        tmp_path / "data",
+        queue_name="nice-worker",
+        worker_nice=7,
+        postprocess_mode="processes",
+        postprocess_workers=2,
+    )
+    proc = start_worker(settings, tiny_model, tmp_path / "worker.log")
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        assert len(threads) > 1
+        assert {_nice(proc.pid, t) for t in threads} == {7}
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children and {_nice(int(c)) for c in children} == {7}
+        assert _nice(os.getpid()) < 7
+    finally:
+        stop_worker(proc)
