@@ -37,7 +37,9 @@ demo: install
 	@test -f tiny-model/tiny_decoder/config.json || $(PY) -m worker.model.tiny_model tiny-model
 	@test -f tiny-model/clip_scorer/config.json || \
 	  $(PY) -m worker.model.tiny_model tiny-model/clip_scorer --family clip
-	@DISTILL_MODEL=./tiny-model \
+	@test -f tiny-teacher/config.json || \
+	  $(PY) -m worker.model.tiny_model tiny-teacher --family classifier
+	@DISTILL_MODEL=./tiny-model DISTILL_TEACHERS=./tiny-teacher \
 	  DISTILL_DEVICE=cpu HF_HUB_OFFLINE=1 $(PY) -m service.launcher
 
 # Generation benchmark (reference / engine / bare / service / post-processing); see BENCHMARKS.md.
@@ -49,4 +51,4 @@ bench-eval: install
 	$(PY) bench/eval_calibration.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data tiny-model
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data tiny-model tiny-teacher
