@@ -116,6 +116,18 @@ def start_worker(settings: Settings, model: Path, log: Path) -> subprocess.Popen
 
 wait_until_serving = stack.wait_until_serving
 
+
+@contextmanager
+def serving(settings: Settings, model: Path, log: Path) -> Iterator[TestClient]:
+    """A worker on ``model`` and a client of the API for ``settings``; the worker stops after."""
+    proc = start_worker(settings, model, log)
+    try:
+        with TestClient(create_app(settings)) as client:
+            yield client
+    finally:
+        stop_worker(proc)
+
+
 API_KEY = "client-test-key"
 OTHER_KEY = "client-other-key"
 _KEYED = object()

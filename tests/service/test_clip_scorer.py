@@ -23,7 +23,7 @@ from core.settings import Settings
 from core.spec import DatasetSpec, derive_seed
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, run_job, start_worker, stop_worker
+from tests.conftest import make_settings, run_job, serving
 from worker.model import clip as clip_model
 
 CLASSES = ("cat", "dog", "ship")
@@ -40,12 +40,8 @@ def clip_stack(
     settings = make_settings(
         redis_server.url, root / "data", queue_name="clip-scorer", clip_scorer=str(tiny_clip)
     )
-    proc = start_worker(settings, tiny_model, root / "worker.log")
-    try:
-        with TestClient(create_app(settings)) as client:
-            yield settings, client
-    finally:
-        stop_worker(proc)
+    with serving(settings, tiny_model, root / "worker.log") as client:
+        yield settings, client
 
 
 def _body(**fields: Any) -> dict[str, Any]:

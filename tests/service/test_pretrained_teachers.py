@@ -23,7 +23,7 @@ from PIL import Image
 from core.settings import Settings
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, run_job, start_worker, stop_worker, wait_for
+from tests.conftest import make_settings, run_job, serving, start_worker, stop_worker, wait_for
 from worker.model import classifier as classifier_model
 
 #: In the job's order, which is not the teacher's (CIFAR-10: cat 3, dog 5, ship 8, bird 2).
@@ -53,12 +53,8 @@ def teacher_stack(
         queue_name="pretrained-teachers",
         teachers=f"{tiny_teacher}, {MISSING}",
     )
-    proc = start_worker(settings, tiny_model, root / "worker.log")
-    try:
-        with TestClient(create_app(settings)) as client:
-            yield settings, client
-    finally:
-        stop_worker(proc)
+    with serving(settings, tiny_model, root / "worker.log") as client:
+        yield settings, client
 
 
 def _body(teacher: Path | str, **fields: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from PIL import Image
 from core.settings import Settings
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, run_job, start_worker, stop_worker, wait_for
+from tests.conftest import make_settings, run_job, serving, wait_for
 
 CLASSES = ("cat", "dog", "ship")
 PER_CLASS = 6
@@ -53,22 +53,18 @@ def stack(
     settings = make_settings(
         redis_server.url, root / "data", queue_name="reference-jobs", references_dir=root / "refs"
     )
-    proc = start_worker(settings, tiny_model, root / "worker.log")
-    try:
-        with TestClient(create_app(settings)) as client:
-            body = io.BytesIO()
-            with zipfile.ZipFile(body, "w") as archive:
-                for member, data in _reference().items():
-                    archive.writestr(member, data)
-            made = client.post(
-                "/v1/references",
-                content=body.getvalue(),
-                headers={"content-type": "application/zip"},
-            )
-            assert made.status_code == 201, made.text
-            yield settings, client, made.json()["id"]
-    finally:
-        stop_worker(proc)
+    with serving(settings, tiny_model, root / "worker.log") as client:
+        body = io.BytesIO()
+        with zipfile.ZipFile(body, "w") as archive:
+            for member, data in _reference().items():
+                archive.writestr(member, data)
+        made = client.post(
+            "/v1/references",
+            content=body.getvalue(),
+            headers={"content-type": "application/zip"},
+        )
+        assert made.status_code == 201, made.text
+        yield settings, client, made.json()["id"]
 
 
 def _unzip(archive: bytes) -> tuple[dict[str, Any], zipfile.ZipFile]:

@@ -20,7 +20,7 @@ from core.settings import Settings
 from core.spec import derive_seed
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, run_job, start_worker, stop_worker
+from tests.conftest import make_settings, run_job, serving
 from worker.selection.oversample import match_difficulty
 
 CLASSES = ("cat", "dog", "ship")
@@ -51,16 +51,12 @@ def stack(
 ) -> Iterator[tuple[Settings, TestClient, str]]:
     root = tmp_path_factory.mktemp("select-jobs")
     settings = make_settings(redis_server.url, root / "data", queue_name="select-jobs")
-    proc = start_worker(settings, tiny_model, root / "worker.log")
-    try:
-        with TestClient(create_app(settings)) as client:
-            made = client.post(
-                "/v1/references", content=_reference(), headers={"content-type": "application/zip"}
-            )
-            assert made.status_code == 201, made.text
-            yield settings, client, made.json()["id"]
-    finally:
-        stop_worker(proc)
+    with serving(settings, tiny_model, root / "worker.log") as client:
+        made = client.post(
+            "/v1/references", content=_reference(), headers={"content-type": "application/zip"}
+        )
+        assert made.status_code == 201, made.text
+        yield settings, client, made.json()["id"]
 
 
 def _body(ref: str, **fields: Any) -> dict[str, Any]:

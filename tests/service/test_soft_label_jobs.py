@@ -21,7 +21,7 @@ from PIL import Image
 from core.settings import Settings
 from service.app import create_app
 from service.redis_server import EmbeddedRedis
-from tests.conftest import make_settings, run_job, start_worker, stop_worker, unpack_testset
+from tests.conftest import make_settings, run_job, serving, unpack_testset
 
 CLASSES = ("cat", "dog", "ship")
 PER_CLASS = 6
@@ -54,16 +54,12 @@ def stack(
     settings = make_settings(
         redis_server.url, root / "data", queue_name="soft-label-jobs", testsets_dir=root / "tests"
     )
-    proc = start_worker(settings, tiny_model, root / "worker.log")
-    try:
-        with TestClient(create_app(settings)) as client:
-            made = client.post(
-                "/v1/references", content=_reference(), headers={"content-type": "application/zip"}
-            )
-            assert made.status_code == 201, made.text
-            yield settings, client, made.json()["id"]
-    finally:
-        stop_worker(proc)
+    with serving(settings, tiny_model, root / "worker.log") as client:
+        made = client.post(
+            "/v1/references", content=_reference(), headers={"content-type": "application/zip"}
+        )
+        assert made.status_code == 201, made.text
+        yield settings, client, made.json()["id"]
 
 
 def _body(ref: str, **fields: Any) -> dict[str, Any]:
