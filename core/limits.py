@@ -21,7 +21,7 @@ MAX_SEED = 2**32 - 1
 MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
 DEFAULT_IMAGE_SIZE = 32
-#: Memory a ``select`` job's pool of one class may take (``_check_select``).
+#: Memory a ``select`` job's pool of one class may take (``SelectRequest.check``).
 MAX_POOL_BYTES = 4 * 2**30
 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)

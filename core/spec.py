@@ -256,7 +256,7 @@ class DatasetSpec(BaseModel):
 
     @field_validator("prompt_template")
     @classmethod
-    def check_templates(cls, value: str | list[str]) -> str | list[str]:
+    def _check_templates(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, str):
             return check_template(value)
         for index, template in enumerate(value):

@@ -82,14 +82,14 @@ class WorkerInfo:
             batch_size=int(batch) if batch is not None else None,
             decoders=tuple(d for d in fields.get("decoders", "").split(",") if d),
             scorers=tuple(d for d in fields.get("scorers", "").split(",") if d),
-            teachers=_reasons(fields.get("teachers")),
+            teachers=_string_map(fields.get("teachers")),
             compile=fields.get("compile"),
             compile_seconds=number("compile_seconds"),
-            unavailable=_reasons(fields.get("unavailable")),
+            unavailable=_string_map(fields.get("unavailable")),
         )
 
 
-def _reasons(text: str | None) -> dict[str, str]:
+def _string_map(text: str | None) -> dict[str, str]:
     """A JSON object of strings (the ``unavailable`` reasons, the ``teachers``); {} when it is
     anything else."""
     try:

@@ -140,72 +140,62 @@ def _check_reference(redis: Redis, settings: Settings, spec: DatasetSpec, owner:
         )
 
 
-def _ready_workers(redis: Redis, settings: Settings, spec: DatasetSpec) -> list[WorkerInfo]:
-    entry = models.lookup(settings, spec.model)
-    live = core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
-    return [w for w in live if w.ready]
-
-
 def _missing_part(
-    redis: Redis,
-    settings: Settings,
-    spec: DatasetSpec,
-    loaded: Callable[[WorkerInfo], bool],
-    part: str,
-) -> tuple[str, str] | None:
-    """(the model's alias, why) when the model's ready workers all run without an optional
+    ready: list[WorkerInfo], loaded: Callable[[WorkerInfo], bool], part: str
+) -> str | None:
+    """Why (" (<reason>)", or "") when the model's ready workers all run without an optional
     part (``loaded`` says whether a worker has it; ``part`` names its ``unavailable`` entry,
-    whose first reason is the why, or ''); None when one has it or none is ready yet (the
-    job then waits, and a worker without the part fails it clearly)."""
-    entry = models.lookup(settings, spec.model)
-    ready = _ready_workers(redis, settings, spec)
+    whose first reason is the why); None when one has it or none is ready yet (the job then
+    waits, and a worker without the part fails it clearly)."""
     if not ready or any(loaded(w) for w in ready):
         return None
     why = next((w.unavailable[part] for w in ready if part in w.unavailable), "")
-    return entry.alias, f" ({why})" if why else ""
+    return f" ({why})" if why else ""
 
 
 def _check_optional_parts(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
-    """``decoder: tiny`` or ``select.scorer: clip`` where no ready worker of the model has
-    that part is a 422 saying why."""
+    """``decoder: tiny``, ``select.scorer: clip`` or a pretrained ``soft_labels.teacher``
+    where no ready worker of the model has that part is a 422 saying why. The model's
+    workers are read once, and only for a request that asks for such a part."""
+    teacher = spec.soft_labels.teacher if spec.soft_labels is not None else REFERENCE
+    clip = spec.select is not None and spec.select.scorer == "clip"
+    if spec.decoder != "tiny" and not clip and teacher == REFERENCE:
+        return
+    entry = models.lookup(settings, spec.model)
+    live = core_workers.live(redis, entry.queue, heartbeat_ttl=settings.heartbeat_ttl)
+    ready = [w for w in live if w.ready]
     if spec.decoder == "tiny":
-        missing = _missing_part(
-            redis, settings, spec, lambda w: "tiny" in w.decoders, "tiny_decoder"
-        )
-        if missing:
-            alias, why = missing
+        why = _missing_part(ready, lambda w: "tiny" in w.decoders, "tiny_decoder")
+        if why is not None:
             raise InvalidField(
-                f"decoder: no worker of {alias} has a tiny decoder loaded{why}; use 'vae'"
+                f"decoder: no worker of {entry.alias} has a tiny decoder loaded{why}; use 'vae'"
             )
-    if spec.select is not None and spec.select.scorer == "clip":
-        missing = _missing_part(redis, settings, spec, lambda w: "clip" in w.scorers, CLIP_PART)
-        if missing:
-            alias, why = missing
+    if clip:
+        why = _missing_part(ready, lambda w: "clip" in w.scorers, CLIP_PART)
+        if why is not None:
             raise InvalidField(
-                f"select.scorer: no worker of {alias} has a CLIP model loaded{why}; use "
+                f"select.scorer: no worker of {entry.alias} has a CLIP model loaded{why}; use "
                 "'reference' (with a reference set) or set DISTILL_CLIP_SCORER"
             )
-    _check_teacher(redis, settings, spec)
+    if teacher != REFERENCE:
+        _check_teacher(redis, teacher, spec, ready=ready, alias=entry.alias)
 
 
-def _check_teacher(redis: Redis, settings: Settings, spec: DatasetSpec) -> None:
-    """A pretrained ``soft_labels.teacher`` that no ready worker of the model loaded, or that
-    cannot label every class of the job, is a 422 saying why (none ready: the job waits)."""
-    if spec.soft_labels is None or spec.soft_labels.teacher == REFERENCE:
-        return
-    name = spec.soft_labels.teacher
-    ready = _ready_workers(redis, settings, spec)
-    holders = [w for w in ready if name in w.teachers]
-    if ready and not holders:
-        part = f"{TEACHER_PART_PREFIX}{name}"
-        why = next((f" ({w.unavailable[part]})" for w in ready if part in w.unavailable), "")
+def _check_teacher(
+    redis: Redis, name: str, spec: DatasetSpec, *, ready: list[WorkerInfo], alias: str
+) -> None:
+    """A pretrained teacher that no ready worker of the model loaded, or that cannot label
+    every class of the job (by the class names a worker published), is a 422 saying why."""
+    why = _missing_part(ready, lambda w: name in w.teachers, f"{TEACHER_PART_PREFIX}{name}")
+    if why is not None:
         loaded = sorted({t for w in ready for t in w.teachers})
         raise InvalidField(
-            f"soft_labels.teacher: no worker of {spec.model or 'the model'} has the teacher "
-            f"{name!r} loaded{why}; loaded teachers: {', '.join(loaded) or 'none'} (and "
-            "'reference', with a reference set); workers load them from DISTILL_TEACHERS"
+            f"soft_labels.teacher: no worker of {alias} has the teacher {name!r} loaded{why}; "
+            f"loaded teachers: {', '.join(loaded) or 'none'} (and 'reference', with a "
+            "reference set); workers load them from DISTILL_TEACHERS"
         )
-    labels = core_workers.teacher_labels(redis, holders[0].teachers[name]) if holders else None
+    holder = next((w for w in ready if name in w.teachers), None)
+    labels = core_workers.teacher_labels(redis, holder.teachers[name]) if holder else None
     if labels is None:
         return  # no worker is ready yet: the worker checks the classes itself
     try:

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         clip = _load_clip(settings, generator)
         teachers = _load_teachers(settings, generator)
         batch = _warm(generator, settings, beacon)
-        _install_runtime(settings, name, generator, batch, (clip, teachers))
+        _install_runtime(settings, name, generator, batch, clip=clip, teachers=teachers)
         worker = _make_worker(settings, redis, name, beacon, generator)
         return _serve(worker, settings, beacon, generator, batch)
     finally:
@@ -361,7 +361,9 @@ def _install_runtime(
     name: str,
     generator: Generator,
     batch: int,
-    parts: tuple[ClipModel | None, dict[str, Classifier]],
+    *,
+    clip: ClipModel | None,
+    teachers: dict[str, Classifier],
 ) -> None:
     """Make the worker's warm state (``worker.runtime``) that every job uses."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -377,8 +379,8 @@ def _install_runtime(
             worker_name=name,
             pool=pool,
             batch_size=batch,
-            clip=parts[0],
-            teachers=parts[1],
+            clip=clip,
+            teachers=teachers,
         )
     )
 

@@ -25,6 +25,7 @@ import torch
 
 from core.settings import Settings
 from worker.model.loading import fingerprint
+from worker.model.pixels import normalised, processor_numbers
 
 log = logging.getLogger("worker")
 
@@ -37,7 +38,6 @@ TEACHER_HINT = (
 #: ImageNet's normalisation, where a preprocessor config gives none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_SIDE = 224
 
 
 @dataclass
@@ -57,15 +57,8 @@ class Classifier:
     @torch.inference_mode()
     def logits(self, image: np.ndarray) -> np.ndarray:
         """float32 (len(labels),) logits of one uint8 (S, S, 3) image."""
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
-        pixels = pixels.to(torch.float32) / 255.0
-        if pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
-            pixels = torch.nn.functional.interpolate(
-                pixels, size=(self.size, self.size), mode="bicubic", antialias=True
-            ).clamp(0.0, 1.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        out = self.model(pixel_values=((pixels - mean) / std).to(self.device)).logits
+        pixels = normalised(np.asarray(image)[None], size=self.size, mean=self.mean, std=self.std)
+        out = self.model(pixel_values=pixels.to(self.device)).logits
         logits: np.ndarray = out[0].to("cpu", torch.float32).numpy()
         return logits
 
@@ -107,26 +100,12 @@ def load_all(
     return loaded, failed
 
 
-def _side(processor: dict[str, Any]) -> int:
-    """The square side the model takes: its crop size, else its resize size."""
-    for key in ("crop_size", "size"):
-        value = processor.get(key)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, dict):
-            for name in ("height", "shortest_edge", "width"):
-                if isinstance(value.get(name), int):
-                    return int(value[name])
-    return DEFAULT_SIDE
-
-
 def _load_one(source: str, device: torch.device) -> Classifier:
     from transformers import AutoModelForImageClassification
-    from transformers.image_processing_base import ImageProcessingMixin
 
     model = AutoModelForImageClassification.from_pretrained(source, dtype=torch.float32)
     model = model.to(device).eval()
-    processor, _ = ImageProcessingMixin.get_image_processor_dict(source)
+    size, mean, std = processor_numbers(source, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     count = int(model.config.num_labels)
     id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
     return Classifier(
@@ -134,8 +113,8 @@ def _load_one(source: str, device: torch.device) -> Classifier:
         source=source,
         device=device,
         labels=[id2label.get(i, f"LABEL_{i}") for i in range(count)],
-        size=_side(processor),
-        mean=tuple(float(v) for v in processor.get("image_mean", IMAGENET_MEAN)),
-        std=tuple(float(v) for v in processor.get("image_std", IMAGENET_STD)),
+        size=size,
+        mean=mean,
+        std=std,
         fingerprint=fingerprint(Path(source)) if Path(source).is_dir() else None,
     )

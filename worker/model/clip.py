@@ -27,6 +27,7 @@ import torch
 from core import models
 from core.settings import Settings
 from worker.model.loading import fingerprint, optional_sources
+from worker.model.pixels import normalised, processor_numbers
 
 log = logging.getLogger("worker")
 
@@ -72,17 +73,11 @@ class ClipModel:
     @torch.inference_mode()
     def images(self, images: np.ndarray) -> np.ndarray:
         """float64 (N, D) unit image embeddings of uint8 (N, S, S, 3) images."""
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
         out = []
         for start in range(0, len(images), CHUNK):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + CHUNK]))
-            pixels = chunk.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-            if pixels.shape[-1] != self.size:
-                pixels = torch.nn.functional.interpolate(
-                    pixels, size=(self.size, self.size), mode="bicubic", antialias=True
-                ).clamp(0.0, 1.0)
-            pixels = ((pixels - mean) / std).to(self.device, self.dtype)
+            chunk = images[start : start + CHUNK]
+            pixels = normalised(chunk, size=self.size, mean=self.mean, std=self.std)
+            pixels = pixels.to(self.device, self.dtype)
             embedded = self.model.get_image_features(pixel_values=pixels)
             out.append(_unit(embedded))
         return torch.cat(out).numpy()
@@ -147,14 +142,10 @@ def load(
 
 def _load_one(source: str, device: torch.device, dtype: torch.dtype) -> ClipModel:
     from transformers import AutoTokenizer, CLIPModel
-    from transformers.image_processing_base import ImageProcessingMixin
 
     model = CLIPModel.from_pretrained(source, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    # The preprocessing's numbers, read from preprocessor_config.json as they are written.
-    processor, _ = ImageProcessingMixin.get_image_processor_dict(source)
-    crop = processor.get("crop_size", 224)
-    size = int(crop["height"] if isinstance(crop, dict) else crop)
+    size, mean, std = processor_numbers(source, mean=OPENAI_MEAN, std=OPENAI_STD)
     return ClipModel(
         model=model,
         tokenizer=tokenizer,
@@ -162,6 +153,6 @@ def _load_one(source: str, device: torch.device, dtype: torch.dtype) -> ClipMode
         device=device,
         dtype=dtype,
         size=size,
-        mean=tuple(float(v) for v in processor.get("image_mean", OPENAI_MEAN)),
-        std=tuple(float(v) for v in processor.get("image_std", OPENAI_STD)),
+        mean=mean,
+        std=std,
     )

@@ -352,7 +352,8 @@ def build_classifier(directory: Path, *, seed: int = 0, preset: str = "cifar10")
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    classes = presets.get(preset).classes
+    chosen = presets.get(preset)
+    classes = chosen.classes
     id2label = {c.index: ", ".join(c.synonyms) if c.synonyms else c.label for c in classes}
     config = ResNetConfig(
         num_channels=3,
@@ -367,7 +368,6 @@ def build_classifier(directory: Path, *, seed: int = 0, preset: str = "cifar10")
     )
     torch.manual_seed(seed + 3)
     ResNetForImageClassification(config).save_pretrained(str(directory), safe_serialization=True)
-    preset_info = presets.get(preset)
     processor = {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
@@ -376,8 +376,8 @@ def build_classifier(directory: Path, *, seed: int = 0, preset: str = "cifar10")
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(preset_info.mean),
-        "image_std": list(preset_info.std),
+        "image_mean": list(chosen.mean),
+        "image_std": list(chosen.std),
     }
     (directory / "preprocessor_config.json").write_text(
         json.dumps(processor, indent=2) + "\n", encoding="utf-8"
